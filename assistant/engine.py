@@ -1,0 +1,168 @@
+"""ChatEngine: one chat turn end to end — store the user's message, build the prompt with the
+model's chat template inside the context budget, stream the answer, store it with its metadata."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from storage.chats import clean_text
+from storage.db import Store
+from storage.errors import AttuneError, InputError
+
+DEFAULT_SYSTEM_PROMPT = "You are Attune, a helpful personal assistant. Answer clearly and concisely."
+OMITTED = "\n\n[… {n:,} characters omitted to fit the model's context …]\n\n"
+
+
+@dataclass
+class ChatConfig:
+    """How ChatEngine builds prompts."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """The system message at the top of every prompt."""
+    context_tokens: int = 2048
+    """Prompt + answer budget in tokens (capped by the model's own limit); oldest turns are dropped first."""
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
+    """Generation settings used where a request sets none."""
+
+    def __post_init__(self):
+        if not isinstance(self.system_prompt, str):
+            raise ValueError("system_prompt: must be a string")
+        if not isinstance(self.context_tokens, int) or self.context_tokens < 64:
+            raise ValueError(f"context_tokens: must be an integer of at least 64, got {self.context_tokens!r}")
+        if self.defaults.max_new_tokens >= self.context_tokens:
+            raise ValueError("defaults: max_new_tokens must be smaller than context_tokens")
+
+
+@dataclass
+class Turn:
+    """What one turn produced; ``text`` grows while streaming, ids are set once stored."""
+
+    conversation_id: int
+    user_message_id: int | None = None
+    assistant_message_id: int | None = None
+    text: str = ""
+    status: str = "streaming"
+    truncated: bool = False
+    dropped_turns: int = 0
+    adapter_version: int | None = None
+    memory_ids: list[int] = field(default_factory=list)
+    stats: StreamStats = field(default_factory=StreamStats)
+    error: str | None = None
+
+
+class ChatEngine:
+    def __init__(self, store: Store, backend: ChatBackend, config: ChatConfig | None = None):
+        self.store = store
+        self.backend = backend
+        self.config = config or ChatConfig()
+        self.budget = min(self.config.context_tokens, backend.context_tokens)
+
+    # public API --------------------------------------------------------------------------------
+    def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
+             stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+        """Store the user's message (committed before anything else), then stream the answer.
+
+        Yields the same ``Turn`` after every new piece of text; its last state has the stored ids.
+        """
+        text = clean_text(text)
+        if conversation_id is None:
+            conversation_id = self.store.chats.create_conversation(user_id, title=text, source=source)
+        turn = Turn(conversation_id=conversation_id)
+        turn.user_message_id = self.store.chats.add_message(user_id, conversation_id, "user", text, source=source)
+        yield turn
+        yield from self._answer(user_id, turn, settings, stop, source)
+
+    def retry(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
+              stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+        """Answer the last user message again; the previous answer is kept in the log as replaced."""
+        history = self.store.chats.messages(user_id, conversation_id)
+        if not history or not any(m["role"] == "user" for m in history):
+            raise InputError("There is nothing to retry in this conversation yet.")
+        old = history[-1] if history[-1]["role"] == "assistant" else None
+        turn = Turn(conversation_id=conversation_id, user_message_id=[m for m in history if m["role"] == "user"][-1]["id"])
+        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"] if old else None):
+            yield turn
+        if old and turn.assistant_message_id:
+            self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
+
+    def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int,
+                     exclude_id: int | None = None) -> tuple[list[int], Turn]:
+        """Token ids of the prompt for the next answer, and a Turn noting what was cut to fit."""
+        turn = Turn(conversation_id=conversation_id)
+        history = self.store.chats.messages(user_id, conversation_id)
+        corrections = self.store.chats.corrections(user_id, conversation_id)
+        msgs = [{"role": m["role"], "content": corrections.get(m["id"], m["content"])}
+                for m in history if m["id"] != exclude_id and (m["role"] == "user" or m["content"])]
+        while msgs and msgs[-1]["role"] == "assistant":  # answer the last user message
+            msgs.pop()
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        limit = self.budget - max_new_tokens
+        ids = self._encode(system + msgs)
+        # Drop the oldest exchanges first, always keeping the latest user message.
+        while len(ids) > limit and len(msgs) > 1:
+            msgs.pop(0)
+            while msgs and msgs[0]["role"] != "user" and len(msgs) > 1:
+                msgs.pop(0)
+            turn.dropped_turns += 1
+            ids = self._encode(system + msgs)
+        if len(ids) > limit:  # the latest message alone is too long: keep its start and its end
+            msgs[-1] = {"role": "user", "content": self._shorten(msgs[-1]["content"], len(ids) - limit)}
+            turn.truncated = True
+            ids = self._encode(system + msgs)
+        if len(ids) > limit:
+            raise InputError(
+                f"The system prompt alone is longer than the context budget ({limit} tokens); shorten it."
+            )
+        return ids, turn
+
+    # internals ---------------------------------------------------------------------------------
+    def _encode(self, messages: list[dict]) -> list[int]:
+        out = self.backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def _shorten(self, text: str, excess_tokens: int) -> str:
+        tok = self.backend.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)
+        keep = max(len(ids) - excess_tokens - 32, 16)  # 32 tokens of slack for the marker and merges
+        head, tail = tok.decode(ids[: keep // 2]), tok.decode(ids[len(ids) - keep // 2:])
+        return head + OMITTED.format(n=len(text) - len(head) - len(tail)) + tail
+
+    def _answer(self, user_id: int, turn: Turn, settings: GenerationSettings | None,
+                stop: threading.Event | None, source: str, exclude_id: int | None = None) -> Iterator[Turn]:
+        settings = settings or self.config.defaults
+        stop = stop or threading.Event()
+        ids, plan = self.build_prompt(user_id, turn.conversation_id, settings.max_new_tokens, exclude_id)
+        turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
+        try:
+            for piece in self.backend.stream(ids, settings, stop, turn.stats):
+                turn.text += piece
+                yield turn
+            turn.status = "stopped" if turn.stats.finish_reason == "cancelled" else "complete"
+        except GeneratorExit:
+            turn.status = "stopped"  # the client went away: keep what was generated
+            raise
+        except AttuneError as e:
+            turn.status, turn.error = "error", str(e)
+        except Exception as e:  # e.g. out of memory: the user's message is already stored
+            turn.status, turn.error = "error", f"Generation failed: {type(e).__name__}: {e}. Try again or shorten it."
+        finally:
+            turn.assistant_message_id = self._store_answer(user_id, turn, settings, source)
+        if turn.status == "error":
+            turn.text = turn.text or ""
+        yield turn
+
+    def _store_answer(self, user_id: int, turn: Turn, settings: GenerationSettings, source: str) -> int:
+        s = turn.stats
+        gen = settings.to_dict() | {"truncated": turn.truncated, "dropped_turns": turn.dropped_turns,
+                                    "finish_reason": s.finish_reason}
+        return self.store.chats.add_message(
+            user_id, turn.conversation_id, "assistant", turn.text, status=turn.status, source=source,
+            model=self.backend.name, adapter_version=turn.adapter_version, memory_ids=turn.memory_ids,
+            gen_settings=gen, prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+            ttft_ms=s.ttft_ms, latency_ms=s.latency_ms,
+        )

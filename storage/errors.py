@@ -1,0 +1,40 @@
+"""The one error hierarchy of Attune. Every message says what to do next.
+
+Lives in ``storage`` because every other package already depends on it; it imports nothing.
+"""
+
+
+class AttuneError(Exception):
+    """Base class: an error a person can act on. ``str(err)`` is shown to users as is."""
+
+    status = 500
+
+
+class InputError(AttuneError):
+    """Bad input from a user or a file (empty, too long, malformed, wrong type)."""
+
+    status = 400
+
+
+class AuthError(AttuneError):
+    """Wrong password, unknown user or API key, or a request for someone else's data."""
+
+    status = 401
+
+
+class NotFound(AttuneError):
+    """An id that does not exist for this user (other users' ids look exactly the same)."""
+
+    status = 404
+
+
+class StorageError(AttuneError):
+    """The data dir or database cannot be used (permissions, disk full, corrupt file)."""
+
+
+class ModelError(AttuneError):
+    """A model or tokenizer cannot be found or loaded."""
+
+
+class TrainingError(AttuneError):
+    """A training job cannot run or failed."""

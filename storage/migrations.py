@@ -1,0 +1,78 @@
+"""Append-only schema migrations. Never edit a migration once it has landed: add a new one."""
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("attune")
+
+
+def _run(db: Database, script: str) -> None:
+    """Run each statement inside the migration's transaction (``executescript`` would commit early)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    _run(
+        db,
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            password_hash TEXT NOT NULL,
+            personalization INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            key_id TEXT NOT NULL UNIQUE,
+            secret_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            title TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'ui',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_conversations_user ON conversations(user_id, updated_at);
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'complete',
+            source TEXT NOT NULL DEFAULT 'ui',
+            model TEXT,
+            adapter_version INTEGER,
+            memory_ids TEXT NOT NULL DEFAULT '[]',
+            gen_settings TEXT NOT NULL DEFAULT '{}',
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            ttft_ms REAL,
+            latency_ms REAL,
+            replaced_by INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_messages_conversation ON messages(conversation_id, id);
+        CREATE INDEX idx_messages_user ON messages(user_id, id);
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('like', 'dislike', 'clear', 'correction')),
+            correction TEXT,
+            source TEXT NOT NULL DEFAULT 'ui',
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_feedback_message ON feedback(message_id, id);
+        CREATE INDEX idx_feedback_user ON feedback(user_id, id);
+        """
+    )
