@@ -108,10 +108,14 @@ class ChatEngine:
                 msgs.pop(0)
             turn.dropped_turns += 1
             ids = self._encode(system + msgs)
-        if len(ids) > limit:  # the latest message alone is too long: keep its start and its end
-            msgs[-1] = {"role": "user", "content": self._shorten(msgs[-1]["content"], len(ids) - limit)}
+        original, excess = msgs[-1]["content"], len(ids) - limit
+        for _ in range(6):  # the latest message alone is too long: keep its start and its end
+            if len(ids) <= limit:
+                break
+            msgs[-1] = {"role": "user", "content": self._shorten(original, excess)}
             turn.truncated = True
             ids = self._encode(system + msgs)
+            excess += max(len(ids) - limit, 0) + 16  # re-tokenizing the cut can merge differently
         if len(ids) > limit:
             raise InputError(
                 f"The system prompt alone is longer than the context budget ({limit} tokens); shorten it."
@@ -128,8 +132,9 @@ class ChatEngine:
     def _shorten(self, text: str, excess_tokens: int) -> str:
         tok = self.backend.tokenizer
         ids = tok.encode(text, add_special_tokens=False)
-        keep = max(len(ids) - excess_tokens - 32, 16)  # 32 tokens of slack for the marker and merges
-        head, tail = tok.decode(ids[: keep // 2]), tok.decode(ids[len(ids) - keep // 2:])
+        keep = max(len(ids) - excess_tokens - 32, 0)  # 32 tokens of slack for the marker and merges
+        head = tok.decode(ids[: keep // 2]) if keep else ""
+        tail = tok.decode(ids[len(ids) - keep // 2:]) if keep > 1 else ""
         return head + OMITTED.format(n=len(text) - len(head) - len(tail)) + tail
 
     def _answer(self, user_id: int, turn: Turn, settings: GenerationSettings | None,

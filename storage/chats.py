@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from storage.errors import InputError, NotFound
@@ -14,6 +15,7 @@ MAX_MESSAGE_CHARS = 1_000_000
 MAX_TITLE_CHARS = 80
 ROLES = ("system", "user", "assistant")
 FEEDBACK_KINDS = ("like", "dislike", "clear", "correction")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates (not valid UTF-8)
 
 
 def clean_text(text: Any, what: str = "message", limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -26,7 +28,7 @@ def clean_text(text: Any, what: str = "message", limit: int = MAX_MESSAGE_CHARS)
         text = text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
         raise InputError(f"The {what} must be text, got {type(text).__name__}.")
-    text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    text = _UNSTORABLE.sub("\ufffd", text)
     if not text.strip():
         raise InputError(f"The {what} is empty; type something first.")
     if len(text) > limit:
@@ -93,8 +95,8 @@ class Chats:
 
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}.")
-        # An assistant answer may legitimately be empty (stopped before the first token).
-        content = clean_text(content) if role == "user" or (content and str(content).strip()) else ""
+        # An assistant answer may legitimately be empty (stopped before the first token): stored as is.
+        content = clean_text(content) if role == "user" else _UNSTORABLE.sub("\ufffd", str(content or ""))
         conv = self.conversation(user_id, conversation_id)
         row = {"conversation_id": conv["id"], "user_id": user_id, "role": role, "content": content,
                "created_at": utcnow()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,9 +59,25 @@ class Store:
             self._local.db = db
         return db
 
-    def write(self):
-        """One atomic write (``with store.write() as db: ...``); every raw UPDATE/DELETE goes through it."""
-        return self.db.atomic()
+    @contextmanager
+    def write(self) -> Iterator[Database]:
+        """One atomic write (``with store.write() as db: ...``); every raw UPDATE/DELETE goes through it.
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front, so concurrent writers wait (busy timeout)
+        instead of failing when a read snapshot cannot be upgraded. Nested calls become savepoints.
+        """
+        db = self.db
+        if db.conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        db.conn.execute("COMMIT")
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

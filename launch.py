@@ -1,0 +1,139 @@
+"""Attune's command line: parse flags, build configs, wire the parts, run one command. Nothing else.
+
+    python launch.py [serve]            start the UI (/) and the API (/v1)
+    python launch.py users add|key|list
+    python launch.py import NAME FILE.jsonl
+    python launch.py export NAME | forget NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ("serve", "users", "import", "export", "forget")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from storage.paths import default_data_dir
+
+    def common_flags(defaults: bool) -> argparse.ArgumentParser:
+        # Sub-commands use SUPPRESS so a flag given before the command is not reset by the sub-parser.
+        c = argparse.ArgumentParser(add_help=False)
+        c.add_argument("--data-dir", type=Path, default=None if defaults else argparse.SUPPRESS,
+                       help=f"where all state lives (env ATTUNE_DATA_DIR; default {default_data_dir()})")
+        c.add_argument("--model", default="embedded" if defaults else argparse.SUPPRESS,
+                       help="'embedded' (SmolLM2-135M-Instruct), a local folder or .gguf file, or a hub id")
+        return c
+
+    common = common_flags(False)
+    p = argparse.ArgumentParser(prog="launch.py", description="Attune: a local-first assistant that learns you.",
+                                parents=[common_flags(True)])
+    sub = p.add_subparsers(dest="command")
+
+    s = sub.add_parser("serve", parents=[common], help="start the UI and the API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"])
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    s.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget in tokens")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
+    s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
+
+    u = sub.add_parser("users", parents=[common], help="manage users")
+    us = u.add_subparsers(dest="action", required=True)
+    us.add_parser("add", parents=[common], help="create a user (password from stdin or a prompt)").add_argument("name")
+    us.add_parser("key", parents=[common], help="print a new API key for a user (shown once)").add_argument("name")
+    us.add_parser("list", parents=[common], help="list users")
+
+    i = sub.add_parser("import", parents=[common], help="add conversation history from a JSONL file")
+    i.add_argument("name")
+    i.add_argument("file", type=Path)
+    sub.add_parser("export", parents=[common], help="print all of a user's data as JSON").add_argument("name")
+    f = sub.add_parser("forget", parents=[common], help="delete all of a user's data")
+    f.add_argument("name")
+    f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    if not any(a in COMMANDS for a in argv) and not any(a in ("-h", "--help") for a in argv):
+        argv = ["serve", *argv]  # `python launch.py [flags]` serves
+    args = p.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir()
+    return args
+
+
+def read_password(name: str) -> str:
+    if sys.stdin.isatty():
+        pw = getpass.getpass(f"Password for {name}: ")
+        if pw != getpass.getpass("Repeat it: "):
+            raise SystemExit("The passwords differ; nothing was changed.")
+        return pw
+    return sys.stdin.readline().rstrip("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from storage import Store
+    from storage.transfer import export_user, forget_user, import_history
+
+    store = Store(args.data_dir)
+    if args.command == "serve":
+        from assistant.backend import GenerationSettings
+        from assistant.engine import ChatConfig
+        from assistant.model import ModelConfig
+        from assistant.server import ServerConfig, serve
+
+        serve(
+            store,
+            ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads),
+            ChatConfig(context_tokens=args.context_tokens,
+                       defaults=GenerationSettings(max_new_tokens=args.max_new_tokens)),
+            ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer),
+        )
+    elif args.command == "users" and args.action == "add":
+        user = store.users.create(args.name, read_password(args.name))
+        print(f"Created user {user.name} (id {user.id}).")
+    elif args.command == "users" and args.action == "key":
+        key = store.users.new_api_key(store.users.by_name(args.name).id)
+        print(key)
+        print("Store this key now: only its hash is kept. Use it as the OpenAI API key with base_url .../v1.",
+              file=sys.stderr)
+    elif args.command == "users" and args.action == "list":
+        for user in store.users.list():
+            print(f"{user.id}\t{user.name}\t{user.created_at}")
+    elif args.command == "import":
+        counts = import_history(store, store.users.by_name(args.name).id, args.file)
+        print(json.dumps({"user": args.name, **counts}))
+    elif args.command == "export":
+        print(json.dumps(export_user(store, store.users.by_name(args.name).id), ensure_ascii=False, indent=1))
+    elif args.command == "forget":
+        user = store.users.by_name(args.name)
+        if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
+            print("Nothing deleted (pass --yes to skip the question).")
+            return 1
+        forget_user(store, user.id)
+        print(f"Forgot {user.name}: conversations, feedback, memories and adapters deleted.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from storage.errors import AttuneError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except AttuneError as e:
+        print(f"attune: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a config's __post_init__ names the bad field
+        print(f"attune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

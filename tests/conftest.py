@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny random Llama model + byte-level BPE tokenizer built locally (no network),
+a Store on tmp_path, and the real embedded model converted once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "Hello! How can I help you today?", "My dog is called Biscuit and he loves long walks.",
+    "The capital of France is Paris.", "I prefer tea over coffee in the morning.",
+    "Python is a programming language. SQLite stores data in one file.",
+    "Bonjour, ça va ? 你好，世界！ 🎉 emoji and ünïcödé text.", "0123456789 + - * / = ( ) [ ] { }",
+] * 20
+
+
+def build_tiny_model(path: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def embedded_models_dir(tmp_path_factory) -> Path:
+    """``models/`` holding the converted embedded model, converted once per session (~25 s)."""
+    from assistant.model import convert_gguf, embedded_gguf
+    from storage import DataDir
+
+    dd = DataDir(tmp_path_factory.mktemp("embedded")).ensure()
+    convert_gguf(embedded_gguf(), dd)
+    return dd.models
+
+
+def seed_models(data_dir: Path, models_dir: Path) -> None:
+    """Give a fresh data dir the already-converted embedded model (what a second start would find)."""
+    target = Path(data_dir) / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    for child in models_dir.iterdir():
+        if not (target / child.name).exists():
+            shutil.copytree(child, target / child.name)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from storage import Store
+
+    s = Store(tmp_path / "data")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir, tmp_path_factory):
+    from assistant.model import ModelConfig, load_model
+    from storage import DataDir
+
+    return load_model(ModelConfig(model=str(tiny_model_dir), quant="none", device="cpu"),
+                      DataDir(tmp_path_factory.mktemp("tiny-dd")).ensure())
+
+
+@pytest.fixture
+def engine(store, tiny_loaded):
+    from assistant.backend import GenerationSettings, TransformersBackend
+    from assistant.engine import ChatConfig, ChatEngine
+
+    cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
+    return ChatEngine(store, TransformersBackend(tiny_loaded), cfg)
+
+
+@pytest.fixture
+def alice(store):
+    return store.users.create("alice", "correct horse")
+
+
+@pytest.fixture
+def bob(store):
+    return store.users.create("bob", "battery staple")
