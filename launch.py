@@ -43,6 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     s.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget in tokens")
     s.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
+    s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
     s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
 
     u = sub.add_parser("users", parents=[common], help="manage users")
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             store,
             ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads),
             ChatConfig(context_tokens=args.context_tokens,
-                       defaults=GenerationSettings(max_new_tokens=args.max_new_tokens)),
+                       defaults=GenerationSettings(max_new_tokens=args.max_new_tokens,
+                                                   temperature=args.temperature)),
             ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer),
         )
     elif args.command == "users" and args.action == "add":

@@ -61,17 +61,30 @@ class ChatEngine:
         self.budget = min(self.config.context_tokens, backend.context_tokens)
 
     # public API --------------------------------------------------------------------------------
-    def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
-             stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
-        """Store the user's message (committed before anything else), then stream the answer.
-
-        Yields the same ``Turn`` after every new piece of text; its last state has the stored ids.
-        """
+    def post(self, user_id: int, conversation_id: int | None, text, source: str = "ui") -> tuple[int, int]:
+        """Validate and commit the user's message (creating the conversation if needed): (conversation, message)."""
         text = clean_text(text)
         if conversation_id is None:
             conversation_id = self.store.chats.create_conversation(user_id, title=text, source=source)
-        turn = Turn(conversation_id=conversation_id)
-        turn.user_message_id = self.store.chats.add_message(user_id, conversation_id, "user", text, source=source)
+        return conversation_id, self.store.chats.add_message(user_id, conversation_id, "user", text, source=source)
+
+    def answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
+               stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+        """Stream an answer to the conversation's last user message and store it.
+
+        Yields the same ``Turn`` after every new piece of text; its last state has the stored ids.
+        """
+        history = self.store.chats.messages(user_id, conversation_id)
+        if not history or history[-1]["role"] != "user":
+            raise InputError("The conversation has no new message to answer; send one first.")
+        turn = Turn(conversation_id=conversation_id, user_message_id=history[-1]["id"])
+        yield from self._answer(user_id, turn, settings, stop, source)
+
+    def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
+             stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+        """``post`` then ``answer``: the user's message is committed before the first token."""
+        conversation_id, message_id = self.post(user_id, conversation_id, text, source)
+        turn = Turn(conversation_id=conversation_id, user_message_id=message_id)
         yield turn
         yield from self._answer(user_id, turn, settings, stop, source)
 

@@ -1,0 +1,80 @@
+"""The HTTP server: one FastAPI app with the Gradio UI at ``/`` (the OpenAI-compatible API joins
+at ``/v1``), loading the model once and serving until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+from assistant.engine import ChatConfig, ChatEngine
+from assistant.model import ModelConfig, load_model
+from storage.db import Store
+from storage.errors import AttuneError
+
+log = logging.getLogger("attune.server")
+
+
+@dataclass
+class ServerConfig:
+    """Where and how the server listens."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; anything but loopback exposes Attune to the network (sign-in is always required)."""
+    port: int = 7860
+    """TCP port for the UI and the API."""
+    personalizer: bool = True
+    """Run the background personalizer (per-user adapter training)."""
+
+    def __post_init__(self):
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0-65535, got {self.port!r}")
+        if not self.host or not self.host.strip():
+            raise ValueError("host: must not be empty")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def build_app(engine: ChatEngine):
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from assistant.ui import CSS, ChatUI, theme
+
+    app = FastAPI(title="Attune", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "model": engine.backend.name}
+
+    ui = ChatUI(engine)
+    # Routes must be registered before Gradio is mounted at "/".
+    return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, i18n=ui.i18n, ssr_mode=False,
+                               footer_links=["settings"], show_error=True)
+
+
+def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig) -> None:
+    import uvicorn
+
+    from assistant.backend import TransformersBackend
+
+    if not is_loopback(server_cfg.host):
+        log.warning("Listening on %s: Attune is reachable from the network; every user must sign in.",
+                    server_cfg.host)
+    loaded = load_model(model_cfg, store.data_dir)
+    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}) ready in "
+          f"{loaded.load_seconds:.1f} s", flush=True)
+    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens), chat_cfg)
+    app = build_app(engine)
+    print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
+    try:
+        uvicorn.run(app, host=server_cfg.host, port=server_cfg.port, log_level="warning")
+    except OSError as e:
+        raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e

@@ -1,0 +1,150 @@
+"""End to end, as a user: ``launch.py serve`` with the real embedded model, driven in headless
+Debian Chromium through the real Gradio UI; then the rows in SQLite are checked."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import seed_models
+from helpers import Server, wait_for
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, embedded_models_dir):
+    data = tmp_path_factory.mktemp("browser") / "data"
+    seed_models(data, embedded_models_dir)
+    with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
+        srv.data = data
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is not installed: run `apt-get install chromium` (`make test` does it).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, server, locale="en-US"):
+    ctx = browser.new_context(locale=locale)
+    page = ctx.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(server.base + "/")
+    page.get_by_label("User name" if locale == "en-US" else "用户名").wait_for(timeout=30_000)
+    return page
+
+
+def db_rows(server, sql, args=()):
+    con = sqlite3.connect(server.data / "attune.db")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, args)]
+    finally:
+        con.close()
+
+
+def sign_up(page, name, password):
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Create account").click()
+    page.locator("#who").get_by_text(name).wait_for(timeout=15_000)
+
+
+def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    expect(page.locator("#first-run")).to_be_visible()  # first run: invites creating an account
+    sign_up(page, "alice", "correct horse")
+    chat = page.locator("#chatbot")
+
+    # Empty message: a clear message, nothing stored.
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#notice")).to_contain_text("empty", timeout=10_000)
+
+    box = page.get_by_label("Message", exact=True)
+    box.fill("What is the capital of France?")
+    page.get_by_role("button", name="Send").click()
+    expect(chat.get_by_test_id("user").last).to_contain_text("capital of France")
+    expect(chat.get_by_test_id("bot").last).to_contain_text("Paris", timeout=60_000)
+    answer = wait_for(lambda: db_rows(server, "SELECT * FROM messages WHERE role = 'assistant'"),
+                      what="the answer row")[0]
+    assert "Paris" in answer["content"] and answer["status"] == "complete" and answer["completion_tokens"] > 0
+    user = db_rows(server, "SELECT * FROM users WHERE name = 'alice'")[0]
+    question = db_rows(server, "SELECT * FROM messages WHERE role = 'user'")
+    assert [q["content"] for q in question] == ["What is the capital of France?"]
+    assert question[0]["user_id"] == answer["user_id"] == user["id"]
+    assert user["password_hash"].startswith("scrypt$")
+
+    bar = chat.locator(".message-buttons-left").last
+    bar.get_by_role("button", name="Like", exact=True).click()
+    wait_for(lambda: db_rows(server, "SELECT * FROM feedback WHERE kind = 'like'"), what="the like row")
+
+    bar.get_by_role("button", name="Edit", exact=True).click()
+    chat.locator("textarea.edit-textarea").fill("Paris is the capital of **France**.")
+    bar.get_by_role("button", name="Submit", exact=True).click()
+    correction = wait_for(lambda: db_rows(server, "SELECT * FROM feedback WHERE kind = 'correction'"),
+                          what="the correction row")[0]
+    assert correction["correction"] == "Paris is the capital of **France**."
+    assert correction["message_id"] == answer["id"] and correction["user_id"] == user["id"]
+    expect(chat.get_by_test_id("bot").last.locator("strong")).to_have_text("France")
+
+    # A second turn streams into the same conversation; then retry it.
+    box.fill("And of Italy?")
+    page.get_by_role("button", name="Send").click()
+    wait_for(lambda: len(db_rows(server, "SELECT * FROM messages WHERE role = 'assistant'")) == 2,
+             what="the second answer")
+    expect(chat.get_by_test_id("bot")).to_have_count(2)
+    chat.locator(".message-buttons-left").last.get_by_role("button", name="Retry", exact=True).click()
+    replaced = wait_for(lambda: db_rows(server, "SELECT * FROM messages WHERE replaced_by IS NOT NULL"),
+                        what="the retried answer")
+    assert len(replaced) == 1
+    convs = db_rows(server, "SELECT * FROM conversations")
+    assert len(convs) == 1 and convs[0]["title"] == "What is the capital of France?"
+
+    # Everything stayed on this machine.
+    assert page.requests and all(u.startswith(server.base) or u.startswith("data:") for u in page.requests), \
+        [u for u in page.requests if not u.startswith(server.base)]
+
+    # Sign out and back in: the conversation is resumed from SQLite.
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("User name").fill("alice")
+    page.get_by_label("Password").fill("correct horse")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(chat.get_by_test_id("bot").first).to_contain_text("capital of France", timeout=15_000)
+    page.context.close()
+
+
+def test_wrong_password_shows_an_error(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    page.get_by_label("User name").fill("nobody")
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.locator("#login-msg")).to_contain_text("Wrong user name or password", timeout=10_000)
+    expect(page.locator("#app-col")).to_be_hidden()
+    page.context.close()
+
+
+def test_chinese_browser_gets_chinese_ui(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server, locale="zh-CN")
+    expect(page.get_by_role("button", name="创建账户")).to_be_visible()
+    expect(page.get_by_label("密码")).to_be_visible()
+    page.context.close()
