@@ -76,3 +76,74 @@ def m001_initial(db: Database) -> None:
         CREATE INDEX idx_feedback_user ON feedback(user_id, id);
         """
     )
+
+
+@migrations()
+def m002_personalization(db: Database) -> None:
+    _run(
+        db,
+        """
+        CREATE TABLE adapter_versions (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            path TEXT,
+            base_model TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('published', 'rejected', 'pruned')),
+            parent_version INTEGER,
+            job_id INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            gate_reason TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (user_id, version)
+        );
+        CREATE TABLE active_adapters (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            version INTEGER,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL DEFAULT 'train',
+            trigger TEXT NOT NULL DEFAULT 'manual',
+            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'published', 'rejected', 'failed')),
+            pid INTEGER,
+            progress TEXT NOT NULL DEFAULT '{}',
+            losses TEXT NOT NULL DEFAULT '[]',
+            result TEXT NOT NULL DEFAULT '{}',
+            error TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        );
+        CREATE INDEX idx_jobs_user ON jobs(user_id, id);
+        CREATE TABLE replay_examples (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            message_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            example TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_replay_user ON replay_examples(user_id, id)
+        """,
+    )
+
+
+@migrations()
+def m003_memories(db: Database) -> None:
+    _run(
+        db,
+        """
+        CREATE TABLE memories (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('turn', 'correction', 'liked', 'fact')),
+            text TEXT NOT NULL,
+            message_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_memories_user ON memories(user_id, id);
+        CREATE INDEX idx_memories_message ON memories(message_id)
+        """,
+    )
