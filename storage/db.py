@@ -42,10 +42,12 @@ class Store:
                 "backup (or start with an empty --data-dir)."
             ) from e
         from storage.chats import Chats
+        from storage.memories import Memories
         from storage.users import Users
 
         self.users = Users(self)
         self.chats = Chats(self)
+        self.memories = Memories(self)
 
     @property
     def db(self) -> Database:

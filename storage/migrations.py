@@ -147,3 +147,33 @@ def m003_memories(db: Database) -> None:
         CREATE INDEX idx_memories_message ON memories(message_id)
         """,
     )
+
+
+@migrations()
+def m005_memory_ids_never_reused(db: Database) -> None:
+    """Memory ids double as FAISS ids, so they must never be reused (AUTOINCREMENT), and a memory's
+    text must never change under its vector (delete it and add a new one instead)."""
+    _run(
+        db,
+        """
+        CREATE TABLE memories_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('turn', 'correction', 'liked', 'fact')),
+            text TEXT NOT NULL,
+            message_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL
+        );
+        INSERT INTO memories_new (id, user_id, kind, text, message_id, created_at)
+            SELECT id, user_id, kind, text, message_id, created_at FROM memories;
+        DROP TABLE memories;
+        ALTER TABLE memories_new RENAME TO memories;
+        CREATE INDEX idx_memories_user ON memories(user_id, id);
+        CREATE INDEX idx_memories_message ON memories(message_id)
+        """,
+    )
+    # One statement with its own ";" inside, so not through _run (which splits on ";").
+    db.execute(
+        "CREATE TRIGGER memories_text_immutable BEFORE UPDATE OF text, user_id ON memories BEGIN "
+        "SELECT RAISE(ABORT, 'A memory''s text and owner never change: delete it and add a new one.'); END"
+    )

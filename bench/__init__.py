@@ -1,0 +1,12 @@
+"""Attune's benchmarks: each module measures one thing and renders its BENCHMARKS.md section.
+
+``python -m bench [--quick] [--only NAME ...]`` runs them, merges into bench/results.json and
+rewrites BENCHMARKS.md. Numbers are never typed in by hand.
+"""
+
+from bench import quant
+
+# name -> (section title, renderer); the runner imports each module's run() by name.
+SECTIONS = {
+    "quant": ("Base model quantization (chooses `--quant auto`)", quant.render),
+}

@@ -1,0 +1,13 @@
+"""Shared bench helpers: a persistent data dir for converted models so benches do not reconvert."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def models_dir() -> Path:
+    """``$ATTUNE_BENCH_DIR`` or ``.bench-data/`` in the repo: holds the converted embedded model."""
+    path = Path(os.environ.get("ATTUNE_BENCH_DIR") or Path(__file__).resolve().parent.parent / ".bench-data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,202 @@
+"""Per-user memories: the rows the FAISS memory index is built from (SQLite is the source of truth).
+
+A memory is an immutable piece of text (a turn, a correction, a liked answer, a fact) with the id
+of the message it came from. Its row id is also its vector id in the user's index: ids are never
+reused (AUTOINCREMENT, migration m005) and text never changes (a trigger refuses it), so the pair
+(count, max id) of a user's rows changes whenever the set of rows does; ``fingerprint`` exposes it
+so an index saved earlier can tell whether it is stale without reading any text.
+
+Every call takes the user's id and sees only that user's rows. Knows nothing of faiss or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from storage.chats import _int, clean_text
+from storage.errors import InputError, NotFound
+
+if TYPE_CHECKING:
+    from storage.db import Store
+
+KINDS = ("turn", "correction", "liked", "fact")
+MAX_MEMORY_CHARS = 20_000
+MAX_PAGE = 500
+_ID_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One stored memory of one user."""
+
+    id: int
+    user_id: int
+    kind: str
+    text: str
+    message_id: int | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A cheap summary of a user's memory rows; equal fingerprints mean the same set of ids."""
+
+    count: int
+    max_id: int
+    sum_ids: int
+
+    def to_list(self) -> list[int]:
+        return [self.count, self.max_id, self.sum_ids]
+
+
+def _memory(row: dict) -> Memory:
+    return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"])
+
+
+def _like_pattern(query: str) -> str:
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+class Memories:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # writes ----------------------------------------------------------------------------------
+    def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
+            created_at: str | None = None) -> int:
+        """Insert and commit one memory; returns its id (never reused, even after deletion)."""
+        from storage.db import utcnow
+
+        if kind not in KINDS:
+            raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+        text = clean_text(text, what="memory", limit=MAX_MEMORY_CHARS)
+        if message_id is not None:
+            self.store.chats.message(user_id, message_id)  # NotFound for another user's message
+        with self.store.write() as db:
+            return db["memories"].insert(
+                {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
+                 "created_at": created_at or utcnow()}
+            ).last_pk
+
+    def set_kind(self, user_id: int, memory_id: Any, kind: str) -> None:
+        """Change only the kind (e.g. ``turn`` → ``liked``); the text and so the vector stay the same."""
+        if kind not in KINDS:
+            raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+        memory = self.get(user_id, memory_id)
+        with self.store.write() as db:
+            db.execute("UPDATE memories SET kind = ? WHERE id = ? AND user_id = ?", [kind, memory.id, user_id])
+
+    def delete(self, user_id: int, memory_id: Any) -> None:
+        """Delete one memory; NotFound if it does not exist or belongs to someone else."""
+        memory = self.get(user_id, memory_id)
+        with self.store.write() as db:
+            db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", [memory.id, user_id])
+
+    def delete_many(self, user_id: int, memory_ids: Iterable[int]) -> int:
+        """Delete those of ``memory_ids`` that are the user's; returns how many were deleted."""
+        ids = [_int(i) for i in memory_ids]
+        deleted = 0
+        with self.store.write() as db:
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start:start + _ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                deleted += db.execute(
+                    f"DELETE FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk]
+                ).rowcount
+        return deleted
+
+    def delete_all(self, user_id: int) -> int:
+        """Delete every memory of the user; returns how many there were."""
+        with self.store.write() as db:
+            return db.execute("DELETE FROM memories WHERE user_id = ?", [user_id]).rowcount
+
+    # reads -----------------------------------------------------------------------------------
+    def get(self, user_id: int, memory_id: Any) -> Memory:
+        rows = list(self.store.db.query("SELECT * FROM memories WHERE id = ? AND user_id = ?",
+                                        [_int(memory_id), user_id]))
+        if not rows:
+            raise NotFound(f"Memory {memory_id!r} does not exist (or is not yours); refresh the Memory list.")
+        return _memory(rows[0])
+
+    def get_many(self, user_id: int, memory_ids: Iterable[int]) -> dict[int, Memory]:
+        """The user's memories among ``memory_ids``, by id; ids of deleted or other users' rows are absent."""
+        ids = [int(i) for i in memory_ids]
+        out: dict[int, Memory] = {}
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in self.store.db.query(
+                f"SELECT * FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk]
+            ):
+                out[row["id"]] = _memory(row)
+        return out
+
+    def for_message(self, user_id: int, message_id: int) -> list[Memory]:
+        """The user's memories that came from one message (normally zero or one)."""
+        return [_memory(r) for r in self.store.db.query(
+            "SELECT * FROM memories WHERE message_id = ? AND user_id = ? ORDER BY id", [message_id, user_id]
+        )]
+
+    def list(self, user_id: int, query: str | None = None, limit: int = 50, offset: int = 0) -> list[Memory]:
+        """One page of the user's memories, newest first; ``query`` keeps those containing it (any case)."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InputError(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit!r}.")
+        if not isinstance(offset, int) or offset < 0:
+            raise InputError(f"offset must be a non-negative integer, got {offset!r}.")
+        where, params = self._where(user_id, query)
+        return [_memory(r) for r in self.store.db.query(
+            f"SELECT * FROM memories WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, offset]
+        )]
+
+    def count(self, user_id: int, query: str | None = None) -> int:
+        """How many memories the user has (containing ``query``, if given)."""
+        where, params = self._where(user_id, query)
+        return self.store.db.execute(f"SELECT COUNT(*) FROM memories WHERE {where}", params).fetchone()[0]
+
+    def ids(self, user_id: int) -> list[int]:
+        """All the user's memory ids, ascending (read from the (user_id, id) index only)."""
+        return [r[0] for r in self.store.db.execute("SELECT id FROM memories WHERE user_id = ? ORDER BY id",
+                                                    [user_id])]
+
+    def max_id(self, user_id: int) -> int:
+        """The user's newest memory id, 0 if none: one index lookup, cheap enough for every request."""
+        return self.store.db.execute("SELECT COALESCE(MAX(id), 0) FROM memories WHERE user_id = ?",
+                                     [user_id]).fetchone()[0]
+
+    def fingerprint(self, user_id: int) -> Fingerprint:
+        """Count, max id and sum of ids of the user's rows: changes whenever a row is added or deleted."""
+        row = self.store.db.execute(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM memories WHERE user_id = ?",
+            [user_id],
+        ).fetchone()
+        return Fingerprint(*row)
+
+    def iter_texts(self, user_id: int, ids: Iterable[int] | None = None,
+                   batch: int = 1000) -> Iterator[list[tuple[int, str]]]:
+        """Batches of (id, text) of the user's memories (all, or those among ``ids``), ascending id."""
+        if ids is not None:
+            wanted = sorted(int(i) for i in ids)
+            for start in range(0, len(wanted), batch):
+                found = self.get_many(user_id, wanted[start:start + batch])
+                if found:
+                    yield [(i, found[i].text) for i in sorted(found)]
+            return
+        after = 0
+        while True:
+            rows = self.store.db.execute(
+                "SELECT id, text FROM memories WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?",
+                [user_id, after, batch],
+            ).fetchall()
+            if not rows:
+                return
+            yield [(r[0], r[1]) for r in rows]
+            after = rows[-1][0]
+
+    @staticmethod
+    def _where(user_id: int, query: str | None) -> tuple[str, list]:
+        if query is None or not str(query).strip():
+            return "user_id = ?", [user_id]
+        return "user_id = ? AND text LIKE ? ESCAPE '\\'", [user_id, _like_pattern(str(query).strip())]

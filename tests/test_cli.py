@@ -1,0 +1,66 @@
+"""launch.py as a user runs it: users, keys, import/export/forget, and clear errors."""
+
+import json
+
+from helpers import cli
+
+HISTORY = {"messages": [{"role": "user", "content": "My dog is called Biscuit."},
+                        {"role": "assistant", "content": "Nice name!", "feedback": "like"}]}
+
+
+def test_users_add_list_key(tmp_path):
+    r = cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    assert r.returncode == 0 and "Created user alice" in r.stdout
+    assert "alice" in cli("users", "list", data_dir=tmp_path).stdout
+    key = cli("users", "key", "alice", data_dir=tmp_path)
+    assert key.returncode == 0 and key.stdout.strip().startswith("att-")
+    again = cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    assert again.returncode == 2 and "taken" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_bad_user_name_and_password_are_refused(tmp_path):
+    r = cli("users", "add", "../../etc", data_dir=tmp_path, stdin="correct horse\n")
+    assert r.returncode == 2 and "User names" in r.stderr
+    r = cli("users", "add", "carol", data_dir=tmp_path, stdin="short\n")
+    assert r.returncode == 2 and "at least 8" in r.stderr
+    assert "carol" not in cli("users", "list", data_dir=tmp_path).stdout
+
+
+def test_import_export_forget(tmp_path):
+    cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    f = tmp_path / "h.jsonl"
+    f.write_text(json.dumps(HISTORY) + "\n")
+    r = cli("import", "alice", str(f), data_dir=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"user": "alice", "conversations": 1, "messages": 2,
+                                                          "feedback": 1}
+    exported = json.loads(cli("export", "alice", data_dir=tmp_path).stdout)
+    assert exported["conversations"][0]["messages"][0]["content"] == "My dog is called Biscuit."
+    r = cli("forget", "alice", "--yes", data_dir=tmp_path)
+    assert r.returncode == 0
+    assert b"Biscuit" not in (tmp_path / "attune.db").read_bytes()
+    assert cli("export", "alice", data_dir=tmp_path).returncode == 2
+
+
+def test_import_of_a_malformed_file_says_which_line(tmp_path):
+    cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    f = tmp_path / "h.jsonl"
+    f.write_text(json.dumps(HISTORY) + "\n{broken\n")
+    r = cli("import", "alice", str(f), data_dir=tmp_path)
+    assert r.returncode == 2 and "line 2" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(cli("export", "alice", data_dir=tmp_path).stdout)["conversations"] == []
+
+
+def test_unknown_user(tmp_path):
+    r = cli("import", "nobody", str(tmp_path / "x.jsonl"), data_dir=tmp_path)
+    assert r.returncode == 2 and "No user named 'nobody'" in r.stderr and "users add" in r.stderr
+
+
+def test_serve_with_unknown_hub_id_offline_is_one_clear_error(tmp_path):
+    r = cli("serve", "--model", "no-such-org/no-such-model", data_dir=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert "not in the Hugging Face cache" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_refuses_a_bad_port(tmp_path):
+    r = cli("serve", "--port", "70000", data_dir=tmp_path)
+    assert r.returncode == 2 and "port" in r.stderr
