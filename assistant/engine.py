@@ -51,6 +51,8 @@ class Turn:
     memory_ids: list[int] = field(default_factory=list)
     stats: StreamStats = field(default_factory=StreamStats)
     error: str | None = None
+    use_adapter: bool = True
+    use_memory: bool = True
 
 
 class ChatEngine:
@@ -69,7 +71,8 @@ class ChatEngine:
         return conversation_id, self.store.chats.add_message(user_id, conversation_id, "user", text, source=source)
 
     def answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
-               stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+               stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
+               use_memory: bool = True) -> Iterator[Turn]:
         """Stream an answer to the conversation's last user message and store it.
 
         Yields the same ``Turn`` after every new piece of text; its last state has the stored ids.
@@ -78,18 +81,20 @@ class ChatEngine:
         if not history or history[-1]["role"] != "user":
             raise InputError("The conversation has no new message to answer; send one first.")
         turn = Turn(conversation_id=conversation_id, user_message_id=history[-1]["id"])
-        yield from self._answer(user_id, turn, settings, stop, source)
+        yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
 
     def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
-             stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+             stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
+             use_memory: bool = True) -> Iterator[Turn]:
         """``post`` then ``answer``: the user's message is committed before the first token."""
         conversation_id, message_id = self.post(user_id, conversation_id, text, source)
         turn = Turn(conversation_id=conversation_id, user_message_id=message_id)
         yield turn
-        yield from self._answer(user_id, turn, settings, stop, source)
+        yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
 
     def retry(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
-              stop: threading.Event | None = None, source: str = "ui") -> Iterator[Turn]:
+              stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
+              use_memory: bool = True) -> Iterator[Turn]:
         """Answer the last user message again; the previous answer is kept in the log as replaced."""
         history = self.store.chats.messages(user_id, conversation_id)
         if not history or not any(m["role"] == "user" for m in history):
@@ -97,10 +102,15 @@ class ChatEngine:
         old = history[-1] if history[-1]["role"] == "assistant" else None
         last_user = [m for m in history if m["role"] == "user"][-1]
         turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"])
-        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"] if old else None):
+        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"] if old else None,
+                                 use_adapter=use_adapter, use_memory=use_memory):
             yield turn
         if old and turn.assistant_message_id:
             self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
+
+    def feedback(self, user_id: int, message_id, kind: str, correction=None, source: str = "ui") -> int:
+        """Record 👍/👎/clear or a correction on one of the user's answers."""
+        return self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
 
     def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int,
                      exclude_id: int | None = None) -> tuple[list[int], Turn]:
@@ -109,10 +119,14 @@ class ChatEngine:
         history = self.store.chats.messages(user_id, conversation_id)
         corrections = self.store.chats.corrections(user_id, conversation_id)
         msgs = [{"role": m["role"], "content": corrections.get(m["id"], m["content"])}
-                for m in history if m["id"] != exclude_id and (m["role"] == "user" or m["content"])]
+                for m in history if m["id"] != exclude_id and m["role"] != "system" and
+                (m["role"] == "user" or m["content"])]
         while msgs and msgs[-1]["role"] == "assistant":  # answer the last user message
             msgs.pop()
-        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        # A conversation's own system message (e.g. from an API client) replaces the default one.
+        own = [m["content"] for m in history if m["role"] == "system"]
+        prompt = own[0] if own else self.config.system_prompt
+        system = [{"role": "system", "content": prompt}] if prompt else []
         limit = self.budget - max_new_tokens
         ids = self._encode(system + msgs)
         # Drop the oldest exchanges first, always keeping the latest user message.
@@ -152,8 +166,10 @@ class ChatEngine:
         return head + OMITTED.format(n=len(text) - len(head) - len(tail)) + tail
 
     def _answer(self, user_id: int, turn: Turn, settings: GenerationSettings | None,
-                stop: threading.Event | None, source: str, exclude_id: int | None = None) -> Iterator[Turn]:
+                stop: threading.Event | None, source: str, exclude_id: int | None = None,
+                use_adapter: bool = True, use_memory: bool = True) -> Iterator[Turn]:
         settings = settings or self.config.defaults
+        turn.use_adapter, turn.use_memory = use_adapter, use_memory
         stop = stop or threading.Event()
         ids, plan = self.build_prompt(user_id, turn.conversation_id, settings.max_new_tokens, exclude_id)
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
@@ -178,7 +194,8 @@ class ChatEngine:
     def _store_answer(self, user_id: int, turn: Turn, settings: GenerationSettings, source: str) -> int:
         s = turn.stats
         gen = settings.to_dict() | {"truncated": turn.truncated, "dropped_turns": turn.dropped_turns,
-                                    "finish_reason": s.finish_reason}
+                                    "finish_reason": s.finish_reason, "use_adapter": turn.use_adapter,
+                                    "use_memory": turn.use_memory}
         return self.store.chats.add_message(
             user_id, turn.conversation_id, "assistant", turn.text, status=turn.status, source=source,
             model=self.backend.name, adapter_version=turn.adapter_version, memory_ids=turn.memory_ids,

@@ -46,9 +46,11 @@ def build_app(engine: ChatEngine):
     import gradio as gr
     from fastapi import FastAPI
 
+    from assistant.api import build_router
     from assistant.ui import CSS, ChatUI, theme
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None)
+    app.include_router(build_router(engine))
 
     @app.get("/healthz")
     def healthz():

@@ -199,7 +199,7 @@ class ChatUI:
             raise gr.Error("That message is no longer shown; reload the conversation.")
         kind = {True: "like", False: "dislike"}.get(data.liked, "clear")
         try:
-            self.store.chats.add_feedback(user["id"], ids[idx], kind)
+            self.engine.feedback(user["id"], ids[idx], kind)
         except AttuneError as e:
             raise gr.Error(str(e)) from None
 
@@ -212,7 +212,7 @@ class ChatUI:
             if msg is None or msg["role"] != "assistant":
                 notice = self.i18n("only_answers")
             elif data.value.strip() != (data.previous_value or "").strip():
-                self.store.chats.add_feedback(user["id"], msg["id"], "correction", data.value)
+                self.engine.feedback(user["id"], msg["id"], "correction", data.value)
         except AttuneError as e:
             notice = f"⚠️ {e}"
         chatbot, ids = self._chatbot(user["id"], cid)
