@@ -14,9 +14,8 @@ def measure(quant: str, device: str, new_tokens: int, repeats: int) -> dict:
     import torch
 
     from assistant.model import ModelConfig, load_model
-    from storage import DataDir
-
     from bench.common import models_dir
+    from storage import DataDir
 
     dd = DataDir(models_dir()).ensure()
     loaded = load_model(ModelConfig(quant=quant, device=device), dd)

