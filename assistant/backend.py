@@ -8,7 +8,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from storage.errors import InputError
 
@@ -38,9 +38,9 @@ class GenerationSettings:
              "a number from 0.5 to 2"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer or null"),
         ]
-        for field, ok, what in checks:
+        for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"{field}: must be {what}, got {getattr(self, field)!r}")
+                raise ValueError(f"{name}: must be {what}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_request(cls, base: GenerationSettings, **overrides) -> GenerationSettings:
@@ -67,6 +67,7 @@ class StreamStats:
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     finish_reason: str = "stop"  # stop | length | cancelled
+    adapter_version: int | None = None
 
 
 class ChatBackend(ABC):
@@ -78,109 +79,231 @@ class ChatBackend(ABC):
 
     @abstractmethod
     def stream(self, prompt_ids: list[int], settings: GenerationSettings, stop: threading.Event,
-               stats: StreamStats) -> Iterator[str]:
-        """Yield text pieces as they are decoded; fill ``stats``; end early when ``stop`` is set."""
+               stats: StreamStats, user_id: int | None = None, use_adapter: bool = True) -> Iterator[str]:
+        """Yield text pieces as they are decoded with the user's active adapter (unless ``use_adapter``
+        is false); fill ``stats`` (incl. the adapter version used); end early when ``stop`` is set."""
+
+
+@dataclass
+class BatchConfig:
+    """How concurrent requests are batched on the model (one generate call serves several users)."""
+
+    max_batch: int = 8
+    """Most requests decoded together; 1 serializes generation."""
+    window_ms: float = 15.0
+    """How long the worker waits for more requests before starting a batch."""
+
+    def __post_init__(self):
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch: must be an integer of at least 1, got {self.max_batch!r}")
+        if not _num(self.window_ms) or self.window_ms < 0:
+            raise ValueError(f"window_ms: must be a number >= 0, got {self.window_ms!r}")
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    stop: threading.Event
+    stats: StreamStats
+    user_id: int | None
+    use_adapter: bool
+    started: float = field(default_factory=time.monotonic)
+    pieces: queue.Queue = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0
+    finished: bool = False
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Requests with equal keys can share one generate call."""
+        s = self.settings
+        if s.seed is not None:
+            return ("seeded", id(self))
+        return (s.temperature > 0, s.temperature, s.top_p, s.repetition_penalty)
 
 
 class TransformersBackend(ChatBackend):
-    """A transformers causal LM in this process. Generation runs in a worker thread per request;
-    a lock keeps one generation on the model at a time."""
+    """A transformers causal LM in this process. One worker thread owns the model: it gathers
+    concurrent requests into batches (peft mixed-adapter batches when users have adapters),
+    decodes them together and streams each row to its own request."""
 
-    def __init__(self, loaded, context_tokens: int | None = None):
+    def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
+        from assistant.adapters import AdapterRegistry
+
         self.loaded = loaded
-        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
-        limit = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
+        self.registry = registry or AdapterRegistry(loaded.model, None)
+        self.batch = batch or BatchConfig()
+        limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
         self.context_tokens = min(context_tokens or limit, limit)
-        self._lock = threading.Lock()
+        gen_eos = loaded.model.generation_config.eos_token_id
+        self.eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {self.tokenizer.eos_token_id}
+        self.eos.discard(None)
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self.batch_sizes: list[int] = []
 
-    def stream(self, prompt_ids, settings, stop, stats):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        started = time.monotonic()
-        stats.prompt_tokens = len(prompt_ids)
-        pieces: queue.Queue = queue.Queue()
-        tokenizer = self.tokenizer
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}
-        eos.discard(None)
-
-        class Streamer:
-            """Decodes incrementally (whole words only, like TextIteratorStreamer) and counts tokens."""
-
-            def __init__(self):
-                self.ids: list[int] = []
-                self.sent = 0
-                self.first = True
-
-            def put(self, value):
-                if self.first:  # generate() first hands over the prompt
-                    self.first = False
-                    return
-                new = [int(t) for t in value.reshape(-1).tolist() if int(t) not in eos]
-                if stats.ttft_ms is None:
-                    stats.ttft_ms = (time.monotonic() - started) * 1000
-                stats.completion_tokens += value.numel()
-                self.ids.extend(new)
-                text = tokenizer.decode(self.ids, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    return
-                cut = text.rfind(" ") if not text.endswith(("\n", " ")) else len(text)
-                if cut > self.sent:
-                    pieces.put(text[self.sent:cut])
-                    self.sent = cut
-
-            def end(self):
-                text = tokenizer.decode(self.ids, skip_special_tokens=True)
-                if len(text) > self.sent:
-                    pieces.put(text[self.sent:])
-                pieces.put(None)
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
-
-        errors: list[BaseException] = []
-
-        def run():
-            try:
-                with self._lock, torch.inference_mode():
-                    ids = torch.tensor([prompt_ids], device=self.model.device)
-                    kwargs = dict(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                        streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
-                        pad_token_id=tokenizer.pad_token_id, repetition_penalty=settings.repetition_penalty,
-                    )
-                    if settings.temperature > 0:
-                        if settings.seed is not None:
-                            torch.manual_seed(settings.seed)
-                        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-                    else:
-                        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # re-raised in the consumer thread below
-                errors.append(e)
-                pieces.put(None)
-
-        streamer = Streamer()
-        worker = threading.Thread(target=run, name="attune-generate", daemon=True)
-        worker.start()
+    def stream(self, prompt_ids, settings, stop, stats, user_id: int | None = None, use_adapter: bool = True):
+        req = _Request(list(prompt_ids), settings, stop, stats, user_id, use_adapter)
+        stats.prompt_tokens = len(req.prompt_ids)
+        self._ensure_worker()
+        self._queue.put(req)
         try:
             while True:
-                piece = pieces.get()
+                piece = req.pieces.get()
                 if piece is None:
                     break
                 yield piece
         finally:
             stop_requested = stop.is_set()
-            stop.set()  # also ends generation when the consumer went away
-            worker.join()
-            stats.latency_ms = (time.monotonic() - started) * 1000
-            if stop_requested:
+            stop.set()  # also ends this row when the consumer went away
+            req.done.wait()
+            stats.latency_ms = (time.monotonic() - req.started) * 1000
+            if stop_requested and stats.finish_reason != "length":
                 stats.finish_reason = "cancelled"
-            elif stats.completion_tokens >= settings.max_new_tokens:
-                stats.finish_reason = "length"
-        if errors:
-            raise errors[0]
+        if req.error is not None:
+            raise req.error
+
+    # worker ----------------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name="attune-generate", daemon=True)
+                self._worker.start()
+
+    def _loop(self) -> None:
+        pending: list[_Request] = []
+        while True:
+            if not pending:
+                pending.append(self._queue.get())
+            deadline = time.monotonic() + self.batch.window_ms / 1000
+            while len(pending) < self.batch.max_batch * 2:
+                try:
+                    pending.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            key = pending[0].key
+            group = [r for r in pending if r.key == key][: self.batch.max_batch]
+            pending = [r for r in pending if r not in group]
+            self._run(group)
+
+    def _run(self, group: list[_Request]) -> None:
+        adapters = []
+        ready = []
+        for req in group:
+            try:
+                if req.user_id is not None and self.registry.store is not None:
+                    adapter = self.registry.acquire(req.user_id, req.use_adapter)
+                else:
+                    adapter = None
+                req.stats.adapter_version = adapter.version if adapter else None
+                adapters.append(adapter)
+                ready.append(req)
+            except BaseException as e:  # reported to that request only
+                req.error = e
+                self._finish(req)
+        try:
+            if ready:
+                self.batch_sizes.append(len(ready))
+                self._generate(ready, [a.name if a else None for a in adapters])
+        except BaseException as e:  # e.g. out of memory: every request of the batch learns why
+            for req in ready:
+                if not req.finished:
+                    req.error = e
+                    self._finish(req)
+        finally:
+            for adapter in adapters:
+                self.registry.release(adapter)
+
+    def _generate(self, reqs: list[_Request], names: list[str | None]) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok, backend = self.tokenizer, self
+        model = self.registry.model
+        width = max(len(r.prompt_ids) for r in reqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
+                            device=model.device)
+        s = reqs[0].settings
+
+        class Streamer:
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first hands over the prompt
+                    self.first = False
+                    return
+                for req, token in zip(reqs, value.reshape(-1).tolist(), strict=True):
+                    if req.finished:
+                        continue
+                    if req.stats.ttft_ms is None:
+                        req.stats.ttft_ms = (time.monotonic() - req.started) * 1000
+                    if token in backend.eos:
+                        backend._finish(req)
+                        continue
+                    req.stats.completion_tokens += 1
+                    req.ids.append(token)
+                    if req.stats.completion_tokens >= req.settings.max_new_tokens:
+                        req.stats.finish_reason = "length"
+                        backend._finish(req)
+                    elif req.stop.is_set():
+                        backend._finish(req)
+                    else:
+                        backend._flush(req, final=False)
+
+            def end(self):
+                for req in reqs:
+                    backend._finish(req)
+
+        class PerRowStop(StoppingCriteria):
+            """Runs before the step's tokens reach the streamer; ``input_ids`` already holds them."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                steps = input_ids.shape[1] - width
+                done = [r.finished or r.stop.is_set() or steps >= r.settings.max_new_tokens for r in reqs]
+                return torch.tensor(done, device=input_ids.device)
+
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.settings.max_new_tokens for r in reqs),
+                      streamer=Streamer(), stopping_criteria=StoppingCriteriaList([PerRowStop()]),
+                      pad_token_id=pad, repetition_penalty=s.repetition_penalty)
+        if self.registry.is_peft:
+            from assistant.adapters import BASE
+
+            kwargs["adapter_names"] = [n or BASE for n in names]
+        if s.temperature > 0:
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            model.generate(**kwargs)
+
+    def _flush(self, req: _Request, final: bool) -> None:
+        """Send the newly decoded text of a row; whole words only until the end."""
+        text = self.tokenizer.decode(req.ids, skip_special_tokens=True)
+        if not final:
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                return
+            cut = len(text) if text.endswith(("\n", " ")) else text.rfind(" ")
+        else:
+            cut = len(text)
+        if cut > req.sent:
+            req.pieces.put(text[req.sent:cut])
+            req.sent = cut
+
+    def _finish(self, req: _Request) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req.error is None:
+            self._flush(req, final=True)
+        req.pieces.put(None)
+        req.done.set()

@@ -108,6 +108,10 @@ class ChatEngine:
         if old and turn.assistant_message_id:
             self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
 
+    def _personalized(self, user_id: int) -> bool:
+        """The user's own switch: personalization off means the base model answers."""
+        return self.store.users.by_id(user_id).personalization
+
     def feedback(self, user_id: int, message_id, kind: str, correction=None, source: str = "ui") -> int:
         """Record 👍/👎/clear or a correction on one of the user's answers."""
         return self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
@@ -174,9 +178,12 @@ class ChatEngine:
         ids, plan = self.build_prompt(user_id, turn.conversation_id, settings.max_new_tokens, exclude_id)
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
         try:
-            for piece in self.backend.stream(ids, settings, stop, turn.stats):
+            for piece in self.backend.stream(ids, settings, stop, turn.stats, user_id=user_id,
+                                             use_adapter=use_adapter and self._personalized(user_id)):
+                turn.adapter_version = turn.stats.adapter_version
                 turn.text += piece
                 yield turn
+            turn.adapter_version = turn.stats.adapter_version
             turn.status = "stopped" if turn.stats.finish_reason == "cancelled" else "complete"
         except GeneratorExit:
             turn.status = "stopped"  # the client went away: keep what was generated

@@ -65,6 +65,7 @@ def build_app(engine: ChatEngine):
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig) -> None:
     import uvicorn
 
+    from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
     if not is_loopback(server_cfg.host):
@@ -73,7 +74,8 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     loaded = load_model(model_cfg, store.data_dir)
     print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}) ready in "
           f"{loaded.load_seconds:.1f} s", flush=True)
-    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens), chat_cfg)
+    registry = AdapterRegistry(loaded.model, store)
+    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg)
     app = build_app(engine)
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     try:
