@@ -14,6 +14,7 @@ import gradio as gr
 from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
 from assistant.i18n import EN, make_i18n
+from assistant.ui_tabs import account_tab, compare_tab
 from storage.errors import AttuneError
 
 PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
@@ -74,7 +75,8 @@ class ChatUI:
         return gr.update(value=chat, feedback_value=ratings), ids
 
     def _conv_choices(self, user_id: int):
-        return [(c["title"] or "…", c["id"]) for c in self.store.chats.conversations(user_id)]
+        return [(c["title"] or "…", c["id"]) for c in self.store.chats.conversations(user_id)
+                if c["source"] != "compare"]
 
     @staticmethod
     def _user(session: dict | None) -> dict:
@@ -138,12 +140,27 @@ class ChatUI:
         chatbot, ids = self._chatbot(user["id"], cid)
         return "", chatbot, cid, ids, gr.update(choices=self._conv_choices(user["id"]), value=cid), ""
 
-    def respond(self, session, cid, temperature, max_new_tokens, top_p):
+    def respond(self, session, cid, *controls):
         """Step 2: stream the answer to the last user message."""
-        yield from self._stream(session, cid, (temperature, max_new_tokens, top_p), retry=False)
+        yield from self._stream(session, cid, controls, retry=False)
 
-    def retry(self, session, cid, temperature, max_new_tokens, top_p):
-        yield from self._stream(session, cid, (temperature, max_new_tokens, top_p), retry=True)
+    def retry(self, session, cid, *controls):
+        yield from self._stream(session, cid, controls, retry=True)
+
+    def settings(self, temperature, max_new_tokens, top_p) -> GenerationSettings:
+        return GenerationSettings.from_request(
+            self.engine.config.defaults, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
+            top_p=float(top_p))
+
+    def turn_info(self, turn: Turn) -> str:
+        """One line under the answer: which adapter answered and which memories it used."""
+        who = f"your adapter v{turn.adapter_version}" if turn.adapter_version else "the base model"
+        line = f"ℹ️ Answered by {self.engine.backend.name} with {who}."
+        hits = getattr(turn, "memories", None) or []
+        if hits:
+            line += "\n\n**Memories used:**\n" + "\n".join(
+                f"- {h.text[:200]} _({h.created_at[:10]})_" for h in hits)
+        return line
 
     def _stream(self, session, cid, sliders, retry: bool):
         user = self._user(session)
@@ -152,11 +169,9 @@ class ChatUI:
         chat, ids, _ = self._history(user["id"], cid)
         if not retry and (not chat or chat[-1]["role"] != "user"):
             return  # step 1 refused the message: nothing to answer
-        temperature, max_new_tokens, top_p = sliders
+        temperature, max_new_tokens, top_p, use_adapter, use_memory = sliders
         try:
-            settings = GenerationSettings.from_request(
-                self.engine.config.defaults, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
-                top_p=float(top_p))
+            settings = self.settings(temperature, max_new_tokens, top_p)
         except AttuneError as e:
             yield gr.update(), ids, f"⚠️ {e}"
             return
@@ -164,7 +179,8 @@ class ChatUI:
         if retry and chat and chat[-1]["role"] == "assistant":
             chat, ids = chat[:-1], ids[:-1]
         chat.append({"role": "assistant", "content": ""})
-        stream = (self.engine.retry if retry else self.engine.answer)(user["id"], cid, settings, stop)
+        stream = (self.engine.retry if retry else self.engine.answer)(
+            user["id"], cid, settings, stop, use_adapter=bool(use_adapter), use_memory=bool(use_memory))
         turn: Turn | None = None
         try:
             for turn in stream:
@@ -177,6 +193,7 @@ class ChatUI:
             self._stops.pop((user["id"], cid), None)
         notice = ""
         if turn is not None:
+            notice = self.turn_info(turn)
             if turn.error:
                 notice = f"⚠️ {turn.error}"
             elif turn.truncated:
@@ -256,6 +273,8 @@ class ChatUI:
                                     max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1,
                                                         label=t("max_new_tokens"))
                                     top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label=t("top_p"))
+                                    use_adapter = gr.Checkbox(True, label=t("use_adapter"), elem_id="use-adapter")
+                                    use_memory = gr.Checkbox(True, label=t("use_memory"), elem_id="use-memory")
                             with gr.Column(scale=4):
                                 chatbot = gr.Chatbot(label=t("assistant"), elem_id="chatbot", editable="all",
                                                      feedback_options=("Like", "Dislike"), render_markdown=True,
@@ -268,8 +287,11 @@ class ChatUI:
                                         send_btn = gr.Button(t("send"), variant="primary", elem_id="send-btn")
                                         stop_btn = gr.Button(t("stop"), variant="stop", elem_id="stop-btn")
                                 gr.Markdown(t("hint"))
+                    controls = [temperature, max_new, top_p, use_adapter, use_memory]
+                    compare_tab(self, session, controls)
+                    account_tab(self, session)
 
-            sliders = [temperature, max_new, top_p]
+            sliders = controls
             signed_in = [session, login_col, app_col, login_msg, conv_list, chatbot, cid, ids, who]
             signin_btn.click(self.sign_in, [name, password], signed_in, **PRIVATE)
             password.submit(self.sign_in, [name, password], signed_in, **PRIVATE)

@@ -3,6 +3,7 @@ Debian Chromium through the real Gradio UI; then the rows in SQLite are checked.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -116,6 +117,24 @@ def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):
     assert len(replaced) == 1
     convs = db_rows(server, "SELECT * FROM conversations")
     assert len(convs) == 1 and convs[0]["title"] == "What is the capital of France?"
+
+    expect(page.locator("#notice")).to_contain_text("with the base model")
+
+    # Compare: base and personalized answers side by side (logged, but not in the conversation list).
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-q textarea").fill("What is the capital of France?")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.locator("#compare-base")).to_contain_text("Paris", timeout=60_000)
+    expect(page.locator("#compare-personal")).to_contain_text("Paris", timeout=60_000)
+    wait_for(lambda: len(db_rows(server, "SELECT * FROM conversations WHERE source = 'compare'")) == 2,
+             what="the compare conversations")
+
+    # Account: an API key, shown once, stored hashed.
+    page.get_by_role("tab", name="Account").click()
+    page.get_by_role("button", name="Create API key").click()
+    expect(page.locator("#api-key textarea, #api-key input")).to_have_value(re.compile(r"^att-"), timeout=10_000)
+    assert len(db_rows(server, "SELECT * FROM api_keys")) == 1
+    page.get_by_role("tab", name="Chat").click()
 
     # Everything stayed on this machine.
     assert page.requests and all(u.startswith(server.base) or u.startswith("data:") for u in page.requests), \
