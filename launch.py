@@ -44,6 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget in tokens")
     s.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
     s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
+    s.add_argument("--allow-signup", action="store_true", default=None,
+                   help="let anyone create an account (default: only on a loopback address)")
     s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
 
     u = sub.add_parser("users", parents=[common], help="manage users")
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             ChatConfig(context_tokens=args.context_tokens,
                        defaults=GenerationSettings(max_new_tokens=args.max_new_tokens,
                                                    temperature=args.temperature)),
-            ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer),
+            ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer,
+                         allow_signup=args.allow_signup),
         )
     elif args.command == "users" and args.action == "add":
         user = store.users.create(args.name, read_password(args.name))

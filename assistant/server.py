@@ -26,6 +26,8 @@ class ServerConfig:
     """TCP port for the UI and the API."""
     personalizer: bool = True
     """Run the background personalizer (per-user adapter training)."""
+    allow_signup: bool | None = None
+    """Let anyone create an account from the sign-in page. None: only when bound to loopback."""
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -42,12 +44,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(engine: ChatEngine):
+def check_exposure(store: Store, cfg: ServerConfig) -> bool:
+    """Whether sign-up is open. On a non-loopback address Attune refuses to start with no account
+    (anyone could walk in) and closes sign-up unless it was asked for explicitly."""
+    if is_loopback(cfg.host):
+        return True if cfg.allow_signup is None else cfg.allow_signup
+    if store.users.count() == 0 and not cfg.allow_signup:
+        raise AttuneError(
+            f"Refusing to listen on {cfg.host} with no accounts: anyone on the network could create one. "
+            "Create users first (python launch.py users add NAME), or pass --allow-signup deliberately.")
+    return bool(cfg.allow_signup)
+
+
+def build_app(engine: ChatEngine, allow_signup: bool = True):
     import gradio as gr
     from fastapi import FastAPI
 
     from assistant.api import build_router
-    from assistant.ui import CSS, ChatUI, theme
+    from assistant.ui import CSS, ChatUI, UIConfig, theme
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None)
     app.include_router(build_router(engine))
@@ -56,7 +70,7 @@ def build_app(engine: ChatEngine):
     def healthz():
         return {"ok": True, "model": engine.backend.name}
 
-    ui = ChatUI(engine)
+    ui = ChatUI(engine, UIConfig(allow_signup=allow_signup))
     # Routes must be registered before Gradio is mounted at "/".
     return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, i18n=ui.i18n, ssr_mode=False,
                                footer_links=["settings"], show_error=True)
@@ -68,15 +82,16 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
+    allow_signup = check_exposure(store, server_cfg)
     if not is_loopback(server_cfg.host):
-        log.warning("Listening on %s: Attune is reachable from the network; every user must sign in.",
-                    server_cfg.host)
+        log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
+                    "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
     loaded = load_model(model_cfg, store.data_dir)
     print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}) ready in "
           f"{loaded.load_seconds:.1f} s", flush=True)
     registry = AdapterRegistry(loaded.model, store)
     engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg)
-    app = build_app(engine)
+    app = build_app(engine, allow_signup)
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     try:
         uvicorn.run(app, host=server_cfg.host, port=server_cfg.port, log_level="warning")

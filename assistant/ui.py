@@ -98,6 +98,9 @@ class ChatUI:
                 gr.update(choices=choices, value=cid), chatbot, cid, ids, f"**{user.name}**")
 
     def create_account(self, name: str, password: str):
+        if not self.config.allow_signup:
+            return None, gr.update(), gr.update(), "⚠️ Sign-up is closed here; ask the admin for an account.", \
+                gr.update(), gr.update(), None, [], ""
         try:
             self.store.users.create(name, password)
         except AttuneError as e:
@@ -247,7 +250,7 @@ class ChatUI:
             with gr.Column(visible=True, elem_id="login-col") as login_col:
                 gr.Markdown(t("title"))
                 gr.Markdown(t("tagline"))
-                if self.store.users.count() == 0:
+                if self.store.users.count() == 0 and self.config.allow_signup:
                     gr.Markdown(t("first_run"), elem_id="first-run")
                 name = gr.Textbox(label=t("username"), elem_id="username", max_lines=1)
                 password = gr.Textbox(label=t("password"), type="password", elem_id="password", max_lines=1)
@@ -306,6 +309,7 @@ class ChatUI:
                         ).then(self.respond, [session, cid, *sliders], [chatbot, ids, notice], **PRIVATE)
             chatbot.retry(self.retry, [session, cid, *sliders], [chatbot, ids, notice], **PRIVATE)
             stop_btn.click(self.stop, [session, cid], None, **PRIVATE)
+            chatbot.clear(self.new_chat, [session], [conv_list, chatbot, cid, ids, notice], **PRIVATE)
             chatbot.like(self.like, [session, ids], None, **PRIVATE)
             chatbot.edit(self.edit, [session, cid, ids], [chatbot, ids, notice], **PRIVATE)
         return demo

@@ -64,3 +64,8 @@ def test_serve_with_unknown_hub_id_offline_is_one_clear_error(tmp_path):
 def test_serve_refuses_a_bad_port(tmp_path):
     r = cli("serve", "--port", "70000", data_dir=tmp_path)
     assert r.returncode == 2 and "port" in r.stderr
+
+
+def test_public_address_without_accounts_refuses_to_start(tmp_path):
+    r = cli("serve", "--host", "0.0.0.0", "--port", "0", data_dir=tmp_path, timeout=60)
+    assert r.returncode == 2 and "Refusing to listen on 0.0.0.0 with no accounts" in r.stderr
