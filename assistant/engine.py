@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
 from storage.chats import clean_text
@@ -32,8 +32,6 @@ class ChatConfig:
             raise ValueError("system_prompt: must be a string")
         if not isinstance(self.context_tokens, int) or self.context_tokens < 64:
             raise ValueError(f"context_tokens: must be an integer of at least 64, got {self.context_tokens!r}")
-        if self.defaults.max_new_tokens >= self.context_tokens:
-            raise ValueError("defaults: max_new_tokens must be smaller than context_tokens")
 
 
 @dataclass
@@ -175,7 +173,12 @@ class ChatEngine:
         settings = settings or self.config.defaults
         turn.use_adapter, turn.use_memory = use_adapter, use_memory
         stop = stop or threading.Event()
-        ids, plan = self.build_prompt(user_id, turn.conversation_id, settings.max_new_tokens, exclude_id)
+        # Reserve room for the answer, but never more than half the context: a long answer limit must not
+        # squeeze the prompt to nothing. The answer then gets whatever room the prompt leaves.
+        ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),
+                                      exclude_id)
+        if len(ids) + settings.max_new_tokens > self.budget:
+            settings = replace(settings, max_new_tokens=max(self.budget - len(ids), 1))
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
         try:
             for piece in self.backend.stream(ids, settings, stop, turn.stats, user_id=user_id,

@@ -196,8 +196,11 @@ class Chats:
 
 def _int(value: Any) -> int:
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise TypeError
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+        if not 0 < number < 2**63:  # SQLite integers are 64-bit; ids are positive
+            raise ValueError
+        return number
+    except (TypeError, ValueError, OverflowError):
         raise NotFound(f"{value!r} is not a valid id.") from None
