@@ -3,6 +3,7 @@
     python launch.py [serve]            start the UI (/) and the API (/v1)
     python launch.py users add|key|list
     python launch.py import NAME FILE.jsonl
+    python launch.py memory rebuild NAME
     python launch.py export NAME | forget NAME
 """
 
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = ("serve", "users", "import", "export", "forget")
+COMMANDS = ("serve", "users", "import", "memory", "export", "forget")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
     s.add_argument("--allow-signup", action="store_true", default=None,
                    help="let anyone create an account (default: only on a loopback address)")
+    s.add_argument("--no-memory", action="store_true", help="do not retrieve or record personal memories")
     s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
 
     u = sub.add_parser("users", parents=[common], help="manage users")
@@ -57,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     i = sub.add_parser("import", parents=[common], help="add conversation history from a JSONL file")
     i.add_argument("name")
     i.add_argument("file", type=Path)
+    m = sub.add_parser("memory", parents=[common], help="personal memory maintenance")
+    ms = m.add_subparsers(dest="action", required=True)
+    ms.add_parser("rebuild", parents=[common], help="rebuild a user's FAISS index from SQLite").add_argument("name")
     sub.add_parser("export", parents=[common], help="print all of a user's data as JSON").add_argument("name")
     f = sub.add_parser("forget", parents=[common], help="delete all of a user's data")
     f.add_argument("name")
@@ -78,6 +83,12 @@ def read_password(name: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+def memory_service(store):
+    from assistant.memory import MemoryConfig, MemoryService
+
+    return MemoryService(store, MemoryConfig())
+
+
 def run(args: argparse.Namespace) -> int:
     from storage import Store
     from storage.transfer import export_user, forget_user, import_history
@@ -86,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from assistant.backend import GenerationSettings
         from assistant.engine import ChatConfig
+        from assistant.memory import MemoryConfig
         from assistant.model import ModelConfig
         from assistant.server import ServerConfig, serve
 
@@ -97,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                                                    temperature=args.temperature)),
             ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer,
                          allow_signup=args.allow_signup),
+            None if args.no_memory else MemoryConfig(),
         )
     elif args.command == "users" and args.action == "add":
         user = store.users.create(args.name, read_password(args.name))
@@ -110,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
         for user in store.users.list():
             print(f"{user.id}\t{user.name}\t{user.created_at}")
     elif args.command == "import":
-        counts = import_history(store, store.users.by_name(args.name).id, args.file)
+        user = store.users.by_name(args.name)
+        counts = import_history(store, user.id, args.file)
+        counts["memories"] = memory_service(store).backfill(user.id)["added"]
         print(json.dumps({"user": args.name, **counts}))
+    elif args.command == "memory" and args.action == "rebuild":
+        print(json.dumps(memory_service(store).rebuild(store.users.by_name(args.name).id)))
     elif args.command == "export":
         print(json.dumps(export_user(store, store.users.by_name(args.name).id), ensure_ascii=False, indent=1))
     elif args.command == "forget":
@@ -119,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
             print("Nothing deleted (pass --yes to skip the question).")
             return 1
+        memory_service(store).forget_all(user.id)
         forget_user(store, user.id)
         print(f"Forgot {user.name}: conversations, feedback, memories and adapters deleted.")
     return 0

@@ -3,6 +3,7 @@ model's chat template inside the context budget, stream the answer, store it wit
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -12,6 +13,7 @@ from storage.chats import clean_text
 from storage.db import Store
 from storage.errors import AttuneError, InputError
 
+log = logging.getLogger("attune.engine")
 DEFAULT_SYSTEM_PROMPT = "You are Attune, a helpful personal assistant. Answer clearly and concisely."
 OMITTED = "\n\n[… {n:,} characters omitted to fit the model's context …]\n\n"
 
@@ -47,6 +49,7 @@ class Turn:
     dropped_turns: int = 0
     adapter_version: int | None = None
     memory_ids: list[int] = field(default_factory=list)
+    memories: list = field(default_factory=list)  # the retrieved memory hits (text, date, score)
     stats: StreamStats = field(default_factory=StreamStats)
     error: str | None = None
     use_adapter: bool = True
@@ -54,10 +57,11 @@ class Turn:
 
 
 class ChatEngine:
-    def __init__(self, store: Store, backend: ChatBackend, config: ChatConfig | None = None):
+    def __init__(self, store: Store, backend: ChatBackend, config: ChatConfig | None = None, memory=None):
         self.store = store
         self.backend = backend
         self.config = config or ChatConfig()
+        self.memory = memory  # assistant.memory.MemoryService, or None for no personal memory
         self.budget = min(self.config.context_tokens, backend.context_tokens)
 
     # public API --------------------------------------------------------------------------------
@@ -80,6 +84,7 @@ class ChatEngine:
             raise InputError("The conversation has no new message to answer; send one first.")
         turn = Turn(conversation_id=conversation_id, user_message_id=history[-1]["id"])
         yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
+        self._remember(user_id, turn)
 
     def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
              stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
@@ -89,6 +94,7 @@ class ChatEngine:
         turn = Turn(conversation_id=conversation_id, user_message_id=message_id)
         yield turn
         yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
+        self._remember(user_id, turn)
 
     def retry(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
               stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
@@ -105,17 +111,33 @@ class ChatEngine:
             yield turn
         if old and turn.assistant_message_id:
             self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
+        self._remember(user_id, turn)
 
     def _personalized(self, user_id: int) -> bool:
         """The user's own switch: personalization off means the base model answers."""
         return self.store.users.by_id(user_id).personalization
 
     def feedback(self, user_id: int, message_id, kind: str, correction=None, source: str = "ui") -> int:
-        """Record 👍/👎/clear or a correction on one of the user's answers."""
-        return self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
+        """Record 👍/👎/clear or a correction on one of the user's answers; memory follows it."""
+        feedback_id = self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
+        if self.memory is not None:
+            self.memory.on_feedback(user_id, int(message_id))
+        return feedback_id
+
+    def _remember(self, user_id: int, turn: Turn) -> None:
+        """The finished turn becomes memory (the memory service decides what is kept)."""
+        if self.memory is not None and turn.assistant_message_id and turn.status == "complete":
+            try:
+                self.memory.remember_turn(user_id, turn.assistant_message_id)
+            except AttuneError as e:  # the answer is stored; memory can be rebuilt from SQLite later
+                log.warning("could not remember message %s: %s", turn.assistant_message_id, e)
+
+    def recall(self, user_id: int, query: str) -> list:
+        """The user's memories relevant to ``query`` (empty without a memory service)."""
+        return self.memory.retrieve(user_id, query) if self.memory is not None else []
 
     def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int,
-                     exclude_id: int | None = None) -> tuple[list[int], Turn]:
+                     exclude_id: int | None = None, memory_block: str = "") -> tuple[list[int], Turn]:
         """Token ids of the prompt for the next answer, and a Turn noting what was cut to fit."""
         turn = Turn(conversation_id=conversation_id)
         history = self.store.chats.messages(user_id, conversation_id)
@@ -128,6 +150,8 @@ class ChatEngine:
         # A conversation's own system message (e.g. from an API client) replaces the default one.
         own = [m["content"] for m in history if m["role"] == "system"]
         prompt = own[0] if own else self.config.system_prompt
+        if memory_block:
+            prompt = f"{prompt}\n\n{memory_block}" if prompt else memory_block
         system = [{"role": "system", "content": prompt}] if prompt else []
         limit = self.budget - max_new_tokens
         ids = self._encode(system + msgs)
@@ -175,8 +199,14 @@ class ChatEngine:
         stop = stop or threading.Event()
         # Reserve room for the answer, but never more than half the context: a long answer limit must not
         # squeeze the prompt to nothing. The answer then gets whatever room the prompt leaves.
+        block = ""
+        if use_memory and self.memory is not None and self._personalized(user_id):
+            query = self.store.chats.message(user_id, turn.user_message_id)["content"]
+            turn.memories = self.recall(user_id, query)
+            turn.memory_ids = [h.id for h in turn.memories]
+            block = self.memory.prompt_block(turn.memories)
         ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),
-                                      exclude_id)
+                                      exclude_id, block)
         if len(ids) + settings.max_new_tokens > self.budget:
             settings = replace(settings, max_new_tokens=max(self.budget - len(ids), 1))
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns

@@ -76,7 +76,9 @@ def build_app(engine: ChatEngine, allow_signup: bool = True):
                                footer_links=["settings"], show_error=True)
 
 
-def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig) -> None:
+def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
+          memory_cfg=None) -> None:
+    """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted."""
     import uvicorn
 
     from assistant.adapters import AdapterRegistry
@@ -90,10 +92,18 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}) ready in "
           f"{loaded.load_seconds:.1f} s", flush=True)
     registry = AdapterRegistry(loaded.model, store)
-    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg)
+    memory = None
+    if memory_cfg is not None:
+        from assistant.memory import MemoryService
+
+        memory = MemoryService(store, memory_cfg)
+    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg, memory)
     app = build_app(engine, allow_signup)
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     try:
         uvicorn.run(app, host=server_cfg.host, port=server_cfg.port, log_level="warning")
     except OSError as e:
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
+    finally:
+        if memory is not None:
+            memory.close()  # save unsaved index changes

@@ -14,7 +14,7 @@ import gradio as gr
 from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
 from assistant.i18n import EN, make_i18n
-from assistant.ui_tabs import account_tab, compare_tab
+from assistant.ui_tabs import account_tab, compare_tab, memory_tab
 from storage.errors import AttuneError
 
 PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
@@ -291,6 +291,7 @@ class ChatUI:
                                         stop_btn = gr.Button(t("stop"), variant="stop", elem_id="stop-btn")
                                 gr.Markdown(t("hint"))
                     controls = [temperature, max_new, top_p, use_adapter, use_memory]
+                    memory_tab(self, session)
                     compare_tab(self, session, controls)
                     account_tab(self, session)
 

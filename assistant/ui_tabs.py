@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from storage.errors import AttuneError
+from storage.errors import AttuneError, InputError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
@@ -88,3 +88,65 @@ def account_tab(ui: ChatUI, session: gr.State) -> None:
         return ui.store.users.new_api_key(user["id"])
 
     make.click(new_key, [session], [key], **PRIVATE)
+
+
+def memory_tab(ui: ChatUI, session: gr.State) -> None:
+    """List, search and delete the user's memories; remember a fact; forget everything."""
+    t = ui.i18n
+    with gr.Tab(t("tab_memory"), id="memory") as tab:
+        gr.Markdown(t("memory_intro"))
+        with gr.Row():
+            query = gr.Textbox(label=t("search"), elem_id="memory-search", scale=4)
+            refresh = gr.Button(t("search"), elem_id="memory-search-btn", scale=1)
+        table = gr.Dataframe(headers=["id", "kind", "text", "date"], datatype=["number", "str", "str", "str"],
+                             interactive=False, elem_id="memory-table", wrap=True)
+        with gr.Row():
+            mid = gr.Number(label=t("memory_id"), precision=0, elem_id="memory-id")
+            delete = gr.Button(t("delete_memory"), variant="stop", elem_id="memory-delete")
+        with gr.Row():
+            fact = gr.Textbox(label=t("remember_fact"), elem_id="memory-fact", scale=4)
+            add = gr.Button(t("remember"), elem_id="memory-add", scale=1)
+        with gr.Row():
+            sure = gr.Checkbox(False, label=t("forget_sure"), elem_id="forget-sure")
+            forget = gr.Button(t("forget_all"), variant="stop", elem_id="memory-forget")
+        status = gr.Markdown("", elem_id="memory-status")
+
+    def rows(s, q):
+        user = ui._user(s)
+        if ui.engine.memory is None:
+            return []
+        return [[m.id, m.kind, m.text, m.created_at[:16].replace("T", " ")]
+                for m in ui.engine.memory.list(user["id"], q or None, limit=200)]
+
+    def guarded(action):
+        def run(s, q, *args):
+            user = ui._user(s)
+            if ui.engine.memory is None:
+                return rows(s, q), "⚠️ Memory is off on this server."
+            try:
+                message = action(user["id"], *args)
+            except AttuneError as e:
+                message = f"⚠️ {e}"
+            return rows(s, q), message
+        return run
+
+    def do_delete(uid, memory_id):
+        if memory_id is None:
+            raise InputError("Enter the id of the memory to delete (first column).")
+        ui.engine.memory.delete(uid, int(memory_id))
+        return f"Memory {int(memory_id)} deleted: it will not be used again."
+
+    def do_add(uid, text):
+        return "Remembered." if ui.engine.memory.remember_fact(uid, text) else "Already remembered."
+
+    def do_forget(uid, confirmed):
+        if not confirmed:
+            raise InputError("Tick the box to confirm: this deletes every memory.")
+        return f"Forgot {ui.engine.memory.forget_all(uid)} memories."
+
+    tab.select(rows, [session, query], [table], **PRIVATE)
+    refresh.click(rows, [session, query], [table], **PRIVATE)
+    query.submit(rows, [session, query], [table], **PRIVATE)
+    delete.click(guarded(do_delete), [session, query, mid], [table, status], **PRIVATE)
+    add.click(guarded(do_add), [session, query, fact], [table, status], **PRIVATE)
+    forget.click(guarded(do_forget), [session, query, sure], [table, status], **PRIVATE)

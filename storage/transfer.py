@@ -120,7 +120,8 @@ def forget_user(store: Store, user_id: int) -> None:
     store.users.by_id(user_id)
     with store.write() as db:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
-    for path in (store.data_dir.adapters(user_id), store.data_dir.memory_index(user_id)):
+    index = store.data_dir.memory_index(user_id)
+    for path in (store.data_dir.adapters(user_id), index, index.with_suffix(".json")):
         remove_tree(path)
     store.db.execute("VACUUM")
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -3,6 +3,7 @@ Debian Chromium through the real Gradio UI; then the rows in SQLite are checked.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sqlite3
@@ -167,4 +168,60 @@ def test_chinese_browser_gets_chinese_ui(browser, server):
     page = open_page(browser, server, locale="zh-CN")
     expect(page.get_by_role("button", name="创建账户")).to_be_visible()
     expect(page.get_by_label("密码")).to_be_visible()
+    page.context.close()
+
+
+def ask(page, server, text, n_answers_before):
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_role("button", name="Send").click()
+    wait_for(lambda: len(db_rows(server, "SELECT * FROM messages WHERE role = 'assistant'")) > n_answers_before,
+             what=f"an answer to {text!r}")
+
+
+def n_answers(server):
+    return len(db_rows(server, "SELECT * FROM messages WHERE role = 'assistant'"))
+
+
+def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    sign_up(page, "carol", "correct horse")
+    ask(page, server, "My dog is called Biscuit and he is a beagle.", n_answers(server))
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "What is the name of my pet?", n_answers(server))
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("Memories used", timeout=20_000)
+    expect(notice).to_contain_text("Biscuit")
+    carol = db_rows(server, "SELECT id FROM users WHERE name = 'carol'")[0]["id"]
+    last = db_rows(server, "SELECT * FROM messages WHERE user_id = ? AND role = 'assistant' ORDER BY id DESC",
+                   [carol])[0]
+    used = json.loads(last["memory_ids"])
+    assert used and all(db_rows(server, "SELECT user_id FROM memories WHERE id = ?", [m])[0]["user_id"] == carol
+                        for m in used)
+
+    # The Memory tab lists it; deleting it means it is never retrieved again.
+    page.get_by_role("tab", name="Memory").click()
+    table = page.locator("#memory-table")
+    expect(table).to_contain_text("Biscuit", timeout=15_000)
+    biscuit = db_rows(server, "SELECT id FROM memories WHERE user_id = ? AND text LIKE '%Biscuit%'", [carol])
+    for row in biscuit:
+        page.locator("#memory-id input").fill(str(row["id"]))
+        page.get_by_role("button", name="Delete memory").click()
+        expect(page.locator("#memory-status")).to_contain_text(f"Memory {row['id']} deleted", timeout=10_000)
+    expect(table).not_to_contain_text("Biscuit")
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "What is the name of my pet?", n_answers(server))
+    expect(notice).to_contain_text("Answered by", timeout=20_000)
+    expect(notice).not_to_contain_text("Biscuit")
+
+    # Another user asking the same question sees nothing of carol's.
+    page.get_by_role("button", name="Sign out").click()
+    sign_up(page, "dave", "battery staple")
+    ask(page, server, "My dog is called Biscuit and he is a beagle.".replace("Biscuit", "Rex"), n_answers(server))
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "What is the name of my pet?", n_answers(server))
+    expect(notice).to_contain_text("Answered by", timeout=20_000)
+    expect(notice).not_to_contain_text("Biscuit")
     page.context.close()

@@ -32,12 +32,16 @@ def test_import_export_forget(tmp_path):
     f.write_text(json.dumps(HISTORY) + "\n")
     r = cli("import", "alice", str(f), data_dir=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout) == {"user": "alice", "conversations": 1, "messages": 2,
-                                                          "feedback": 1}
+                                                          "feedback": 1, "memories": 1}
+    rebuilt = json.loads(cli("memory", "rebuild", "alice", data_dir=tmp_path).stdout)
+    assert rebuilt["memories"] == 1 and (tmp_path / "memory" / "u1.faiss").is_file()
     exported = json.loads(cli("export", "alice", data_dir=tmp_path).stdout)
     assert exported["conversations"][0]["messages"][0]["content"] == "My dog is called Biscuit."
     r = cli("forget", "alice", "--yes", data_dir=tmp_path)
     assert r.returncode == 0
-    assert b"Biscuit" not in (tmp_path / "attune.db").read_bytes()
+    assert not list((tmp_path / "memory").iterdir())
+    blob = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "h.jsonl")
+    assert b"Biscuit" not in blob
     assert cli("export", "alice", data_dir=tmp_path).returncode == 2
 
 
