@@ -56,7 +56,7 @@ def check_exposure(store: Store, cfg: ServerConfig) -> bool:
     return bool(cfg.allow_signup)
 
 
-def build_app(engine: ChatEngine, allow_signup: bool = True):
+def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None):
     import gradio as gr
     from fastapi import FastAPI
 
@@ -70,14 +70,14 @@ def build_app(engine: ChatEngine, allow_signup: bool = True):
     def healthz():
         return {"ok": True, "model": engine.backend.name}
 
-    ui = ChatUI(engine, UIConfig(allow_signup=allow_signup))
+    ui = ChatUI(engine, UIConfig(allow_signup=allow_signup), runner=runner)
     # Routes must be registered before Gradio is mounted at "/".
     return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, i18n=ui.i18n, ssr_mode=False,
                                footer_links=["settings"], show_error=True)
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
-          memory_cfg=None) -> None:
+          memory_cfg=None, train_cfg=None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted."""
     import uvicorn
 
@@ -97,13 +97,25 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         from assistant.memory import MemoryService
 
         memory = MemoryService(store, memory_cfg)
+        memory.warm_up()  # load the embedder now, not on the first message
     engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg, memory)
-    app = build_app(engine, allow_signup)
+    runner = scheduler = None
+    if server_cfg.personalizer:
+        from personalize.config import TrainConfig
+        from personalize.runner import JobRunner
+        from personalize.scheduler import Scheduler
+
+        runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
+        scheduler = Scheduler(store, runner)
+        scheduler.start()  # marks jobs whose process died as failed, then polls
+    app = build_app(engine, allow_signup, runner)
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     try:
         uvicorn.run(app, host=server_cfg.host, port=server_cfg.port, log_level="warning")
     except OSError as e:
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
+        if scheduler is not None:
+            scheduler.stop()
         if memory is not None:
             memory.close()  # save unsaved index changes

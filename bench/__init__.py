@@ -4,9 +4,10 @@
 rewrites BENCHMARKS.md. Numbers are never typed in by hand.
 """
 
-from bench import quant
+from bench import memory_bench, quant
 
 # name -> (section title, renderer); the runner imports each module's run() by name.
 SECTIONS = {
     "quant": ("Base model quantization (chooses `--quant auto`)", quant.render),
+    "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
 }

@@ -41,13 +41,19 @@ class Store:
                 f"Cannot open the database {self.path}: {e}. If the file is damaged, move it aside and restore a "
                 "backup (or start with an empty --data-dir)."
             ) from e
+        from storage.adapters import Adapters
         from storage.chats import Chats
+        from storage.jobs import Jobs
         from storage.memories import Memories
+        from storage.replay import Replay
         from storage.users import Users
 
         self.users = Users(self)
         self.chats = Chats(self)
         self.memories = Memories(self)
+        self.adapters = Adapters(self)
+        self.jobs = Jobs(self)
+        self.replay = Replay(self)
 
     @property
     def db(self) -> Database:

@@ -51,6 +51,29 @@ class Fingerprint:
         return [self.count, self.max_id, self.sum_ids]
 
 
+@dataclass(frozen=True)
+class SourceTurn:
+    """An assistant answer with what memory needs about it: the question it answers and its feedback."""
+
+    answer_id: int
+    question: str | None
+    """The user message it answers (the last one before it in the conversation), None if there is none."""
+    answer: str
+    complete: bool
+    """The answer finished normally (not stopped or failed)."""
+    replaced: bool
+    """A retry replaced it: no longer part of the conversation."""
+    rating: str | None
+    """``like``, ``dislike`` or None."""
+    correction: str | None
+    """The user's latest correction of the answer, if any."""
+    excluded: bool
+    """The user deleted this answer's memory: it must not be remembered again."""
+    created_at: str
+    sibling_ids: tuple[int, ...]
+    """Other answers to the same question (earlier tries, normally replaced)."""
+
+
 def _memory(row: dict) -> Memory:
     return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"])
 
@@ -90,13 +113,28 @@ class Memories:
             db.execute("UPDATE memories SET kind = ? WHERE id = ? AND user_id = ?", [kind, memory.id, user_id])
 
     def delete(self, user_id: int, memory_id: Any) -> None:
-        """Delete one memory; NotFound if it does not exist or belongs to someone else."""
+        """The user deletes one memory: NotFound if it is not theirs. Its message never becomes memory again."""
+        from storage.db import utcnow
+
         memory = self.get(user_id, memory_id)
         with self.store.write() as db:
             db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", [memory.id, user_id])
+            if memory.message_id is not None:
+                db.execute("INSERT OR IGNORE INTO memory_exclusions (user_id, message_id, created_at) "
+                           "VALUES (?, ?, ?)", [user_id, memory.message_id, utcnow()])
+
+    def delete_all(self, user_id: int) -> int:
+        """The user forgets every memory; none of their messages so far becomes memory again. Returns the count."""
+        from storage.db import utcnow
+
+        with self.store.write() as db:
+            db.execute("INSERT OR IGNORE INTO memory_exclusions (user_id, message_id, created_at) "
+                       "SELECT user_id, id, ? FROM messages WHERE user_id = ?", [utcnow(), user_id])
+            return db.execute("DELETE FROM memories WHERE user_id = ?", [user_id]).rowcount
 
     def delete_many(self, user_id: int, memory_ids: Iterable[int]) -> int:
-        """Delete those of ``memory_ids`` that are the user's; returns how many were deleted."""
+        """Delete those of ``memory_ids`` that are the user's, recording no exclusion (a memory superseded
+        by a correction, or withdrawn by a dislike). Returns how many were deleted."""
         ids = [_int(i) for i in memory_ids]
         deleted = 0
         with self.store.write() as db:
@@ -108,10 +146,10 @@ class Memories:
                 ).rowcount
         return deleted
 
-    def delete_all(self, user_id: int) -> int:
-        """Delete every memory of the user; returns how many there were."""
-        with self.store.write() as db:
-            return db.execute("DELETE FROM memories WHERE user_id = ?", [user_id]).rowcount
+    def excluded(self, user_id: int, message_id: int) -> bool:
+        """Whether the user deleted this message's memory (so it must not be remembered again)."""
+        return self.store.db.execute("SELECT 1 FROM memory_exclusions WHERE user_id = ? AND message_id = ?",
+                                     [user_id, message_id]).fetchone() is not None
 
     # reads -----------------------------------------------------------------------------------
     def get(self, user_id: int, memory_id: Any) -> Memory:
@@ -194,6 +232,40 @@ class Memories:
                 return
             yield [(r[0], r[1]) for r in rows]
             after = rows[-1][0]
+
+    # the messages memories come from --------------------------------------------------------
+    def source_turn(self, user_id: int, message_id: Any) -> SourceTurn:
+        """The answer ``message_id`` of the user, with its question and feedback (NotFound if not theirs)."""
+        answer = self.store.chats.message(user_id, message_id)
+        if answer["role"] != "assistant":
+            raise InputError("Only the assistant's answers are remembered (with the question they answer); "
+                             f"message {answer['id']} is a {answer['role']} message.")
+        db, conv = self.store.db, answer["conversation_id"]
+        question = db.execute(
+            "SELECT id, content FROM messages WHERE conversation_id = ? AND user_id = ? AND role = 'user' "
+            "AND id < ? ORDER BY id DESC LIMIT 1", [conv, user_id, answer["id"]]
+        ).fetchone()
+        siblings: tuple[int, ...] = ()
+        if question is not None:
+            siblings = tuple(r[0] for r in db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND user_id = ? AND role = 'assistant' "
+                "AND id > ? AND id != ? AND id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation_id = ? "
+                "AND user_id = ? AND role = 'user' AND id > ?), 9223372036854775807) ORDER BY id",
+                [conv, user_id, question[0], answer["id"], conv, user_id, question[0]],
+            ))
+        state = self.store.chats.feedback_state(user_id, answer["id"])
+        return SourceTurn(
+            answer_id=answer["id"], question=question[1] if question else None, answer=answer["content"],
+            complete=answer["status"] == "complete", replaced=answer["replaced_by"] is not None,
+            rating=state["rating"], correction=state["correction"],
+            excluded=self.excluded(user_id, answer["id"]), created_at=answer["created_at"], sibling_ids=siblings,
+        )
+
+    def answer_ids(self, user_id: int) -> list[int]:
+        """Ids of all the user's assistant messages, oldest first (what ``backfill`` walks)."""
+        return [r[0] for r in self.store.db.execute(
+            "SELECT id FROM messages WHERE user_id = ? AND role = 'assistant' ORDER BY id", [user_id]
+        )]
 
     @staticmethod
     def _where(user_id: int, query: str | None) -> tuple[str, list]:

@@ -150,9 +150,10 @@ def m003_memories(db: Database) -> None:
 
 
 @migrations()
-def m005_memory_ids_never_reused(db: Database) -> None:
+def m005_memory_ids_and_exclusions(db: Database) -> None:
     """Memory ids double as FAISS ids, so they must never be reused (AUTOINCREMENT), and a memory's
-    text must never change under its vector (delete it and add a new one instead)."""
+    text must never change under its vector (delete it and add a new one instead). Messages whose
+    memory the user deleted are listed in ``memory_exclusions`` so they never become memory again."""
     _run(
         db,
         """
@@ -169,7 +170,14 @@ def m005_memory_ids_never_reused(db: Database) -> None:
         DROP TABLE memories;
         ALTER TABLE memories_new RENAME TO memories;
         CREATE INDEX idx_memories_user ON memories(user_id, id);
-        CREATE INDEX idx_memories_message ON memories(message_id)
+        CREATE INDEX idx_memories_message ON memories(message_id);
+        CREATE TABLE memory_exclusions (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (user_id, message_id)
+        );
+        CREATE INDEX idx_memory_exclusions_message ON memory_exclusions(message_id)
         """,
     )
     # One statement with its own ";" inside, so not through _run (which splits on ";").

@@ -112,6 +112,11 @@ def export_user(store: Store, user_id: int) -> dict:
                  "personalization": user.personalization},
         "conversations": conversations,
         "feedback": store.chats.feedback(user_id),
+        "memories": list(store.db.query("SELECT id, kind, text, message_id, created_at FROM memories "
+                                        "WHERE user_id = ? ORDER BY id", [user_id])),
+        "adapter_versions": list(store.db.query(
+            "SELECT version, status, base_model, metrics, gate_reason, created_at FROM adapter_versions "
+            "WHERE user_id = ? ORDER BY version", [user_id])),
     }
 
 

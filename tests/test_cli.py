@@ -37,6 +37,7 @@ def test_import_export_forget(tmp_path):
     assert rebuilt["memories"] == 1 and (tmp_path / "memory" / "u1.faiss").is_file()
     exported = json.loads(cli("export", "alice", data_dir=tmp_path).stdout)
     assert exported["conversations"][0]["messages"][0]["content"] == "My dog is called Biscuit."
+    assert "Biscuit" in exported["memories"][0]["text"] and exported["adapter_versions"] == []
     r = cli("forget", "alice", "--yes", data_dir=tmp_path)
     assert r.returncode == 0
     assert not list((tmp_path / "memory").iterdir())

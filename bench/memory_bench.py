@@ -1,0 +1,297 @@
+"""Memory: embed + search latency for one user at 1k / 10k / 100k memories, exact vs approximate.
+
+What is measured (``run(quick)``; ``python -m bench.memory_bench [--quick]`` prints the JSON):
+- query embedding with the real all-MiniLM-L6-v2 (torch with 1 and with the default threads);
+- search only, per index type: exact flat (IndexIDMap2 over IndexFlatIP), IVF-Flat as the memory
+  index builds it (nlist ≈ sqrt(n), nprobe 16) and HNSW-Flat (M 32, efSearch 64) for comparison,
+  with recall@5 against exact search and build time;
+- end to end: ``MemoryService.retrieve`` (MiniLM query embedding, per-user lock, FAISS search,
+  re-reading hits from SQLite) on a real Store holding that many memories of the user;
+- the flat/IVF crossover that sets ``DEFAULT_APPROX_THRESHOLD``.
+
+Memory vectors: real MiniLM embeddings of ``n_real`` synthetic personal notes (cached under
+``.bench-data/``); larger sets are filled with mixtures of two real vectors plus Gaussian noise,
+re-normalized, so they keep the clustered shape of real sentence embeddings. Queries are real
+MiniLM embeddings of paraphrased questions.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from assistant.embedder import Embedder
+
+SUBJECTS = ["My sister", "My dog", "My manager", "My neighbour", "My son", "My partner", "I", "My best friend",
+            "My grandmother", "My cat", "My doctor", "My landlord", "My teacher", "My colleague Sam"]
+VERBS = ["loves", "hates", "is allergic to", "collects", "talks about", "wants to learn", "works on",
+         "is afraid of", "dreams about", "cooks", "reads about", "travels for"]
+OBJECTS = ["Italian food", "jazz records", "mountain hiking", "old cameras", "peanuts", "chess openings",
+           "sailing", "French novels", "gardening", "marathons", "vintage cars", "board games", "pottery",
+           "bird watching", "spicy ramen", "classical piano", "rock climbing", "watercolours", "tea", "astronomy"]
+DETAILS = ["every weekend", "since 2019", "in Lyon", "with friends", "on Tuesdays", "at night", "in summer",
+           "when stressed", "before work", "after school", "at the lake", "in winter", "on holidays"]
+PROBES = ["What does my sister love?", "Is my dog allergic to anything?", "What is my manager working on?",
+          "What does my neighbour collect?", "What does my son want to learn?", "What food do I hate?",
+          "Which hobby does my best friend have?", "What is my grandmother afraid of?", "What does my cat like?",
+          "What did my doctor say about peanuts?", "Where does my partner travel?", "What music do I like?",
+          "Does my teacher read French books?", "What sport does my colleague Sam do?", "Any hobbies on weekends?",
+          "What do I do before work?", "Who likes astronomy?", "Who is into pottery?", "What do we do in winter?",
+          "What does my landlord cook?"]
+SIZES = (1_000, 10_000, 100_000)
+K = 5
+
+
+def texts(n: int) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        s, v = SUBJECTS[i % len(SUBJECTS)], VERBS[(i // len(SUBJECTS)) % len(VERBS)]
+        o = OBJECTS[(i // (len(SUBJECTS) * len(VERBS))) % len(OBJECTS)]
+        d = DETAILS[(i // (len(SUBJECTS) * len(VERBS) * len(OBJECTS))) % len(DETAILS)]
+        out.append(f"{s} {v} {o} {d}.")
+        i += 1
+    return out
+
+
+def pct(samples_s: list[float]) -> dict:
+    ms = sorted(x * 1000 for x in samples_s)
+    return {"p50_ms": round(statistics.median(ms), 3), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 3)}
+
+
+def real_vectors(embedder, n_real: int):
+    import numpy as np
+
+    from bench.common import models_dir
+
+    cache = Path(models_dir()) / f"memory-bench-minilm-{n_real}.npy"
+    if cache.exists():
+        return np.load(cache)
+    vectors = embedder.embed(texts(n_real))
+    np.save(cache, vectors)
+    return vectors
+
+
+def expand(real, n: int, seed: int = 0):
+    """``n`` unit vectors: the real ones, then mixtures of two real ones plus noise."""
+    import numpy as np
+
+    from assistant.embedder import normalize
+
+    if n <= len(real):
+        return real[:n].copy()
+    rng = np.random.default_rng(seed)
+    extra = n - len(real)
+    a, b = rng.integers(0, len(real), extra), rng.integers(0, len(real), extra)
+    noise = rng.standard_normal((extra, real.shape[1]), dtype=np.float32) * (0.3 / np.sqrt(real.shape[1]))
+    return np.concatenate([real, normalize(real[a] + 0.5 * real[b] + noise)])
+
+
+def time_search(index, queries, repeats: int) -> tuple[dict, list]:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    samples, results = [], []
+    for r in range(repeats):
+        for q in queries:
+            t0 = time.perf_counter()
+            _, ids = index.search(q[None], K)
+            samples.append(time.perf_counter() - t0)
+            if r == 0:
+                results.append(set(ids[0].tolist()))
+    return pct(samples), results
+
+
+def recall(found: list[set], truth: list[set]) -> float:
+    return round(statistics.mean(len(f & t) / K for f, t in zip(found, truth, strict=True)), 3)
+
+
+def indexes(vectors, queries, repeats: int, hnsw: bool, nprobe: int = 16, sweep: tuple = ()) -> dict:
+    import faiss
+    import numpy as np
+
+    from assistant.memory_index import _nlist
+
+    n, d = vectors.shape
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    out = {}
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    flat.add_with_ids(vectors, ids)
+    out["flat"] = {"build_s": round(time.perf_counter() - t0, 3)}
+    out["flat"].update(time_search(flat, queries, repeats)[0])
+    truth = time_search(flat, queries, 1)[1]
+
+    candidates = {}
+    t0 = time.perf_counter()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, _nlist(n), faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add_with_ids(vectors, ids)
+    ivf.nprobe = nprobe
+    candidates["ivf"] = (ivf, time.perf_counter() - t0, {"nlist": ivf.nlist, "nprobe": nprobe})
+    if hnsw:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        h = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        h.hnsw.efConstruction = 80
+        h.add(vectors)
+        h.hnsw.efSearch = 64
+        candidates["hnsw"] = (h, time.perf_counter() - t0, {"M": 32, "efSearch": 64})
+    for name, (index, build_s, params) in candidates.items():
+        timing, found = time_search(index, queries, repeats)
+        if name == "hnsw":  # HNSW numbers rows 0..n-1
+            found = [{i + 1 for i in f} for f in found]
+        out[name] = {"build_s": round(build_s, 3), **timing, f"recall@{K}": recall(found, truth), **params}
+    for probes in sweep:  # what nprobe buys at this size
+        ivf.nprobe = probes
+        timing, found = time_search(ivf, queries, repeats)
+        out.setdefault("ivf_nprobe", []).append({"nprobe": probes, **timing, f"recall@{K}": recall(found, truth)})
+    return out
+
+
+class LookupEmbedder(Embedder):
+    """Stored vectors for the bench's memory texts, the real MiniLM for anything else (the queries)."""
+
+    def __init__(self, minilm, table: dict, vectors):
+        self.minilm, self.table, self.vectors = minilm, table, vectors
+        self.dim = minilm.dim
+        self.name = "bench-lookup:" + minilm.name
+
+    def embed(self, batch: list[str]):
+        import numpy as np
+
+        rows = [self.table.get(t) for t in batch]
+        if all(r is not None for r in rows):
+            return self.vectors[np.asarray(rows, dtype=np.int64)]
+        return self.minilm.embed(batch)
+
+
+def end_to_end(minilm, vectors, probes: list[str], repeats: int) -> dict:
+    """``MemoryService.retrieve`` on a real Store holding ``len(vectors)`` memories of one user."""
+    from assistant.memory import MemoryConfig, MemoryService
+    from storage import Store
+    from storage.db import utcnow
+
+    labels = [f"note {i}" for i in range(len(vectors))]
+    embedder = LookupEmbedder(minilm, {t: i for i, t in enumerate(labels)}, vectors)
+    with tempfile.TemporaryDirectory(prefix="attune-membench-") as tmp:
+        store = Store(Path(tmp))
+        user = store.users.create("bench", "long enough")
+        now = utcnow()
+        with store.write() as db:
+            db["memories"].insert_all(({"user_id": user.id, "kind": "fact", "text": t, "message_id": None,
+                                        "created_at": now} for t in labels), batch_size=5000)
+        service = MemoryService(store, MemoryConfig(min_score=-1.0), embedder)
+        built = service.rebuild(user.id)
+        for p in probes[:3]:
+            service.retrieve(user.id, p)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            for p in probes:
+                t0 = time.perf_counter()
+                service.retrieve(user.id, p)
+                samples.append(time.perf_counter() - t0)
+        index_bytes = store.data_dir.memory_index(user.id).stat().st_size
+        store.close()
+    return {"index": built["index"], "rebuild_s": built["seconds"], "file_mb": round(index_bytes / 2**20, 1),
+            **pct(samples)}
+
+
+def embed_latency(minilm, probes: list[str], repeats: int) -> dict:
+    import torch
+
+    out, default = {}, torch.get_num_threads()
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        minilm.embed(probes[:3])
+        samples = []
+        for _ in range(repeats):
+            for p in probes:
+                t0 = time.perf_counter()
+                minilm.embed([p])
+                samples.append(time.perf_counter() - t0)
+        out[f"torch_threads_{threads}"] = pct(samples)
+    torch.set_num_threads(default)
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    import torch
+
+    from assistant.embedder import MiniLMEmbedder
+    from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig
+
+    load_before = os.getloadavg()
+    nprobe = IndexConfig().nprobe
+    minilm = MiniLMEmbedder()
+    sizes = (1_000, 10_000) if quick else SIZES
+    repeats = 2 if quick else 10
+    real = real_vectors(minilm, 500 if quick else 3000)
+    queries = minilm.embed(PROBES)
+    embed = embed_latency(minilm, PROBES, 2 if quick else 5)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # query embedding end to end: see embed (oversubscription on a shared 2-core CPU)
+    try:
+        rows = []
+        for n in sizes:
+            vectors = expand(real, n)
+            sweep = (4, 8, 16, 32, 64) if n == sizes[-1] else ()
+            rows.append({"n": n, **indexes(vectors, queries, repeats, hnsw=not quick, nprobe=nprobe, sweep=sweep),
+                         "retrieve": end_to_end(minilm, vectors, PROBES, max(1, repeats // 2))})
+        crossover = []
+        for n in ((2_000, 5_000) if quick else (2_000, 5_000, 20_000, 50_000)):
+            r = indexes(expand(real, n), queries, repeats, hnsw=False, nprobe=nprobe)
+            crossover.append({"n": n, "flat_p50_ms": r["flat"]["p50_ms"], "ivf_p50_ms": r["ivf"]["p50_ms"],
+                              "ivf_recall@5": r["ivf"]["recall@5"]})
+        crossover += [{"n": r["n"], "flat_p50_ms": r["flat"]["p50_ms"], "ivf_p50_ms": r["ivf"]["p50_ms"],
+                       "ivf_recall@5": r["ivf"]["recall@5"]} for r in rows]
+    finally:
+        torch.set_num_threads(default_threads)
+    return {
+        "embed": embed, "sizes": rows, "crossover": sorted(crossover, key=lambda c: c["n"]),
+        "approx_threshold": DEFAULT_APPROX_THRESHOLD, "k": K, "real_vectors": len(real),
+        "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "note": f"One user; {len(real)} real MiniLM note embeddings, larger sets filled with noisy mixtures of "
+                "them; queries are real MiniLM embeddings of paraphrased questions; FAISS search on 1 OpenMP "
+                "thread; retrieve = query embedding (torch 1 thread) + search + SQLite re-read.",
+    }
+
+
+def render(r: dict) -> str:
+    from bench.report import table
+
+    rows = []
+    for s in r["sizes"]:
+        for name in ("flat", "ivf", "hnsw"):
+            if name in s:
+                x = s[name]
+                rows.append([f"{s['n']:,}", name, x["p50_ms"], x["p95_ms"], x.get("recall@5", 1.0), x["build_s"]])
+    e2e = [[f"{s['n']:,}", s["retrieve"]["index"], s["retrieve"]["p50_ms"], s["retrieve"]["p95_ms"],
+            s["retrieve"]["rebuild_s"], s["retrieve"]["file_mb"]] for s in r["sizes"]]
+    emb = [[k.replace("torch_threads_", ""), v["p50_ms"], v["p95_ms"]] for k, v in r["embed"].items()]
+    cross = [[f"{c['n']:,}", c["flat_p50_ms"], c["ivf_p50_ms"], c["ivf_recall@5"]] for c in r["crossover"]]
+    big = r["sizes"][-1]
+    sweep = [[x["nprobe"], x["p50_ms"], x["p95_ms"], x["recall@5"]] for x in big.get("ivf_nprobe", [])]
+    return "\n".join([
+        r["note"], f"Load average before/after: {r['load_avg_before_after']} (the machine is shared).", "",
+        "End to end, `MemoryService.retrieve` (embed + search + re-read from SQLite):", "",
+        table(["memories", "index", "p50 ms", "p95 ms", "rebuild s", "index file MB"], e2e), "",
+        "Query embedding alone (all-MiniLM-L6-v2, CPU):", "",
+        table(["torch threads", "p50 ms", "p95 ms"], emb), "",
+        "Search alone (k = 5, one query at a time):", "",
+        table(["memories", "index", "p50 ms", "p95 ms", "recall@5", "build s"], rows), "",
+        f"Flat vs IVF (chooses `approx_threshold`, now {r['approx_threshold']:,}):", "",
+        table(["memories", "flat p50 ms", "IVF p50 ms", "IVF recall@5"], cross), "",
+        f"IVF `nprobe` at {big['n']:,} memories (nlist {big['ivf']['nlist']}):", "",
+        table(["nprobe", "p50 ms", "p95 ms", "recall@5"], sweep),
+    ])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=1))
