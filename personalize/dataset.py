@@ -1,0 +1,216 @@
+"""Training examples from one user's log, with the feedback semantics of DESIGN.md, and their
+tokenization with the model's chat template.
+
+For every assistant answer still in its conversation (a retried answer, ``replaced_by`` set, is
+ignored) the context is the system prompt plus the messages before it, with earlier corrected
+answers shown as their corrections (what the user now sees). Then:
+
+- a correction replaces the answer: it is the SFT target (``correction_weight``); if the
+  original was not liked it is also the rejected side of a preference pair (chosen=correction);
+- a liked answer is an SFT target with ``like_weight``; a plain complete answer weighs 1;
+- a disliked answer is never a target: alone it is an undesirable example (KTO-style);
+- stopped or failed answers without a like or correction are not used.
+
+Answers from every source (ui, api, import) count. Everything is read with the user's id only.
+A deterministic per-user hash of the message id holds ``heldout_fraction`` of answers out for
+the gate, together with their pairs and undesirable examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from personalize.config import TrainConfig
+
+if TYPE_CHECKING:
+    from storage.db import Store
+
+KINDS = ("sft", "pair", "undesirable", "anchor")
+
+
+@dataclass
+class Example:
+    """One (context, answer) pair; ``rejected`` is set for preference pairs."""
+
+    message_id: int
+    context: list[dict]
+    target: str
+    kind: str = "sft"
+    weight: float = 1.0
+    rejected: str | None = None
+    conversation_id: int | None = None
+    signal_id: int = 0
+    """Highest feedback id that shaped this example (0 if none): it is new when this passes a watermark."""
+    complete: bool = True
+    """False for an answer cut at a length limit: it is trained without an end-of-turn token."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Example:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class UserData:
+    """A user's examples split into training and held-out sets."""
+
+    train: list[Example] = field(default_factory=list)
+    heldout: list[Example] = field(default_factory=list)
+    watermark: dict = field(default_factory=lambda: {"message_id": 0, "feedback_id": 0})
+    """The newest message and feedback ids this data was built from."""
+
+    def counts(self) -> dict:
+        out: dict[str, Any] = {}
+        for split, items in (("train", self.train), ("heldout", self.heldout)):
+            for kind in KINDS[:3]:
+                out[f"{split}_{kind}"] = sum(e.kind == kind for e in items)
+        return out
+
+    def of(self, kind: str, heldout: bool = False) -> list[Example]:
+        return [e for e in (self.heldout if heldout else self.train) if e.kind == kind]
+
+
+def heldout_key(user_id: int, message_id: int) -> float:
+    """A stable number in [0, 1) per (user, message); below ``heldout_fraction`` means held out."""
+    digest = hashlib.sha256(f"heldout:{user_id}:{message_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _feedback_state(rows: list[dict]) -> dict[int, dict]:
+    """Per message: the current rating, the latest correction and the newest feedback id."""
+    state: dict[int, dict] = defaultdict(lambda: {"rating": None, "correction": None, "signal_id": 0})
+    for r in rows:  # ordered by id
+        s = state[r["message_id"]]
+        s["signal_id"] = max(s["signal_id"], r["id"])
+        if r["kind"] == "correction":
+            s["correction"] = r["correction"]
+        else:
+            s["rating"] = None if r["kind"] == "clear" else r["kind"]
+    return state
+
+
+def build_examples(store: Store, user_id: int, cfg: TrainConfig) -> UserData:
+    """All of the user's examples from the log (their rows only), split train/held-out."""
+    messages = store.chats.all_messages(user_id)
+    feedback = store.chats.feedback(user_id)
+    state = _feedback_state(feedback)
+    conversations: dict[int, list[dict]] = defaultdict(list)
+    for m in messages:
+        if m["user_id"] != user_id:  # defensive: all_messages is already scoped
+            continue
+        if m["replaced_by"] is None:
+            conversations[m["conversation_id"]].append(m)
+    examples: list[Example] = []
+    for cid, msgs in conversations.items():
+        shown: list[dict] = []  # the conversation as the user sees it now
+        for m in msgs:
+            fb = state.get(m["id"], {"rating": None, "correction": None, "signal_id": 0})
+            if m["role"] == "assistant":
+                examples.extend(_answer_examples(m, fb, shown, cfg, cid))
+                text = fb["correction"] or m["content"]
+                if text:
+                    shown.append({"role": "assistant", "content": text})
+            else:
+                shown.append({"role": m["role"], "content": m["content"]})
+    data = UserData(watermark={"message_id": max((m["id"] for m in messages), default=0),
+                               "feedback_id": max((f["id"] for f in feedback), default=0)})
+    _split(user_id, examples, cfg.heldout_fraction, data)
+    return data
+
+
+def _answer_examples(m: dict, fb: dict, shown: list[dict], cfg: TrainConfig, cid: int) -> list[Example]:
+    if not any(x["role"] == "user" for x in shown):
+        return []
+    context = _with_system(shown, cfg.system_prompt)
+    base = {"message_id": m["id"], "context": context, "conversation_id": cid, "signal_id": fb["signal_id"]}
+    original, correction, rating = m["content"], fb["correction"], fb["rating"]
+    if correction:
+        out = [Example(**base, target=correction, kind="sft", weight=cfg.correction_weight)]
+        if rating != "like" and original.strip() and original.strip() != correction.strip():
+            out.append(Example(**base, target=correction, kind="pair", rejected=original))
+        return out
+    if not original.strip():
+        return []
+    if rating == "dislike":
+        return [Example(**base, target=original, kind="undesirable")]
+    if rating == "like":
+        return [Example(**base, target=original, kind="sft", weight=cfg.like_weight)]
+    if m["status"] != "complete":
+        return []  # stopped or failed mid-answer, and the user said nothing about it
+    return [Example(**base, target=original, kind="sft", weight=1.0)]
+
+
+def _with_system(shown: list[dict], system_prompt: str) -> list[dict]:
+    msgs = [dict(x) for x in shown]
+    if system_prompt and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
+
+
+def _split(user_id: int, examples: list[Example], fraction: float, data: UserData) -> None:
+    """Held out by message id; with two or more answers at least one is held out and one trained on."""
+    keys = {e.message_id: heldout_key(user_id, e.message_id) for e in examples}
+    held = {mid for mid, k in keys.items() if k < fraction}  # a pair follows its answer's message id
+    answers = {e.message_id for e in examples if e.kind == "sft"}
+    if len(answers) >= 2 and not held & answers:
+        held.add(min(answers, key=keys.__getitem__))
+    elif len(answers) >= 2 and answers <= held:
+        held.discard(max(answers, key=keys.__getitem__))
+    for e in examples:
+        (data.heldout if e.message_id in held else data.train).append(e)
+
+
+def is_new(example: Example, watermark: dict | None) -> bool:
+    """True if the example is newer than a version's watermark (new answer or new feedback on it)."""
+    if not watermark:
+        return True
+    return example.message_id > watermark.get("message_id", 0) or example.signal_id > watermark.get("feedback_id", 0)
+
+
+# tokenization ----------------------------------------------------------------------------------
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode(tokenizer, context: list[dict], answer: str, max_seq_len: int,
+           complete: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt + answer and the number of answer tokens at the end (the loss covers those).
+
+    The prompt is what serving feeds the model (chat template with the generation prompt); the
+    answer is the rest of the templated conversation up to and including the end-of-turn token.
+    Too long: the oldest messages go first, then the start of what is left, keeping the end of the
+    context; an answer longer than 3/4 of ``max_seq_len`` keeps its start. An incomplete answer (cut
+    at a length limit) gets no end-of-turn token, so the model does not learn to stop mid-way.
+    """
+    prompt_text = _render(tokenizer, context, True)
+    full_text = _render(tokenizer, context + [{"role": "assistant", "content": answer}], False)
+    if full_text.startswith(prompt_text):
+        answer_text = full_text[len(prompt_text):]
+        eos = tokenizer.eos_token or ""
+        if eos and eos in answer_text:
+            answer_text = answer_text[: answer_text.rindex(eos) + (len(eos) if complete else 0)]
+    else:
+        answer_text = answer + ((tokenizer.eos_token or "") if complete else "")
+    answer_ids = _ids(tokenizer, answer_text)[: max(1, max_seq_len * 3 // 4)]
+    budget = max_seq_len - len(answer_ids)
+    msgs = list(context)
+    prompt_ids = _ids(tokenizer, prompt_text)
+    while len(prompt_ids) > budget and _droppable(msgs):
+        del msgs[1 if msgs[0]["role"] == "system" else 0]
+        prompt_ids = _ids(tokenizer, _render(tokenizer, msgs, True))
+    prompt_ids = prompt_ids[-budget:]
+    return prompt_ids + answer_ids, len(answer_ids)
+
+
+def _droppable(msgs: list[dict]) -> bool:
+    """More than the system message and the last message are left."""
+    return len(msgs) - (1 if msgs and msgs[0]["role"] == "system" else 0) > 1

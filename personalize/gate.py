@@ -1,0 +1,75 @@
+"""The evaluation gate: a candidate adapter is published only if it is better for its user and
+not worse in general.
+
+- Held-out loss: mean answer-token NLL of the user's held-out examples (never trained on) under
+  the candidate must be lower (by more than ``min_improvement``) than under the active version,
+  or under the base model when the user has none.
+- General loss: mean NLL of the held-out anchor slice (the base model's own answers to everyday
+  prompts) under the candidate may rise at most ``anchor_margin`` nats/token above the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from personalize.config import TrainConfig
+from personalize.dataset import Example
+from personalize.train import mean_loss, mean_losses
+
+
+@dataclass
+class GateResult:
+    """The gate's verdict, its reason in words, and the numbers behind it."""
+
+    passed: bool
+    reason: str
+    heldout_loss: float
+    heldout_loss_before: float
+    anchor_loss: float | None
+    anchor_loss_base: float | None
+    anchor_rise: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(heldout_before: float, heldout_after: float, anchor_base: float | None, anchor_after: float | None,
+           cfg: TrainConfig, baseline: str) -> GateResult:
+    """Apply the two rules; ``baseline`` names what the candidate is compared with (``v3``, ``base``)."""
+    rise = None if anchor_base is None or anchor_after is None else anchor_after - anchor_base
+    gain = heldout_before - heldout_after
+    improved = gain > cfg.min_improvement
+    general_ok = rise is None or rise <= cfg.anchor_margin
+    held = f"held-out loss {heldout_before:.4f} ({baseline}) -> {heldout_after:.4f}"
+    general = "no general anchors" if rise is None else \
+        f"general anchor loss {rise:+.4f} vs base (margin {cfg.anchor_margin:.4f})"
+    if improved and general_ok:
+        reason = f"Published: {held}; {general}."
+    elif not improved:
+        need = f" by more than {cfg.min_improvement:.4f}" if cfg.min_improvement else ""
+        reason = (f"Rejected: the user's held-out loss did not improve{need} ({held}); {general}. Kept {baseline}. "
+                  "More varied conversations or feedback usually help.")
+    else:
+        reason = (f"Rejected: general answers would get worse ({general}, over the margin); {held}. Kept {baseline}. "
+                  "Raise anchor_ratio or lower lr/epochs.")
+    return GateResult(improved and general_ok, reason, heldout_after, heldout_before, anchor_after, anchor_base, rise)
+
+
+def heldout_loss(model, tokenizer, heldout: list[Example], cfg: TrainConfig, device: str) -> float | None:
+    return mean_loss(model, tokenizer, heldout, cfg, device)
+
+
+def preference_margin(model, tokenizer, pairs: list[Example], cfg: TrainConfig, device: str) -> float | None:
+    """Mean per-token log-prob margin of chosen (correction) over rejected answers; higher is better."""
+    if not pairs:
+        return None
+    chosen = mean_losses(model, tokenizer, pairs, cfg, device)
+    rejected = mean_losses(model, tokenizer, [replace(e, target=e.rejected) for e in pairs], cfg, device)
+    return sum(r - c for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+
+
+def base_losses(model, tokenizer, heldout: list[Example], anchors: list[Example], cfg: TrainConfig,
+                device: str) -> tuple[float | None, float | None]:
+    """(held-out, anchor) loss of the base model: the peft model with its adapter disabled."""
+    with model.disable_adapter():
+        return (mean_loss(model, tokenizer, heldout, cfg, device), mean_loss(model, tokenizer, anchors, cfg, device))

@@ -1,0 +1,216 @@
+"""One training job end to end, normally in its own process:
+
+    python -m personalize.job --data-dir D --job-id J [--model M] [--threads T] [--config JSON]
+
+The job row names the user. Steps: build the user's examples, load a fresh base model, answer
+the anchor prompts once (cached), continue from the active adapter (same base model) or start a
+new LoRA, mix new examples + reservoir + anchors, train, score the gate, then publish
+(``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
+in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
+the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:
+the staging folder is swept by the next job or by ``Jobs.fail_stale``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
+from personalize import gate, replay
+from personalize.config import TrainConfig
+from personalize.dataset import build_examples, is_new
+from personalize.train import attach_adapter, load_base, resolve, train
+from storage.adapters import staging_dir
+from storage.db import Store
+from storage.errors import AttuneError, TrainingError
+from storage.paths import remove_tree
+
+log = logging.getLogger("attune.personalize")
+
+
+def base_model_id(model_path: Path) -> str:
+    """Identifies the base weights an adapter belongs to: folder name + hash of config and weight sizes."""
+    model_path = Path(model_path)
+    h = hashlib.sha256((model_path / "config.json").read_bytes() if (model_path / "config.json").is_file() else b"")
+    for p in sorted(model_path.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return f"{Path(model_path).name}-{h.hexdigest()[:10]}"
+
+
+def _skip(store: Store, job_id: int, reason: str, metrics: dict) -> dict:
+    result = {"published": False, "version": None, "reason": reason, "metrics": metrics, "job_id": job_id}
+    store.jobs.finish(job_id, "rejected", result)
+    return result
+
+
+def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
+            on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Run a claimed (running) job to its end and record it; returns the JSON-able result."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    job = store.jobs.load(job_id)
+    user_id = job["user_id"]
+    store.adapters.sweep(user_id, keep_staging={job_id})
+    data = build_examples(store, user_id, cfg)
+    active = store.adapters.active(user_id)
+    user_train = [e for e in data.train if e.kind in ("sft", "pair", "undesirable")]
+    counts = data.counts()
+    if len(user_train) < cfg.min_examples or not data.of("sft", heldout=True):
+        return _skip(store, job_id, f"Not enough examples yet ({len(user_train)} to train on, "
+                     f"{len(data.heldout)} held out; need {cfg.min_examples} and 1): chat more, give feedback or "
+                     "import history, then train again.", counts)
+
+    store.jobs.phase(job_id, "loading model")
+    t = time.perf_counter()
+    base_id = base_model_id(resolve_model_dir(model_cfg.model, store.data_dir))
+    # Continue from the active adapter if it belongs to this base model and is on disk; else start afresh.
+    continuing = active if active and active.get("base_model") == base_id and active.get("path") and \
+        (Path(active["path"]) / "adapter_config.json").is_file() else None
+    watermark = continuing["metrics"].get("watermark") if continuing else None
+    if continuing and not any(is_new(e, watermark) for e in user_train):
+        return _skip(store, job_id, f"Nothing new to learn since v{continuing['version']}; keeping it.", counts)
+    device, quant, bf16 = resolve(cfg, model_cfg)
+    loaded = load_base(model_cfg, cfg, store.data_dir)
+    timings["load_s"] = time.perf_counter() - t
+
+    store.jobs.phase(job_id, "answering anchor prompts")
+    t = time.perf_counter()
+    anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
+    anchor_train, anchor_eval = replay.split_anchors(anchors, cfg)
+    reservoir = store.replay.sample(user_id) if continuing else []
+    examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
+    timings["anchors_s"] = time.perf_counter() - t
+
+    store.jobs.phase(job_id, "scoring the current version")
+    t = time.perf_counter()
+    model = attach_adapter(loaded.model, cfg, quant, Path(continuing["path"]) if continuing else None)
+    tok = loaded.tokenizer
+    heldout = data.of("sft", heldout=True)[-cfg.max_eval_examples:]
+    base_heldout, base_anchor = gate.base_losses(model, tok, heldout, anchor_eval, cfg, device)
+    before = gate.heldout_loss(model, tok, heldout, cfg, device) if continuing else base_heldout
+    pairs = data.of("pair", heldout=True)[-cfg.max_eval_examples:]
+    pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
+    timings["eval_before_s"] = time.perf_counter() - t
+
+    store.jobs.phase(job_id, "training")
+    stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
+        lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)))
+
+    store.jobs.phase(job_id, "evaluating")
+    t = time.perf_counter()
+    after = gate.heldout_loss(model, tok, heldout, cfg, device)
+    anchor_after = gate.heldout_loss(model, tok, anchor_eval, cfg, device)
+    baseline = f"v{continuing['version']}" if continuing else "base"
+    verdict = gate.decide(before, after, base_anchor, anchor_after, cfg, baseline)
+    pref_after = gate.preference_margin(model, tok, pairs, cfg, device)
+    timings["eval_after_s"] = time.perf_counter() - t
+
+    parent = continuing["version"] if continuing else None
+    metrics = {
+        **verdict.to_dict(), "heldout_loss_base": base_heldout, "heldout_examples": len(heldout),
+        "anchor_eval_examples": len(anchor_eval), "examples": {**counts, **mix},
+        "heldout_pref_margin_before": pref_before, "heldout_pref_margin": pref_after,
+        "train": {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
+                  "tokens_per_s": round(stats.tokens_per_s, 1), "final_loss": stats.final_loss},
+        "watermark": data.watermark, "base_model": base_id, "device": device, "quant": quant, "bf16": bf16,
+        "continued_from": parent, "config": cfg.to_dict(),
+    }
+    store.jobs.phase(job_id, "publishing" if verdict.passed else "recording the rejection")
+    if verdict.passed:
+        staging = staging_dir(store, user_id, job_id)
+        remove_tree(staging)
+        try:
+            model.save_pretrained(str(staging))
+            timings["total_s"] = round(time.perf_counter() - started, 2)
+            metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
+            version = store.adapters.publish(user_id, staging, base_model=base_id, metrics=metrics,
+                                             gate_reason=verdict.reason, parent_version=parent, job_id=job_id,
+                                             keep=cfg.keep_versions)
+        finally:
+            remove_tree(staging)
+        replay.remember(store, user_id, [e for e in user_train if is_new(e, watermark)], cfg)
+    else:
+        timings["total_s"] = round(time.perf_counter() - started, 2)
+        metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        version = store.adapters.reject(user_id, base_model=base_id, metrics=metrics, gate_reason=verdict.reason,
+                                        parent_version=parent, job_id=job_id)
+    result = {"published": verdict.passed, "version": version if verdict.passed else None,
+              "candidate_version": version, "reason": verdict.reason, "metrics": metrics, "job_id": job_id}
+    store.jobs.finish(job_id, "published" if verdict.passed else "rejected", result)
+    return result
+
+
+def execute(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
+            on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Claim the job for this process, run it, and mark it failed (then re-raise) on any error."""
+    job = store.jobs.claim(job_id, os.getpid())
+    try:
+        return run_job(store, job_id, model_cfg, cfg, on_progress)
+    except BaseException as e:
+        message = str(e) if isinstance(e, AttuneError) else _describe(e)
+        store.jobs.finish(job_id, "failed", {"published": False, "version": None, "reason": message,
+                                             "job_id": job_id}, error=message)
+        remove_tree(staging_dir(store, job["user_id"], job_id))
+        if isinstance(e, AttuneError):
+            raise
+        if isinstance(e, Exception):
+            raise TrainingError(message) from e
+        raise
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt | SystemExit):
+        return "The training job was stopped (interrupted or terminated); no version was published."
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        return (f"Training ran out of memory ({type(e).__name__}). Lower batch_size or max_seq_len, or train on "
+                "another device.")
+    return f"Training failed: {type(e).__name__}: {e}. The active version is unchanged; see the server log."
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m personalize.job", description="Run one Attune training job.")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--job-id", required=True, type=int)
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--quant", default="auto", help="the serving --quant ('none' keeps training off 4-bit)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (TrainConfig.device wins if set)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--config", default="{}", help="TrainConfig fields as a JSON object")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="attune job: %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit: marked failed, then exit
+    try:
+        cfg = TrainConfig.from_dict(json.loads(args.config))
+        model_cfg = ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads)
+    except (ValueError, TypeError) as e:
+        Store(args.data_dir).jobs.finish(args.job_id, "failed", error=f"Bad training configuration: {e}.")
+        print(f"attune job {args.job_id}: bad configuration: {e}", file=sys.stderr)
+        return 2
+    store = Store(args.data_dir)
+    try:
+        result = execute(store, args.job_id, model_cfg, cfg)
+    except AttuneError as e:
+        print(f"attune job {args.job_id}: {e}", file=sys.stderr)
+        if e.__cause__ is not None:  # an unexpected error: its traceback is for the server log
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        return 1
+    print(json.dumps({k: result[k] for k in ("job_id", "published", "version", "reason")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

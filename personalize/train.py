@@ -1,0 +1,282 @@
+"""LoRA / QLoRA training of one user's adapter: a lean, deterministic loop.
+
+Losses, each on answer tokens only:
+- SFT: per-example mean token NLL times the example's weight (user answers, corrections, likes,
+  replayed examples and general anchors);
+- DPO on preference pairs (chosen = correction, rejected = the original answer), with the base
+  model (peft adapter disabled) as the reference;
+- KTO-style undesirable term for disliked answers without correction:
+  ``undesirable_weight * sigmoid(beta * (logp - logp_ref))``, bounded, pushes them below the base.
+
+Reference log-probs are computed once before training (the base never changes). On CUDA the base
+is 4-bit NF4 (QLoRA, ``prepare_model_for_kbit_training``); on CPU the same code runs on fp32
+weights with bf16 autocast where the CPU has native bf16. Batches are left-padded so every
+answer ends at the last position and only the answer window goes through the LM head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant.model import LoadedModel, ModelConfig, load_model, resolve_device
+from personalize.config import TrainConfig
+from personalize.dataset import Example, encode
+from storage.errors import TrainingError
+from storage.paths import DataDir
+
+log = logging.getLogger("attune.personalize")
+Progress = Callable[[int, int, float], None]
+GRAD_CLIP = 1.0
+
+
+@dataclass
+class Seq:
+    """One tokenized sequence: ids and how many of the last ids are scored."""
+
+    ids: list[int]
+    n_answer: int
+    weight: float = 1.0
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    final_loss: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def resolve(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> tuple[str, str, bool]:
+    """(device, quant, bf16 autocast) for this machine.
+
+    ``auto`` in TrainConfig defers to the serving ModelConfig's device, then to the hardware; the
+    training quant is NF4 on CUDA (QLoRA) unless ``--quant none`` was asked for, fp32 on CPU.
+    """
+    import torch
+
+    device = resolve_device(cfg.device if cfg.device != "auto" or model_cfg is None else model_cfg.device)
+    if cfg.quant != "auto":
+        quant = cfg.quant
+    else:
+        quant = "nf4" if device == "cuda" and (model_cfg is None or model_cfg.quant != "none") else "none"
+    if quant == "nf4" and device != "cuda":
+        raise TrainingError("QLoRA (quant nf4) trains on CUDA only; use quant 'none' (fp32) on CPU.")
+    if cfg.mixed_precision == "auto":
+        bf16 = device == "cuda" or bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    else:
+        bf16 = cfg.mixed_precision == "bf16"
+    return device, quant, bf16
+
+
+def load_base(model_cfg: ModelConfig, cfg: TrainConfig, data_dir: DataDir) -> LoadedModel:
+    """A fresh copy of the base model for training (never the serving process's model)."""
+    device, quant, _ = resolve(cfg, model_cfg)
+    return load_model(ModelConfig(model=model_cfg.model, quant=quant, device=device, threads=model_cfg.threads),
+                      data_dir)
+
+
+def attach_adapter(model, cfg: TrainConfig, quant: str, continue_from: Path | None):
+    """Wrap the base in a trainable LoRA: the active adapter's weights when given, else a fresh one."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    torch.manual_seed(cfg.seed)
+    if quant == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if continue_from is not None:
+        return PeftModel.from_pretrained(model, str(continue_from), is_trainable=True)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=cfg.peft_targets(), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lora)
+
+
+# tokenized batches -----------------------------------------------------------------------------
+def tokenize(tokenizer, examples: list[Example], cfg: TrainConfig, rejected: bool = False) -> list[Seq]:
+    out = []
+    for e in examples:
+        ids, n = encode(tokenizer, e.context, e.rejected if rejected else e.target, cfg.max_seq_len, e.complete)
+        out.append(Seq(ids, n, e.weight))
+    return out
+
+
+def collate(seqs: list[Seq], pad_id: int, device: str) -> dict:
+    """Left-padded tensors; ``keep`` positions of logits are enough to score every answer."""
+    import torch
+
+    length = max(len(s.ids) for s in seqs)
+    keep = max(s.n_answer for s in seqs) + 1
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    scored = torch.zeros((len(seqs), keep - 1), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s.ids):] = torch.tensor(s.ids)
+        mask[i, length - len(s.ids):] = 1
+        scored[i, keep - 1 - s.n_answer:] = True
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
+            "keep": keep, "targets": ids[:, length - keep + 1:].to(device), "scored": scored.to(device),
+            "weights": torch.tensor([s.weight for s in seqs], dtype=torch.float32, device=device)}
+
+
+def logps(model, batch: dict):
+    """Per sequence: sum of answer-token log-probs and the number of answer tokens."""
+    import torch
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    token_logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
+    scored = batch["scored"].float()
+    return (token_logp * scored).sum(1), scored.sum(1)
+
+
+def autocast(device: str, bf16: bool):
+    import torch
+
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def mean_losses(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str,
+                batch_size: int | None = None) -> list[float]:
+    """Mean answer-token NLL of each example (fp32, eval mode, no grad)."""
+    import torch
+
+    seqs = tokenize(tokenizer, examples, cfg)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))  # similar lengths: less padding
+    losses = [0.0] * len(seqs)
+    was_training = model.training
+    model.eval()
+    bs = batch_size or max(cfg.batch_size, 8)
+    with torch.no_grad():
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
+            lp, n = logps(model, collate([seqs[j] for j in idx], tokenizer.pad_token_id, device))
+            for j, v in zip(idx, (-lp / n.clamp(min=1)).tolist(), strict=True):
+                losses[j] = v
+    model.train(was_training)
+    return losses
+
+
+def mean_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str) -> float | None:
+    losses = mean_losses(model, tokenizer, examples, cfg, device)
+    return sum(losses) / len(losses) if losses else None
+
+
+# the loop --------------------------------------------------------------------------------------
+def _reference(model, seqs: list[Seq], tokenizer, device: str, bf16: bool) -> list[float]:
+    """Sum log-probs under the base model (adapter disabled), once."""
+    import torch
+
+    out: list[float] = []
+    model.eval()
+    with torch.no_grad(), model.disable_adapter(), autocast(device, bf16):
+        for i in range(0, len(seqs), 8):
+            lp, _ = logps(model, collate(seqs[i:i + 8], tokenizer.pad_token_id, device))
+            out.extend(lp.float().tolist())
+    return out
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str, bf16: bool,
+          on_progress: Progress | None = None) -> TrainStats:
+    """Train the adapter in place on SFT (incl. anchors), pair and undesirable examples."""
+    import torch
+
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    sft = [e for e in examples if e.kind in ("sft", "anchor")]
+    pairs = [e for e in examples if e.kind == "pair"] if cfg.preference_loss == "dpo" else []
+    undesirable = [e for e in examples if e.kind == "undesirable"] if cfg.undesirable_weight > 0 else []
+    sft_seqs = tokenize(tokenizer, sft, cfg)
+    chosen, rejected = tokenize(tokenizer, pairs, cfg), tokenize(tokenizer, pairs, cfg, rejected=True)
+    und_seqs = tokenize(tokenizer, undesirable, cfg)
+    ref_c = _reference(model, chosen, tokenizer, device, bf16)
+    ref_r = _reference(model, rejected, tokenizer, device, bf16)
+    ref_u = _reference(model, und_seqs, tokenizer, device, bf16)
+    pair_items = list(zip(chosen, rejected, ref_c, ref_r, strict=True))
+    und_items = list(zip(und_seqs, ref_u, strict=True))
+    half = max(1, cfg.batch_size // 2)
+
+    def epoch_batches() -> list[tuple[str, list]]:
+        for pool in (sft_seqs, pair_items, und_items):
+            rng.shuffle(pool)
+        batches = [("sft", b) for b in _chunks(sft_seqs, cfg.batch_size)]
+        batches += [("pair", b) for b in _chunks(pair_items, half)]
+        batches += [("und", b) for b in _chunks(und_items, cfg.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    per_epoch = math.ceil(len(sft_seqs) / cfg.batch_size) + math.ceil(len(pair_items) / half) + \
+        math.ceil(len(und_items) / cfg.batch_size)
+    total = min(cfg.max_steps, per_epoch * cfg.epochs)
+    stats = TrainStats()
+    if total == 0:
+        raise TrainingError("Nothing to train on: the run has no examples. Chat more or import history first.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("The adapter has no trainable parameters; check target_modules.")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    model.train()
+    started = time.perf_counter()
+    step = 0
+    while step < total:
+        for kind, batch in epoch_batches():
+            if step >= total:
+                break
+            with autocast(device, bf16):
+                loss, ntok = _batch_loss(model, kind, batch, tokenizer.pad_token_id, device, cfg)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"The training loss became {loss.item()} at step {step + 1}; lower lr "
+                                    f"(now {cfg.lr}) and run again.")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            stats.tokens += ntok
+            stats.final_loss = float(loss.item())
+            if on_progress:
+                on_progress(step, total, stats.final_loss)
+    stats.steps = step
+    stats.seconds = time.perf_counter() - started
+    model.eval()
+    return stats
+
+
+def _batch_loss(model, kind: str, batch: list, pad_id: int, device: str, cfg: TrainConfig):
+    import torch
+    import torch.nn.functional as F
+
+    if kind == "sft":
+        b = collate(batch, pad_id, device)
+        lp, n = logps(model, b)
+        return (b["weights"] * (-lp / n.clamp(min=1))).sum() / len(batch), int(b["attention_mask"].sum())
+    if kind == "pair":
+        b = collate([c for c, *_ in batch] + [r for _, r, *_ in batch], pad_id, device)
+        lp, _ = logps(model, b)
+        k = len(batch)
+        ref = torch.tensor([[rc for *_, rc, _ in batch], [rr for *_, rr in batch]], device=lp.device)
+        margin = (lp[:k] - ref[0]) - (lp[k:] - ref[1])
+        return cfg.preference_weight * -F.logsigmoid(cfg.beta * margin).mean(), int(b["attention_mask"].sum())
+    b = collate([s for s, _ in batch], pad_id, device)
+    lp, _ = logps(model, b)
+    ratio = lp - torch.tensor([r for _, r in batch], device=lp.device)
+    return cfg.undesirable_weight * torch.sigmoid(cfg.beta * ratio).mean(), int(b["attention_mask"].sum())

@@ -1,0 +1,197 @@
+"""Training jobs: queued -> running (with the worker's pid) -> published | rejected | failed.
+
+A job row is the only state a training run has outside its process: progress and the loss curve
+are appended while it runs, the result (gate metrics, version) or the error when it ends. Jobs
+whose process died (crash, SIGKILL, reboot) are found by :meth:`Jobs.fail_stale`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from storage.errors import InputError, NotFound
+
+if TYPE_CHECKING:
+    from storage.db import Store
+
+OPEN = ("queued", "running")
+DONE = ("published", "rejected", "failed")
+TRIGGERS = ("manual", "scheduler", "ui", "cli", "api")
+QUEUED_GRACE_SECONDS = 120.0
+"""A queued job with no process yet is stale only after this long (its worker may still be starting)."""
+STALE_ERROR = ("The training process stopped before finishing (killed, crashed or the server restarted); no version "
+               "was published. It is retried when new data arrives, or run now: python launch.py train NAME")
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if a process with this pid runs (zombies, killed but not yet reaped, count as dead)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): trust kill()
+
+
+def _job(row: dict) -> dict:
+    row = dict(row)
+    for key, empty in (("progress", "{}"), ("losses", "[]"), ("result", "{}")):
+        row[key] = json.loads(row.get(key) or empty)
+    return row
+
+
+class Jobs:
+    """Training jobs of each user. User-facing reads take the user's id; :meth:`load` is for the worker."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:
+        """Queue a job; refused while the user has another open job whose process is alive."""
+        from storage.db import utcnow
+
+        if trigger not in TRIGGERS:
+            raise InputError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}.")
+        with self.store.write() as db:
+            cutoff = _cutoff(QUEUED_GRACE_SECONDS)
+            for row in db.query("SELECT * FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') "
+                                "ORDER BY id", [user_id]):
+                if not _stale(row, cutoff):
+                    raise InputError(f"A training job for this user is already {row['status']} (job {row['id']}); "
+                                     "wait for it to finish, then try again.")
+                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                           [utcnow(), STALE_ERROR, row["id"]])
+            return db["jobs"].insert({"user_id": user_id, "kind": "train", "trigger": trigger, "status": "queued",
+                                      "pid": pid, "created_at": utcnow()}).last_pk
+
+    def set_pid(self, job_id: int, pid: int) -> None:
+        """The runner notes the worker's pid as soon as it is spawned (before the worker claims the job)."""
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET pid = ? WHERE id = ? AND status = 'queued'", [pid, job_id])
+
+    def load(self, job_id: Any) -> dict:
+        """One job by id, for the worker process that was handed this id (not for user-facing reads)."""
+        rows = list(self.store.db.query("SELECT * FROM jobs WHERE id = ?", [_int(job_id)]))
+        if not rows:
+            raise NotFound(f"Job {job_id!r} does not exist.")
+        return _job(rows[0])
+
+    def claim(self, job_id: int, pid: int) -> dict:
+        """queued -> running, by the worker that will do it; anything else means another worker has it."""
+        from storage.db import utcnow
+
+        with self.store.write() as db:
+            cur = db.execute("UPDATE jobs SET status = 'running', pid = ?, started_at = ? "
+                             "WHERE id = ? AND status = 'queued'", [pid, utcnow(), job_id])
+            if cur.rowcount != 1:
+                job = self.load(job_id)
+                raise InputError(f"Job {job_id} is {job['status']}, not queued; start a new job instead.")
+        return self.load(job_id)
+
+    def progress(self, job_id: int, step: int, total: int, loss: float | None, **extra: Any) -> None:
+        """Record the current step and append ``{"step", "loss"}`` to the loss curve."""
+        from storage.db import utcnow
+
+        point = {"step": int(step), "loss": None if loss is None else round(float(loss), 5)}
+        state = {**point, "total": int(total), "updated_at": utcnow(), **extra}
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET progress = json_patch(progress, ?), "
+                       "losses = json_insert(losses, '$[#]', json(?)) WHERE id = ? AND status = 'running'",
+                       [json.dumps(state), json.dumps(point), job_id])
+
+    def phase(self, job_id: int, phase: str) -> None:
+        """Name what a running job is doing now (``loading model``, ``training``, ``evaluating``...)."""
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET progress = json_set(progress, '$.phase', ?) "
+                       "WHERE id = ? AND status = 'running'", [phase, job_id])
+
+    def finish(self, job_id: int, status: str, result: dict | None = None, error: str | None = None) -> None:
+        from storage.db import utcnow
+
+        if status not in DONE:
+            raise InputError(f"status must be one of {', '.join(DONE)}, got {status!r}.")
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
+                       [status, json.dumps(result or {}), error, utcnow(), job_id])
+
+    def get(self, user_id: int, job_id: Any) -> dict:
+        rows = list(self.store.db.query("SELECT * FROM jobs WHERE id = ? AND user_id = ?", [_int(job_id), user_id]))
+        if not rows:
+            raise NotFound(f"Job {job_id!r} does not exist (or is not yours).")
+        return _job(rows[0])
+
+    def list(self, user_id: int, limit: int = 50) -> list[dict]:
+        """The user's jobs, newest first (status, progress, loss curve, result or error)."""
+        return [_job(r) for r in self.store.db.query(
+            "SELECT * FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit])]
+
+    def open_job(self, user_id: int) -> dict | None:
+        """The user's queued or running job, if any."""
+        rows = list(self.store.db.query("SELECT * FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') "
+                                        "ORDER BY id DESC LIMIT 1", [user_id]))
+        return _job(rows[0]) if rows else None
+
+    def last(self, user_id: int) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT 1", [user_id]))
+        return _job(rows[0]) if rows else None
+
+    def fail_stale(self, grace_seconds: float = QUEUED_GRACE_SECONDS, only: int | None = None) -> list[int]:
+        """Mark open jobs whose worker is gone as failed (call at server start); returns their ids.
+
+        Their staging folders are removed; published versions and the active pointer are untouched.
+        ``only`` restricts this to one job (a runner cleaning up after the process it killed).
+        """
+        from storage.adapters import staging_dir
+        from storage.db import utcnow
+        from storage.paths import remove_tree
+
+        cutoff = _cutoff(grace_seconds)
+        stale = [row for row in self.store.db.query("SELECT * FROM jobs WHERE status IN ('queued', 'running') "
+                                                    "ORDER BY id") if _stale(row, cutoff) and only in (None, row["id"])]
+        for row in stale:
+            with self.store.write() as db:
+                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status IN "
+                           "('queued', 'running')",
+                           [utcnow(), STALE_ERROR, row["id"]])
+            remove_tree(staging_dir(self.store, row["user_id"], row["id"]))
+        return [r["id"] for r in stale]
+
+    def events_since(self, user_id: int, since: str | None) -> int:
+        """New training signal since ``since`` (ISO time): assistant answers plus feedback events."""
+        since = since or ""
+        answers = self.store.db.execute(
+            "SELECT COUNT(*) FROM messages WHERE user_id = ? AND role = 'assistant' AND created_at > ?",
+            [user_id, since]).fetchone()[0]
+        feedback = self.store.db.execute(
+            "SELECT COUNT(*) FROM feedback WHERE user_id = ? AND created_at > ?", [user_id, since]).fetchone()[0]
+        return int(answers) + int(feedback)
+
+
+def _cutoff(grace_seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=grace_seconds)).isoformat(timespec="milliseconds")
+
+
+def _stale(row: dict, cutoff: str) -> bool:
+    """An open job is stale when its worker is gone, or it never got one within the grace period."""
+    if row["pid"] is None:
+        return row["created_at"] <= cutoff
+    return not pid_alive(row["pid"])
+
+
+def _int(value: Any) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError):
+        raise NotFound(f"{value!r} is not a valid job id.") from None

@@ -1,0 +1,355 @@
+"""personalize/ and its storage (adapter versions, jobs, replay reservoir) on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant.model import ModelConfig
+from helpers import wait_for
+from personalize.api import list_versions, rollback, train_now
+from personalize.config import TrainConfig
+from personalize.dataset import build_examples, encode
+from personalize.gate import decide
+from personalize.runner import JobRunner
+from personalize.scheduler import Scheduler, SchedulerConfig
+from storage import InputError, NotFound
+from storage.adapters import staging_dir
+from storage.transfer import import_history
+
+FACTS = [
+    ("What is my dog called?", "Your dog is called Biscuit."),
+    ("Remind me of my dog's name.", "Your dog is called Biscuit."),
+    ("Which drink do I like in the morning?", "You prefer tea in the morning."),
+    ("Coffee or tea for me?", "You prefer tea in the morning."),
+    ("Where do I live?", "You live in Lyon."),
+    ("Which city is home for me?", "You live in Lyon."),
+]
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(rank=4, alpha=8, dropout=0.0, lr=3e-3, epochs=2, max_steps=12, batch_size=4, max_seq_len=128,
+                anchor_count=6, anchor_max_new_tokens=6, anchor_margin=100.0, mixed_precision="no", keep_versions=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def write_history(path: Path, n: int = 4, offset: int = 0) -> Path:
+    """``n`` rounds over FACTS, with likes, a disliked+corrected answer and a disliked one per round."""
+    lines = []
+    for r in range(n):
+        for i, (q, a) in enumerate(FACTS):
+            msgs = [{"role": "user", "content": f"{q} ({r + offset})"},
+                    {"role": "assistant", "content": a, **({"feedback": "like"} if i == 0 else {})}]
+            if i == 2:
+                msgs += [{"role": "user", "content": "And in the evening?"},
+                         {"role": "assistant", "content": "Coffee.", "feedback": "dislike",
+                          "correction": "Herbal tea in the evening."}]
+            if i == 4:
+                msgs += [{"role": "user", "content": "Is it sunny there?"},
+                         {"role": "assistant", "content": "Lyon is in Spain.", "feedback": "dislike"}]
+            lines.append(json.dumps({"messages": msgs}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def model_cfg(tiny_model_dir) -> ModelConfig:
+    return ModelConfig(model=str(tiny_model_dir))
+
+
+@pytest.fixture
+def alice_history(store, alice, tmp_path):
+    import_history(store, alice.id, write_history(tmp_path / "alice.jsonl"))
+    return alice
+
+
+def version_dirs(store, user_id) -> list[str]:
+    d = store.data_dir.adapters(user_id)
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+# end to end ------------------------------------------------------------------------------------
+def test_job_publishes_a_version_and_points_active_at_it(store, alice_history, model_cfg):
+    result = train_now(store, "alice", model_cfg, tiny_cfg())
+    json.dumps(result)  # JSON-able for the CLI
+    assert result["published"] and result["version"] == 1, result["reason"]
+    m = result["metrics"]
+    assert m["heldout_loss"] < m["heldout_loss_before"] and m["passed"]
+    assert m["examples"]["train_pair"] > 0 and m["examples"]["train_undesirable"] > 0 and m["examples"]["anchors"] > 0
+    assert store.adapters.active_version(alice_history.id) == 1
+    v1 = store.data_dir.adapters(alice_history.id) / "v1"
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json"} <= {p.name for p in v1.iterdir()}
+    on_disk = json.loads((v1 / "metrics.json").read_text())
+    assert on_disk["version"] == 1 and on_disk["metrics"]["heldout_loss"] == m["heldout_loss"]
+    assert version_dirs(store, alice_history.id) == ["v1"]  # no staging left behind
+    job = store.jobs.get(alice_history.id, result["job_id"])
+    assert job["status"] == "published" and job["pid"] == os.getpid()
+    assert len(job["losses"]) == m["train"]["steps"] and job["progress"]["step"] == job["progress"]["total"]
+    assert store.replay.count(alice_history.id) > 0
+    assert list_versions(store, alice_history.id)[0]["active"]
+    # the anchor set is cached per base model, generated once
+    assert len(list(store.data_dir.replay.glob("*.jsonl"))) == 1
+
+
+def test_gate_rejection_keeps_the_active_version(store, alice_history, model_cfg, tmp_path):
+    assert train_now(store, alice_history.id, model_cfg, tiny_cfg())["version"] == 1
+    again = train_now(store, "alice", model_cfg, tiny_cfg())
+    assert not again["published"] and "Nothing new" in again["reason"]
+    import_history(store, alice_history.id, write_history(tmp_path / "more.jsonl", n=1, offset=10))
+    result = train_now(store, "alice", model_cfg, tiny_cfg(min_improvement=100.0))
+    assert not result["published"] and result["version"] is None
+    assert "did not improve" in result["reason"] and "Kept v1" in result["reason"]
+    assert result["metrics"]["continued_from"] == 1 and result["metrics"]["examples"]["replayed"] > 0
+    assert store.adapters.active_version(alice_history.id) == 1
+    rows = {r["version"]: r for r in list_versions(store, alice_history.id)}
+    assert rows[2]["status"] == "rejected" and rows[2]["path"] is None and "did not improve" in rows[2]["gate_reason"]
+    assert version_dirs(store, alice_history.id) == ["v1"]
+    assert store.jobs.get(alice_history.id, result["job_id"])["status"] == "rejected"
+    # a general-loss rejection names the margin
+    v = decide(2.0, 1.5, 1.0, 1.3, tiny_cfg(anchor_margin=0.1), "v1")
+    assert not v.passed and "margin" in v.reason and v.anchor_rise == pytest.approx(0.3)
+
+
+def test_a_failing_job_is_marked_failed_with_a_clear_error(store, alice_history):
+    from storage.errors import ModelError
+
+    with pytest.raises(ModelError, match="No model folder"):
+        train_now(store, "alice", ModelConfig(model="/nonexistent/model"), tiny_cfg())
+    job = store.jobs.last(alice_history.id)
+    assert job["status"] == "failed" and "No model folder" in job["error"]
+    assert store.adapters.active_version(alice_history.id) is None
+
+
+def test_same_seed_same_training(tmp_path, tiny_model_dir):
+    from storage import Store
+
+    curves = []
+    for run in ("a", "b"):
+        s = Store(tmp_path / run)
+        u = s.users.create("alice", "correct horse")
+        import_history(s, u.id, write_history(tmp_path / f"{run}.jsonl", n=2))
+        r = train_now(s, u.id, ModelConfig(model=str(tiny_model_dir)), tiny_cfg(max_steps=6))
+        curves.append((s.jobs.get(u.id, r["job_id"])["losses"], r["metrics"]["heldout_loss"]))
+        s.close()
+    assert curves[0] == curves[1]
+
+
+def test_job_process_publishes_like_the_scheduler_runs_it(store, alice_history, model_cfg):
+    result = train_now(store, "alice", model_cfg, tiny_cfg(max_steps=4), subprocess=True)
+    assert result["published"] and result["version"] == 1, result["reason"]
+    job = store.jobs.get(alice_history.id, result["job_id"])
+    assert job["status"] == "published" and job["pid"] != os.getpid() and job["started_at"]
+    assert store.adapters.active(alice_history.id)["job_id"] == result["job_id"]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_killed_job_leaves_no_version(store, alice_history, tiny_model_dir, how):
+    runner = JobRunner(store, ModelConfig(model=str(tiny_model_dir)), tiny_cfg(epochs=1000, max_steps=100000))
+    job_id = runner.start(alice_history.id)
+
+    def training() -> bool:
+        job = store.jobs.get(alice_history.id, job_id)
+        assert runner.busy(), f"the job process ended early: {job['status']} {job['error']}"
+        return len(job["losses"]) >= 2
+
+    wait_for(training, timeout=120, what="the job process to start training")
+    if how == "sigterm":  # server shutdown: the job records its own end
+        runner.stop()
+        job = store.jobs.get(alice_history.id, job_id)
+        assert job["status"] == "failed" and "stopped" in job["error"] and runner.wait() == 143
+        assert not [n for n in version_dirs(store, alice_history.id) if n.startswith(("v", ".staging"))]
+        return
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(30)
+    assert store.jobs.get(alice_history.id, job_id)["status"] == "running"  # nobody recorded the kill yet
+    assert store.jobs.fail_stale() == [job_id]
+    job = store.jobs.get(alice_history.id, job_id)
+    assert job["status"] == "failed" and "no version was published" in job["error"]
+    assert store.adapters.active_version(alice_history.id) is None and not store.adapters.list(alice_history.id)
+    assert not [n for n in version_dirs(store, alice_history.id) if n.startswith("v")]
+    assert not staging_dir(store, alice_history.id, job_id).exists()
+
+
+# dataset semantics -----------------------------------------------------------------------------
+def test_dataset_follows_feedback_semantics_and_stays_with_its_user(store, alice, bob):
+    c = store.chats
+    cid = c.create_conversation(alice.id)
+    c.add_message(alice.id, cid, "user", "My dog?")
+    liked = c.add_message(alice.id, cid, "assistant", "Biscuit.")
+    c.add_feedback(alice.id, liked, "like")
+    c.add_message(alice.id, cid, "user", "Morning drink?")
+    wrong = c.add_message(alice.id, cid, "assistant", "Coffee.")
+    c.add_feedback(alice.id, wrong, "dislike")
+    c.add_feedback(alice.id, wrong, "correction", "Tea.")
+    c.add_message(alice.id, cid, "user", "Where do I live?")
+    bad = c.add_message(alice.id, cid, "assistant", "In Spain.")
+    c.add_feedback(alice.id, bad, "dislike")
+    c.add_message(alice.id, cid, "user", "Tell me a joke")
+    retried = c.add_message(alice.id, cid, "assistant", "Old joke.")
+    new = c.add_message(alice.id, cid, "assistant", "New joke.", source="api")
+    c.mark_replaced(alice.id, retried, new)
+    c.add_message(alice.id, cid, "user", "Stop halfway")
+    c.add_message(alice.id, cid, "assistant", "Half", status="stopped")
+    bcid = c.create_conversation(bob.id)
+    c.add_message(bob.id, bcid, "user", "Bob's secret question")
+    c.add_message(bob.id, bcid, "assistant", "Bob's secret answer")
+
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01))
+    every = data.train + data.heldout
+    sft = {e.message_id: e for e in every if e.kind == "sft"}
+    assert set(sft) == {liked, wrong, new}  # not the disliked, retried, stopped or bob's answers
+    assert sft[wrong].target == "Tea." and sft[wrong].weight == 2.0 and sft[liked].weight == 2.0
+    assert sft[new].weight == 1.0 and "Old joke." not in json.dumps([e.to_dict() for e in every])
+    (pair,) = [e for e in every if e.kind == "pair"]
+    assert (pair.target, pair.rejected) == ("Tea.", "Coffee.")
+    (und,) = [e for e in every if e.kind == "undesirable"]
+    assert und.target == "In Spain." and und.message_id == bad
+    later = sft[new].context  # earlier corrected answers appear corrected in later contexts
+    assert {"role": "assistant", "content": "Tea."} in later and later[0]["role"] == "system"
+    assert "Bob" not in json.dumps([e.to_dict() for e in every])
+    assert len(data.heldout) >= 1 and data.train  # with 2+ answers, one is always held out
+    again = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01))
+    assert [e.message_id for e in again.heldout] == [e.message_id for e in data.heldout]  # deterministic
+
+
+def test_encode_masks_the_answer_and_keeps_the_end_of_long_contexts(tiny_loaded):
+    tok = tiny_loaded.tokenizer
+    ctx = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! " * 5},
+           {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "My dog is called Biscuit."}]
+    ids, n = encode(tok, ctx, "Nice name!", 512)
+    full = tok.apply_chat_template(ctx + [{"role": "assistant", "content": "Nice name!"}], tokenize=False)
+    assert tok.decode(ids[-n:]) == "Nice name!<|im_end|>" and full.startswith(tok.decode(ids))
+    long_ctx = ctx[:1] + [{"role": "user", "content": "Hello! " * 200}, {"role": "assistant", "content": "Hi."},
+                          {"role": "user", "content": "Python is a programming language. " * 40}]
+    ids, n = encode(tok, long_ctx, "Nice name!", 64)
+    assert len(ids) == 64 and tok.decode(ids[-n:]) == "Nice name!<|im_end|>"
+    assert tok.decode(ids[:-n]).endswith("language. <|im_end|>\n<|im_start|>assistant\n")
+
+
+# storage: versions, jobs, reservoir ------------------------------------------------------------
+def _staged(store, user_id: int, job_id: int) -> Path:
+    d = staging_dir(store, user_id, job_id)
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text("{}")
+    return d
+
+
+def test_publish_rollback_and_prune(store, alice, bob):
+    a = store.adapters
+    for j in range(1, 5):
+        v = a.publish(alice.id, _staged(store, alice.id, j), base_model="m", metrics={"heldout_loss": j},
+                      gate_reason="ok", parent_version=j - 1 or None, job_id=j, keep=2)
+        assert v == j and a.active_version(alice.id) == j
+    assert version_dirs(store, alice.id) == ["v3", "v4"]
+    assert [r["status"] for r in a.list(alice.id)] == ["published", "published", "pruned", "pruned"]
+    a.rollback(alice.id, "v3")
+    assert a.active_version(alice.id) == 3 and a.active(alice.id)["path"].endswith("adapters/u1/v3")
+    with pytest.raises(InputError, match="pruned"):
+        a.rollback(alice.id, 1)
+    with pytest.raises(NotFound):
+        a.rollback(alice.id, 9)
+    with pytest.raises(NotFound):
+        a.rollback(bob.id, 3)  # alice's version is not bob's
+    assert a.reject(alice.id, base_model="m", metrics={}, gate_reason="no", parent_version=3, job_id=9) == 5
+    with pytest.raises(InputError, match="rejected"):
+        rollback(store, alice.id, 5)
+    a.publish(alice.id, _staged(store, alice.id, 10), base_model="m", metrics={}, gate_reason="ok",
+              parent_version=3, job_id=10)
+    a.rollback(alice.id, 3)
+    assert a.prune(alice.id, 1) == [4] and a.active_version(alice.id) == 3  # the active one always stays
+    assert rollback(store, alice.id, "base") == {"active_version": None}
+    # a crash after the rename but before COMMIT leaves an orphan folder and a staging folder: swept
+    (store.data_dir.adapters(alice.id) / "v7").mkdir()
+    _staged(store, alice.id, 99)
+    assert sorted(a.sweep(alice.id)) == [".staging-j99", "v7"]
+    assert a.next_version(bob.id) == 1
+
+
+def test_jobs_lifecycle_progress_and_fail_stale(store, alice):
+    j = store.jobs.create(alice.id, pid=os.getpid())
+    with pytest.raises(InputError, match="already queued"):
+        store.jobs.create(alice.id)
+    store.jobs.claim(j, os.getpid())
+    store.jobs.phase(j, "training")
+    for step in (1, 2):
+        store.jobs.progress(j, step, 2, 1.0 / step)
+    job = store.jobs.get(alice.id, j)
+    assert job["losses"] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    assert job["progress"]["phase"] == "training" and job["progress"]["total"] == 2
+    assert store.jobs.fail_stale() == []  # our own pid is alive
+    store.jobs.finish(j, "rejected", {"reason": "x"})
+    dead = store.jobs.create(alice.id, pid=2**22 + 12345)  # no such process
+    assert store.jobs.fail_stale() == [dead] and store.jobs.get(alice.id, dead)["status"] == "failed"
+    orphan = store.jobs.create(alice.id)  # queued, never got a process: stale only after the grace period
+    assert store.jobs.fail_stale() == [] and store.jobs.fail_stale(grace_seconds=0) == [orphan]
+    with pytest.raises(InputError, match="not queued"):
+        store.jobs.claim(orphan, os.getpid())
+
+
+def test_replay_reservoir_is_bounded_uniform_and_per_user(store, alice, bob):
+    cid = store.chats.create_conversation(alice.id)
+    ids = [store.chats.add_message(alice.id, cid, "user", f"m{i}") for i in range(40)]
+    store.replay.offer(alice.id, [{"message_id": i, "target": "a"} for i in ids[:25]], size=10)
+    store.replay.offer(alice.id, [{"message_id": i, "target": "b"} for i in ids[20:]], size=10)
+    kept = [e["message_id"] for e in store.replay.sample(alice.id)]
+    assert len(kept) == 10 == store.replay.count(alice.id) and len(set(kept)) == 10
+    # the same as offering everything at once, in any order: bottom-k of a stable hash
+    store.replay.clear(alice.id)
+    store.replay.offer(alice.id, [{"message_id": i, "target": "c"} for i in reversed(ids)], size=10)
+    assert [e["message_id"] for e in store.replay.sample(alice.id)] == kept
+    assert store.replay.sample(bob.id) == [] and store.replay.count(bob.id) == 0
+
+
+# scheduler -------------------------------------------------------------------------------------
+class FakeRunner:
+    def __init__(self, store):
+        self.store, self.started = store, []
+
+    def busy(self) -> bool:
+        return False
+
+    def start(self, user_id: int, trigger: str = "manual") -> int:
+        job = self.store.jobs.create(user_id, trigger, pid=os.getpid())
+        self.started.append(user_id)
+        return job
+
+    def stop(self) -> None:
+        pass
+
+
+def test_scheduler_picks_users_with_enough_new_signal(store, alice, bob, tmp_path):
+    import_history(store, alice.id, write_history(tmp_path / "h.jsonl", n=1))
+    runner = FakeRunner(store)
+    sched = Scheduler(store, runner, SchedulerConfig(min_new_events=5, min_interval_minutes=0, poll_seconds=0.05))
+    assert sched.due() == [alice.id]  # bob has no data
+    job = sched.tick()
+    assert runner.started == [alice.id] and store.jobs.get(alice.id, job)["trigger"] == "scheduler"
+    assert sched.tick() is None  # alice's job is open
+    store.jobs.finish(job, "published")
+    assert sched.due() == []  # nothing new since her last job
+    store.users.set_personalization(alice.id, False)
+    import_history(store, alice.id, write_history(tmp_path / "h2.jsonl", n=1))
+    assert sched.due() == []
+    store.users.set_personalization(alice.id, True)
+    assert sched.due() == [alice.id]
+    assert Scheduler(store, runner, SchedulerConfig(min_new_events=5, min_interval_minutes=60)).due() == []
+    sched.start()  # the thread runs tick() and survives; stop() joins it
+    time.sleep(0.2)
+    sched.stop()
+    assert not sched.running and runner.started == [alice.id, alice.id]
+
+
+@pytest.mark.parametrize("field,value", [("rank", 0), ("lr", 0), ("heldout_fraction", 1.0), ("preference_loss", "x"),
+                                         ("anchor_ratio", 1.0), ("quant", "int4"), ("max_seq_len", 8)])
+def test_train_config_names_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="^typo:"):
+        TrainConfig.from_dict({"typo": 1})
+    with pytest.raises(ValueError, match="^min_new_events:"):
+        SchedulerConfig(min_new_events=0)
