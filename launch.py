@@ -3,6 +3,7 @@
     python launch.py [serve]            start the UI (/) and the API (/v1)
     python launch.py users add|key|list
     python launch.py import NAME FILE.jsonl
+    python launch.py train NAME | adapters NAME [--rollback V]
     python launch.py memory rebuild NAME
     python launch.py export NAME | forget NAME
 """
@@ -16,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = ("serve", "users", "import", "memory", "export", "forget")
+COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
     s.add_argument("--allow-signup", action="store_true", default=None,
                    help="let anyone create an account (default: only on a loopback address)")
+    s.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     s.add_argument("--no-memory", action="store_true", help="do not retrieve or record personal memories")
     s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
 
@@ -59,6 +62,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     i = sub.add_parser("import", parents=[common], help="add conversation history from a JSONL file")
     i.add_argument("name")
     i.add_argument("file", type=Path)
+    t = sub.add_parser("train", parents=[common], help="run one training job for a user now (foreground)")
+    t.add_argument("name")
+    t.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"])
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field (personalize/config.py), e.g. --set epochs=2")
+    a = sub.add_parser("adapters", parents=[common], help="list a user's adapter versions; roll back")
+    a.add_argument("name")
+    a.add_argument("--rollback", metavar="VERSION", help="serve this version again ('base' for none)")
     m = sub.add_parser("memory", parents=[common], help="personal memory maintenance")
     ms = m.add_subparsers(dest="action", required=True)
     ms.add_parser("rebuild", parents=[common], help="rebuild a user's FAISS index from SQLite").add_argument("name")
@@ -81,6 +93,22 @@ def read_password(name: str) -> str:
             raise SystemExit("The passwords differ; nothing was changed.")
         return pw
     return sys.stdin.readline().rstrip("\n")
+
+
+def train_config(overrides: list[str]):
+    """TrainConfig from ``FIELD=VALUE`` strings (values parsed as JSON when they can be)."""
+    from personalize.config import TrainConfig
+
+    values = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set epochs=2")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    return TrainConfig.from_dict(values)
 
 
 def memory_service(store):
@@ -110,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer,
                          allow_signup=args.allow_signup),
             None if args.no_memory else MemoryConfig(),
+            train_config(args.train_set),
         )
     elif args.command == "users" and args.action == "add":
         user = store.users.create(args.name, read_password(args.name))
@@ -127,6 +156,25 @@ def run(args: argparse.Namespace) -> int:
         counts = import_history(store, user.id, args.file)
         counts["memories"] = memory_service(store).backfill(user.id)["added"]
         print(json.dumps({"user": args.name, **counts}))
+    elif args.command == "train":
+        from assistant.model import ModelConfig
+        from personalize import api
+
+        def progress(step, total, loss):
+            print(f"attune: step {step}/{total} loss {loss:.4f}" if loss is not None else
+                  f"attune: step {step}/{total}", file=sys.stderr, flush=True)
+
+        result = api.train_now(store, args.name, ModelConfig(model=args.model, quant=args.quant, device=args.device),
+                               train_config(args.set), on_progress=progress)
+        print(json.dumps(result))
+    elif args.command == "adapters":
+        from personalize import api
+
+        user = store.users.by_name(args.name)
+        if args.rollback:
+            print(json.dumps(api.rollback(store, user.id, args.rollback)))
+        else:
+            print(json.dumps(api.list_versions(store, user.id), indent=1))
     elif args.command == "memory" and args.action == "rebuild":
         print(json.dumps(memory_service(store).rebuild(store.users.by_name(args.name).id)))
     elif args.command == "export":

@@ -42,6 +42,16 @@ EN = {
     "remember": "Remember",
     "forget_sure": "Yes, delete all my memories",
     "forget_all": "Forget everything",
+    "tab_personal": "My assistant",
+    "personal_intro": "Attune retrains your personal adapter in the background from your chats, 👍/👎 and "
+                      "corrections. A new version is used only if it beats the current one on your held-out "
+                      "conversations without getting worse at general questions.",
+    "personalization": "Personalize my assistant (adapter, memories and training)",
+    "retrain": "Retrain now",
+    "refresh": "Refresh",
+    "loss_curve": "Training loss (latest job)",
+    "rollback_to": "Version to serve",
+    "rollback": "Roll back",
     "tab_account": "Account",
     "new_key": "Create API key",
     "key_intro": "Use Attune from any OpenAI client: base URL `/v1`, and an API key from here (shown once; "
@@ -98,6 +108,15 @@ ZH = {
     "remember": "记住",
     "forget_sure": "是的，删除我所有的记忆",
     "forget_all": "全部忘记",
+    "tab_personal": "我的助手",
+    "personal_intro": "Attune 会在后台根据你的对话、👍/👎 和更正重新训练你的个人适配器。只有当新版本在你的"
+                      "留出对话上优于当前版本、且通用问题不变差时才会启用。",
+    "personalization": "个性化我的助手（适配器、记忆和训练）",
+    "retrain": "立即重新训练",
+    "refresh": "刷新",
+    "loss_curve": "训练损失（最近一次任务）",
+    "rollback_to": "要使用的版本",
+    "rollback": "回滚",
     "tab_account": "账户",
     "new_key": "创建 API 密钥",
     "key_intro": "可用任何 OpenAI 客户端访问 Attune：基础 URL 为 `/v1`，API 密钥在此创建（只显示一次，仅保存其哈希）。",

@@ -14,6 +14,7 @@ import gradio as gr
 from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
 from assistant.i18n import EN, make_i18n
+from assistant.ui_personal import personal_tab
 from assistant.ui_tabs import account_tab, compare_tab, memory_tab
 from storage.errors import AttuneError
 
@@ -42,8 +43,9 @@ def theme():
 
 
 class ChatUI:
-    def __init__(self, engine: ChatEngine, config: UIConfig | None = None):
+    def __init__(self, engine: ChatEngine, config: UIConfig | None = None, runner=None):
         self.engine = engine
+        self.runner = runner  # personalize.runner.JobRunner for "Retrain now"; None without a personalizer
         self.store = engine.store
         self.config = config or UIConfig()
         self.i18n = make_i18n()
@@ -292,6 +294,7 @@ class ChatUI:
                                 gr.Markdown(t("hint"))
                     controls = [temperature, max_new, top_p, use_adapter, use_memory]
                     memory_tab(self, session)
+                    personal_tab(self, session)
                     compare_tab(self, session, controls)
                     account_tab(self, session)
 

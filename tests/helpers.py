@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -72,3 +74,42 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def open_page(browser, server, locale="en-US"):
+    """A fresh browser context on Attune's sign-in page; ``page.requests`` records every URL fetched."""
+    ctx = browser.new_context(locale=locale)
+    page = ctx.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(server.base + "/")
+    page.get_by_label("User name" if locale == "en-US" else "用户名").wait_for(timeout=30_000)
+    return page
+
+
+def db_rows(server, sql, args=()):
+    con = sqlite3.connect(server.data / "attune.db")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, args)]
+    finally:
+        con.close()
+
+
+def sign_up(page, name, password):
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Create account").click()
+    page.locator("#who").get_by_text(name).wait_for(timeout=15_000)
+
+
+def sign_in(page, name, password):
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.locator("#who").get_by_text(name).wait_for(timeout=15_000)

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import sqlite3
-from pathlib import Path
 
 import pytest
 
 from conftest import seed_models
-from helpers import Server, wait_for
+from helpers import Server, db_rows, open_page, sign_up, wait_for
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, embedded_models_dir):
     data = tmp_path_factory.mktemp("browser") / "data"
@@ -27,44 +19,6 @@ def server(tmp_path_factory, embedded_models_dir):
     with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
         srv.data = data
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian chromium is not installed: run `apt-get install chromium` (`make test` does it).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
-def open_page(browser, server, locale="en-US"):
-    ctx = browser.new_context(locale=locale)
-    page = ctx.new_page()
-    page.requests = []
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.goto(server.base + "/")
-    page.get_by_label("User name" if locale == "en-US" else "用户名").wait_for(timeout=30_000)
-    return page
-
-
-def db_rows(server, sql, args=()):
-    con = sqlite3.connect(server.data / "attune.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, args)]
-    finally:
-        con.close()
-
-
-def sign_up(page, name, password):
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Create account").click()
-    page.locator("#who").get_by_text(name).wait_for(timeout=15_000)
 
 
 def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):
