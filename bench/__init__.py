@@ -4,10 +4,12 @@
 rewrites BENCHMARKS.md. Numbers are never typed in by hand.
 """
 
-from bench import memory_bench, quant
+from bench import load, memory_bench, quant, serving
 
 # name -> (section title, renderer); the runner imports each module's run() by name.
 SECTIONS = {
     "quant": ("Base model quantization (chooses `--quant auto`)", quant.render),
+    "serving": ("Serving: time to first token, decode speed, concurrent users, adapter switching", serving.render),
     "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
+    "load": ("Load: concurrent API chats while a training job runs", load.render),
 }

@@ -121,12 +121,36 @@ def export_user(store: Store, user_id: int) -> dict:
 
 
 def forget_user(store: Store, user_id: int) -> None:
-    """Delete the user's rows (cascading to all their data), files and vectors, then VACUUM."""
+    """Stop the user's training job, delete their rows (cascading to all their data), files and
+    vectors, then VACUUM so nothing of theirs is left in free pages or the WAL."""
     store.users.by_id(user_id)
+    _stop_jobs(store, user_id)
     with store.write() as db:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
     index = store.data_dir.memory_index(user_id)
     for path in (store.data_dir.adapters(user_id), index, index.with_suffix(".json")):
         remove_tree(path)
+    remove_tree(store.data_dir.adapters(user_id))  # a job stopped mid-publish may have re-created it
     store.db.execute("VACUUM")
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _stop_jobs(store: Store, user_id: int, timeout: float = 20.0) -> None:
+    """SIGTERM the user's running job processes and wait for them: no job may train on forgotten data."""
+    import os
+    import signal
+    import time
+
+    from storage.jobs import pid_alive
+
+    pids = [r["pid"] for r in store.db.query(
+        "SELECT pid FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') AND pid IS NOT NULL", [user_id])]
+    for pid in pids:
+        if pid != os.getpid() and pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(pid != os.getpid() and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if pid != os.getpid() and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -85,9 +85,10 @@ def test_background_job_publishes_and_the_next_turn_uses_it(loop, browser):
 def test_cli_train_prints_the_result_and_adapters_lists_it(loop):
     assert cli("users", "add", "bob", data_dir=loop.data, stdin="battery staple\n").returncode == 0
     history = loop.data.parent / "bob.jsonl"  # 6 answers: under the scheduler's threshold of 8
+    secret = ("What is my locker code?", "Your locker code is Zanzibar-7781.")
     history.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                            {"role": "assistant", "content": a}]})
-                                 for q, a in FACTS[:6]))
+                                 for q, a in [*FACTS[:5], secret]))
     assert cli("import", "bob", str(history), data_dir=loop.data).returncode == 0
     r = cli("train", "bob", "--model", loop.model, "--quant", "none", *[a for s in TINY_TRAIN for a in ("--set", s)],
             data_dir=loop.data, timeout=600)
@@ -104,3 +105,11 @@ def test_cli_train_prints_the_result_and_adapters_lists_it(loop):
     bad = cli("adapters", "bob", "--rollback", "7", data_dir=loop.data)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert cli("train", "bob", "--set", "epochs=-1", data_dir=loop.data).stderr.count("epochs") >= 1
+
+    # Forget bob while the server runs: rows, vectors, adapters and replay entries are gone from every file.
+    assert (loop.data / "adapters" / "u2" / "v1").is_dir()
+    assert cli("forget", "bob", "--yes", data_dir=loop.data).returncode == 0
+    assert not (loop.data / "adapters" / "u2").exists()
+    leftovers = [p for p in loop.data.rglob("*") if p.is_file() and b"Zanzibar-7781" in p.read_bytes()]
+    assert leftovers == []
+    assert db_rows(loop, "SELECT COUNT(*) AS n FROM replay_examples WHERE user_id = 2")[0]["n"] == 0
