@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import httpx
 import openai
 import pytest
 
-from helpers import Server, cli
+from helpers import Server, cli, db_rows
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,7 @@ def client(api, user="alice", key=None) -> openai.OpenAI:
     return openai.OpenAI(base_url=api.base + "/v1", api_key=key or api.keys[user], max_retries=0, timeout=60)
 
 
-def rows(api, sql, args=()):
-    con = sqlite3.connect(api.data / "attune.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, args)]
-    finally:
-        con.close()
+rows = db_rows
 
 
 def test_chat_completion_is_logged_for_the_keys_user(api):
