@@ -109,7 +109,7 @@ def test_api_binary_bodies_are_400(api_client, raw):
 
 
 @FUZZ
-@given(mid=st.one_of(st.integers(), st.text(max_size=5), st.none(), st.floats(allow_nan=False)),
+@given(mid=st.one_of(st.integers(), st.text(max_size=5), st.none(), st.floats(allow_nan=False, allow_infinity=False)),
        fb=st.sampled_from(["like", "dislike", "clear", "meh", None, 1]))
 def test_feedback_on_unknown_ids_is_4xx(api_client, mid, fb):
     client, store, _ = api_client
