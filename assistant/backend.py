@@ -3,6 +3,7 @@ in process); the seam exists so the same adapters can later be served by vLLM.""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -143,7 +144,7 @@ class TransformersBackend(ChatBackend):
         gen_eos = loaded.model.generation_config.eos_token_id
         self.eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {self.tokenizer.eos_token_id}
         self.eos.discard(None)
-        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.batch_sizes: list[int] = []
@@ -169,6 +170,12 @@ class TransformersBackend(ChatBackend):
         if req.error is not None:
             raise req.error
 
+    def close(self) -> None:
+        """Stop the worker thread once the requests already queued are served."""
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+
     # worker ----------------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         with self._worker_lock:
@@ -187,12 +194,17 @@ class TransformersBackend(ChatBackend):
                     pending.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
+            if None in pending:  # close(): serve what is queued, then stop
+                for group in _groups([r for r in pending if r is not None], self.batch.max_batch):
+                    self._run(group)
+                return
             key = pending[0].key
             group = [r for r in pending if r.key == key][: self.batch.max_batch]
             pending = [r for r in pending if r not in group]
             self._run(group)
 
     def _run(self, group: list[_Request]) -> None:
+        """Serve one batch: pin each user's adapter, generate together, release."""
         adapters = []
         ready = []
         for req in group:
@@ -273,17 +285,23 @@ class TransformersBackend(ChatBackend):
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.settings.max_new_tokens for r in reqs),
                       streamer=Streamer(), stopping_criteria=StoppingCriteriaList([PerRowStop()]),
                       pad_token_id=pad, repetition_penalty=s.repetition_penalty)
+        context = contextlib.nullcontext()
         if self.registry.is_peft:
-            from assistant.adapters import BASE
+            if set(names) == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
+                context = model.disable_adapter()
+            elif len(set(names)) == 1:  # one adapter for the whole batch: no per-row routing
+                model.set_adapter(names[0])
+            else:  # a mixed-adapter batch: peft routes each row through its own adapter
+                from assistant.adapters import BASE
 
-            kwargs["adapter_names"] = [n or BASE for n in names]
+                kwargs["adapter_names"] = [n or BASE for n in names]
         if s.temperature > 0:
             if s.seed is not None:
                 torch.manual_seed(s.seed)
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
+        with torch.inference_mode(), context:
             model.generate(**kwargs)
 
     def _flush(self, req: _Request, final: bool) -> None:
@@ -307,3 +325,16 @@ class TransformersBackend(ChatBackend):
             self._flush(req, final=True)
         req.pieces.put(None)
         req.done.set()
+
+
+def _groups(reqs: list[_Request], size: int) -> list[list[_Request]]:
+    """Requests split into batches of compatible sampling settings."""
+    out: list[list[_Request]] = []
+    for req in reqs:
+        for group in out:
+            if group[0].key == req.key and len(group) < size:
+                group.append(req)
+                break
+        else:
+            out.append([req])
+    return out

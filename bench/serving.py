@@ -128,8 +128,11 @@ def run(quick: bool = False) -> dict:
     out["concurrency"] = []
     for n in (1, 4) if quick else (1, 4, 8):
         group = users[1:n + 1] if n > 1 else users[1:2]
+        _concurrent(batched, ids, 4, group)  # warm-up: cold adapter loads are measured above, not here
         out["concurrency"].append({"users": n, "batched": _concurrent(batched, ids, tokens, group),
                                    "serialized": _concurrent(serial, ids, tokens, group)})
+    batched.close()
+    serial.close()
     out["llama_cpp"] = _llama_cpp(tokens) if not quick else None
     return out
 
