@@ -115,6 +115,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     except OSError as e:
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
+        engine.backend.close()
         if scheduler is not None:
             scheduler.stop()
         if memory is not None:
