@@ -37,7 +37,7 @@ class ModelConfig:
     model: str = EMBEDDED
     """``embedded``, a local folder or .gguf file, or a Hugging Face hub id."""
     quant: str = "auto"
-    """``auto`` (NF4 4-bit: smaller and faster on CPU and GPU, see BENCHMARKS.md), ``nf4``, ``int8`` or ``none``."""
+    """``auto`` (NF4 4-bit on CUDA, fp32 on CPU; see resolve_quant and BENCHMARKS.md), ``nf4``, ``int8``, ``none``."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     threads: int | None = None
@@ -65,10 +65,27 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_quant(quant: str, device: str) -> str:
-    """``auto`` is NF4 on both devices: measured smaller and faster than fp32 on CPU (BENCHMARKS.md)."""
+    """``auto``: NF4 on CUDA (QLoRA-style 4-bit base); fp32 (``none``) on CPU.
+
+    On CPU, bitsandbytes 0.50's fast NF4 path repacks weights on the first forward pass, and loading
+    a peft adapter afterwards leaves them inconsistent (garbage answers, for every user). Without
+    that repack NF4 is correct but slower than fp32 here (BENCHMARKS.md), so fp32 is the CPU choice.
+    """
     if quant != "auto":
         return quant
-    return "nf4" if importlib.util.find_spec("bitsandbytes") else "none"
+    return "nf4" if device == "cuda" and importlib.util.find_spec("bitsandbytes") else "none"
+
+
+def disable_cpu_repack(model) -> int:
+    """Keep bitsandbytes' 4-bit weights in their portable layout on CPU (see ``resolve_quant``)."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def embedded_gguf() -> Path:
@@ -217,6 +234,8 @@ def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
         raise ModelError(f"Could not load the model from {path} with --quant {quant}: {e}. Try --quant none.") from e
+    if quant == "nf4" and device == "cpu":
+        disable_cpu_repack(model)  # adapters loaded later must see the same weights
     if quant == "none":
         model.to(device)
     model.eval()

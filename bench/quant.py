@@ -59,9 +59,11 @@ def render(r: dict) -> str:
         table(["quant", "device", "load s", "memory MB", "prompt tok", "TTFT ms", "decode tok/s"],
               [[x["quant"], x["device"], x["load_s"], x["memory_mb"], x["prompt_tokens"], x["ttft_ms"],
                 x["decode_tok_s"]] for x in r["rows"]]),
-        "", f"Fastest decode in this run: **{best['quant']}**; smallest: **{small['quant']}**. `--quant auto` "
-            "picks NF4. Anchor: llama.cpp runs the same GGUF at about 85 tok/s decode with 2 threads here "
-            "(DESIGN.md; the llama.cpp column of the serving section measures it when llama-cpp-python is installed).",
+        "", f"Fastest decode in this run: **{best['quant']}**; smallest: **{small['quant']}**. On CPU the NF4 row is "
+            "measured as Attune serves it: without bitsandbytes' fast CPU repack, which corrupts the weights once a "
+            "peft adapter is loaded after the first forward pass (bitsandbytes 0.50; regression test in "
+            "tests/test_model.py). So `--quant auto` is fp32 (`none`) on CPU and NF4 on CUDA. Anchor: llama.cpp runs "
+            "the same GGUF at about 85 tok/s decode with 2 threads here (DESIGN.md; not measured in this run).",
     ])
 
 
