@@ -4,7 +4,7 @@
 rewrites BENCHMARKS.md. Numbers are never typed in by hand.
 """
 
-from bench import load, memory_bench, quant, serving
+from bench import load, memory_bench, quality, quant, serving, training
 
 # name -> (section title, renderer); the runner imports each module's run() by name.
 SECTIONS = {
@@ -12,4 +12,6 @@ SECTIONS = {
     "serving": ("Serving: time to first token, decode speed, concurrent users, adapter switching", serving.render),
     "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
     "load": ("Load: concurrent API chats while a training job runs", load.render),
+    "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
+    "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
 }
