@@ -1,1 +1,12 @@
-"""placeholder"""
+"""Serving: everything between a signed-in user and the model's answer.
+
+Owns: finding, converting and loading the base model with its quantization (``model``), the
+per-user adapter registry with LRU and hot reload (``adapters``), the batching generation worker
+with peft mixed-adapter batches behind the chat-backend seam (``backend``), ChatEngine (prompt,
+memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam +
+per-user FAISS; ``embedder``, ``memory_index``, ``memory``), the Gradio UI (``ui``, ``ui_tabs``,
+``ui_personal``, ``i18n``), the OpenAI-compatible API (``api``) and the HTTP server (``server``).
+
+Must not know: how adapters are trained (it only reads published versions from ``storage`` and
+starts jobs through ``personalize.api``/``personalize.runner``). All state goes through ``storage``.
+"""
