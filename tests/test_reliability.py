@@ -17,7 +17,9 @@ from helpers import Server, cli
 from storage import InputError, NotFound
 from storage.transfer import import_history
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: the same examples every run (CI must not flake), still covering the odd inputs above.
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                database=None)
 
 
 def test_sigkill_during_a_streamed_chat_loses_no_acknowledged_message(tmp_path, tiny_model_dir):
