@@ -101,7 +101,7 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
         table = gr.Dataframe(headers=["id", "kind", "text", "date"], datatype=["number", "str", "str", "str"],
                              interactive=False, elem_id="memory-table", wrap=True)
         with gr.Row():
-            mid = gr.Number(label=t("memory_id"), precision=0, elem_id="memory-id")
+            mid = gr.Number(value=None, label=t("memory_id"), precision=0, elem_id="memory-id")
             delete = gr.Button(t("delete_memory"), variant="stop", elem_id="memory-delete")
         with gr.Row():
             fact = gr.Textbox(label=t("remember_fact"), elem_id="memory-fact", scale=4)
