@@ -58,14 +58,14 @@ class ChatUI:
             return [], [], []
         msgs = self.store.chats.messages(user_id, cid)
         corrections = self.store.chats.corrections(user_id, cid)
+        rated = self.store.chats.ratings(user_id, cid)
         chat, ids, ratings = [], [], []
         for m in msgs:
             if m["role"] == "system":
                 continue
             content = corrections.get(m["id"], m["content"])
             if m["role"] == "assistant":
-                rating = self.store.chats.feedback_state(user_id, m["id"])["rating"]
-                ratings.append({"like": "Like", "dislike": "Dislike"}.get(rating))
+                ratings.append({"like": "Like", "dislike": "Dislike"}.get(rated.get(m["id"])))
                 if m["status"] == "stopped":
                     content += " ⏹"
             chat.append({"role": m["role"], "content": content or "…"})

@@ -180,6 +180,17 @@ class Chats:
                 rating = None if r["kind"] == "clear" else r["kind"]
         return {"rating": rating, "correction": correction}
 
+    def ratings(self, user_id: int, conversation_id: Any) -> dict[int, str]:
+        """Current 👍/👎 (``like``/``dislike``) per answer of one conversation, in one query."""
+        conv = self.conversation(user_id, conversation_id)
+        rows = self.store.db.query(
+            "SELECT f.message_id, f.kind FROM feedback f JOIN messages m ON m.id = f.message_id "
+            "WHERE m.conversation_id = ? AND f.user_id = ? AND f.kind IN ('like', 'dislike', 'clear') ORDER BY f.id",
+            [conv["id"], user_id],
+        )
+        latest = {r["message_id"]: r["kind"] for r in rows}
+        return {mid: kind for mid, kind in latest.items() if kind != "clear"}
+
     def corrections(self, user_id: int, conversation_id: Any) -> dict[int, str]:
         """Latest correction text per assistant message of one conversation."""
         conv = self.conversation(user_id, conversation_id)

@@ -82,11 +82,14 @@ def test_feedback_latest_rating_wins_and_corrections_are_kept(store, alice):
     store.chats.add_feedback(alice.id, aid, "correction", "A French bulldog.")
     assert store.chats.feedback_state(alice.id, aid) == {"rating": "dislike", "correction": "A French bulldog."}
     assert store.chats.corrections(alice.id, cid) == {aid: "A French bulldog."}
+    assert store.chats.ratings(alice.id, cid) == {aid: "dislike"}
     assert [f["kind"] for f in store.chats.feedback(alice.id)] == ["like", "dislike", "correction"]
     with pytest.raises(InputError, match="empty"):
         store.chats.add_feedback(alice.id, aid, "correction", "   ")
     with pytest.raises(InputError, match="assistant"):
         store.chats.add_feedback(alice.id, aid - 1, "like")
+    store.chats.add_feedback(alice.id, aid, "clear")
+    assert store.chats.ratings(alice.id, cid) == {}
 
 
 @pytest.mark.parametrize("bad,match", [("", "empty"), ("  \n ", "empty"), (None, "must be text"),
