@@ -52,6 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     s.add_argument("--no-memory", action="store_true", help="do not retrieve or record personal memories")
     s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
+    s.add_argument("--train-after", type=int, default=8, metavar="N",
+                   help="train a user's adapter once N new answers/feedback events arrived (default 8)")
+    s.add_argument("--train-interval", type=float, default=30.0, metavar="MINUTES",
+                   help="at least this long between two background jobs of one user (default 30)")
 
     u = sub.add_parser("users", parents=[common], help="manage users")
     us = u.add_subparsers(dest="action", required=True)
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         from assistant.memory import MemoryConfig
         from assistant.model import ModelConfig
         from assistant.server import ServerConfig, serve
+        from personalize.scheduler import SchedulerConfig
 
         serve(
             store,
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                          allow_signup=args.allow_signup),
             None if args.no_memory else MemoryConfig(),
             train_config(args.train_set),
+            SchedulerConfig(min_new_events=args.train_after, min_interval_minutes=args.train_interval),
         )
     elif args.command == "users" and args.action == "add":
         user = store.users.create(args.name, read_password(args.name))

@@ -114,6 +114,11 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)
     sent: int = 0
+    """Characters of ``text`` already streamed."""
+    text: str = ""
+    """Decoded answer so far (incremental; see ``_flush``)."""
+    prefix: int = 0
+    read: int = 0
     finished: bool = False
     error: BaseException | None = None
 
@@ -305,14 +310,24 @@ class TransformersBackend(ChatBackend):
             model.generate(**kwargs)
 
     def _flush(self, req: _Request, final: bool) -> None:
-        """Send the newly decoded text of a row; whole words only until the end."""
-        text = self.tokenizer.decode(req.ids, skip_special_tokens=True)
-        if not final:
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                return
-            cut = len(text) if text.endswith(("\n", " ")) else text.rfind(" ")
+        """Send the newly decoded text of a row; whole words only until the end.
+
+        Decoding is incremental (a few tokens per step, not the whole answer): the text of
+        ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is what the new tokens added, decoded with
+        a little left context so byte-level and sentencepiece tokenizers join pieces correctly."""
+        decode = self.tokenizer.decode
+        if final:  # one full decode at the end: the answer is exactly what the tokenizer says
+            text = decode(req.ids, skip_special_tokens=True)
+            req.text = text
         else:
-            cut = len(text)
+            before = decode(req.ids[req.prefix:req.read], skip_special_tokens=True)
+            after = decode(req.ids[req.prefix:], skip_special_tokens=True)
+            if after.endswith("\ufffd") or len(after) <= len(before):  # half a character, or nothing yet
+                return
+            req.text += after[len(before):]
+            req.prefix, req.read = req.read, len(req.ids)
+            text = req.text
+        cut = len(text) if final or text.endswith(("\n", " ")) else text.rfind(" ", req.sent)
         if cut > req.sent:
             req.pieces.put(text[req.sent:cut])
             req.sent = cut

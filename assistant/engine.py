@@ -200,7 +200,8 @@ class ChatEngine:
         # Reserve room for the answer, but never more than half the context: a long answer limit must not
         # squeeze the prompt to nothing. The answer then gets whatever room the prompt leaves.
         block = ""
-        if use_memory and self.memory is not None and self._personalized(user_id):
+        personalized = self._personalized(user_id)  # read once: the whole turn sees one value
+        if use_memory and self.memory is not None and personalized:
             query = self.store.chats.message(user_id, turn.user_message_id)["content"]
             turn.memories = self.recall(user_id, query)
             turn.memory_ids = [h.id for h in turn.memories]
@@ -212,7 +213,7 @@ class ChatEngine:
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
         try:
             for piece in self.backend.stream(ids, settings, stop, turn.stats, user_id=user_id,
-                                             use_adapter=use_adapter and self._personalized(user_id)):
+                                             use_adapter=use_adapter and personalized):
                 turn.adapter_version = turn.stats.adapter_version
                 turn.text += piece
                 yield turn

@@ -77,8 +77,9 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None):
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
-          memory_cfg=None, train_cfg=None) -> None:
-    """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted."""
+          memory_cfg=None, train_cfg=None, schedule_cfg=None) -> None:
+    """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
+    ``train_cfg`` / ``schedule_cfg`` configure the background personalizer (defaults when None)."""
     import uvicorn
 
     from assistant.adapters import AdapterRegistry
@@ -106,7 +107,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         from personalize.scheduler import Scheduler
 
         runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
-        scheduler = Scheduler(store, runner)
+        scheduler = Scheduler(store, runner, schedule_cfg)
         scheduler.start()  # marks jobs whose process died as failed, then polls
     app = build_app(engine, allow_signup, runner)
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)

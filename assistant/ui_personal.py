@@ -49,8 +49,9 @@ def snapshot(ui: ChatUI, user_id: int):
                      _f(gate.get("heldout_loss")), _f(gate.get("heldout_loss_before")), _f(gate.get("anchor_rise")),
                      v.get("gate_reason") or ""])
     losses = (job or {}).get("losses") or []
-    curve = pd.DataFrame([{"step": p["step"], "loss": p["loss"]} for p in losses if p.get("loss") is not None]
-                         or [{"step": 0, "loss": 0.0}])
+    points = [(p["step"], p["loss"]) for p in losses if p.get("loss") is not None]
+    curve = pd.DataFrame({"step": pd.Series([s for s, _ in points], dtype="int64"),  # empty until a job logs
+                          "loss": pd.Series([v for _, v in points], dtype="float64")})
     return "\n\n".join(lines), pd.DataFrame(rows, columns=VERSION_COLUMNS), curve, st["personalization"]
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from helpers import cli
 
 HISTORY = {"messages": [{"role": "user", "content": "My dog is called Biscuit."},
@@ -69,6 +71,13 @@ def test_serve_with_unknown_hub_id_offline_is_one_clear_error(tmp_path):
 def test_serve_refuses_a_bad_port(tmp_path):
     r = cli("serve", "--port", "70000", data_dir=tmp_path)
     assert r.returncode == 2 and "port" in r.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "field"), [("--train-after", "0", "min_new_events"),
+                                                      ("--train-interval", "-5", "min_interval_minutes")])
+def test_serve_refuses_bad_personalizer_schedule(tmp_path, flag, value, field):
+    r = cli("serve", flag, value, data_dir=tmp_path)
+    assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr
 
 
 def test_public_address_without_accounts_refuses_to_start(tmp_path):

@@ -125,3 +125,28 @@ def test_bad_generation_settings_name_the_field():
         GenerationSettings.from_request(GenerationSettings(), temperature=5)
     with pytest.raises(InputError, match="max_new_tokens"):
         GenerationSettings.from_request(GenerationSettings(), max_new_tokens="many")
+
+
+@pytest.mark.parametrize("text", ["Bonjour, ça va ? 你好，世界！ 🎉 emoji and ünïcödé text.",
+                                  "line one\nline two  with   spaces 🐶🐶 end"])
+def test_streamed_pieces_rebuild_the_answer_exactly(tiny_loaded, text):
+    """The incremental decoder streams whole words, never half a character, and the pieces join to
+    exactly what decoding the whole answer gives."""
+    from assistant.backend import StreamStats, TransformersBackend, _Request
+
+    backend = TransformersBackend(tiny_loaded)
+    ids = tiny_loaded.tokenizer.encode(text, add_special_tokens=False)
+    req = _Request([], GenerationSettings(), threading.Event(), StreamStats(), None, False)
+    for token in ids:
+        req.ids.append(token)
+        backend._flush(req, final=False)
+    backend._finish(req)
+    pieces = []
+    while (piece := req.pieces.get()) is not None:
+        pieces.append(piece)
+    assert "".join(pieces) == tiny_loaded.tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert len(pieces) > 3 and not any("\ufffd" in p for p in pieces)
+    sent = 0
+    for piece in pieces[:-1]:  # every piece but the last ends at a word boundary
+        sent += len(piece)
+        assert piece.endswith((" ", "\n")) or text[sent] == " ", (piece, text[sent:])
