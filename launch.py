@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"])
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)")
     s.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget in tokens")
     s.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
     s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
         serve(
             store,
-            ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads),
+            ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads,
+                        dtype=args.dtype),
             ChatConfig(context_tokens=args.context_tokens,
                        defaults=GenerationSettings(max_new_tokens=args.max_new_tokens,
                                                    temperature=args.temperature)),

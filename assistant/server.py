@@ -90,7 +90,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
                     "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
     loaded = load_model(model_cfg, store.data_dir)
-    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}) ready in "
+    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}, {loaded.dtype}) ready in "
           f"{loaded.load_seconds:.1f} s", flush=True)
     registry = AdapterRegistry(loaded.model, store)
     memory = None

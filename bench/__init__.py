@@ -8,7 +8,7 @@ from bench import load, memory_bench, quality, quant, serving, training
 
 # name -> (section title, renderer); the runner imports each module's run() by name.
 SECTIONS = {
-    "quant": ("Base model quantization (chooses `--quant auto`)", quant.render),
+    "quant": ("Serving configuration search (chooses `--quant auto` and `--dtype auto`)", quant.render),
     "serving": ("Serving: time to first token, decode speed, concurrent users, adapter switching", serving.render),
     "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
     "load": ("Load: concurrent API chats while a training job runs", load.render),

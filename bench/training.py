@@ -185,7 +185,7 @@ def run(quick: bool = False) -> dict:
         "device": device, "quant": quant, "bf16": bf16, "runs": []}
 
     # The general anchor set, once (a base model answers the shipped prompts; cached per base model).
-    loaded = load_model(ModelConfig(model="embedded", quant="none", device="cpu"), data)
+    loaded = load_model(ModelConfig(model="embedded", quant="none", device="cpu", dtype="float32"), data)
     started = time.perf_counter()
     anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, data, cfg)
     out["anchor_set"] = {"prompts": len(anchors), "seconds": round(time.perf_counter() - started, 2),

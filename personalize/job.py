@@ -184,6 +184,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--quant", default="auto", help="the serving --quant ('none' keeps training off 4-bit)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (TrainConfig.device wins if set)")
+    p.add_argument("--dtype", default="auto", help="the serving --dtype (training on CPU always keeps float32)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", default="{}", help="TrainConfig fields as a JSON object")
     return p.parse_args(argv)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit: marked failed, then exit
     try:
         cfg = TrainConfig.from_dict(json.loads(args.config))
-        model_cfg = ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads)
+        model_cfg = ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads,
+                                dtype=args.dtype)
     except (ValueError, TypeError) as e:
         Store(args.data_dir).jobs.finish(args.job_id, "failed", error=f"Bad training configuration: {e}.")
         print(f"attune job {args.job_id}: bad configuration: {e}", file=sys.stderr)

@@ -64,7 +64,7 @@ class JobRunner:
     def command(self, job_id: int) -> list[str]:
         cmd = [self.config.python, "-m", "personalize.job", "--data-dir", str(self.store.data_dir.root),
                "--job-id", str(job_id), "--model", str(self.model_cfg.model), "--quant", self.model_cfg.quant,
-               "--device", self.model_cfg.device,
+               "--device", self.model_cfg.device, "--dtype", self.model_cfg.dtype,
                "--config", json.dumps(self.train_cfg.to_dict())]
         if self.model_cfg.threads:
             cmd += ["--threads", str(self.model_cfg.threads)]

@@ -82,8 +82,10 @@ def resolve(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> tuple[str
 def load_base(model_cfg: ModelConfig, cfg: TrainConfig, data_dir: DataDir) -> LoadedModel:
     """A fresh copy of the base model for training (never the serving process's model)."""
     device, quant, _ = resolve(cfg, model_cfg)
-    return load_model(ModelConfig(model=model_cfg.model, quant=quant, device=device, threads=model_cfg.threads),
-                      data_dir)
+    # fp32 master weights on CPU (bf16 autocast does the matmuls); the serving dtype elsewhere.
+    dtype = "float32" if device == "cpu" else model_cfg.dtype
+    return load_model(ModelConfig(model=model_cfg.model, quant=quant, device=device, threads=model_cfg.threads,
+                                  dtype=dtype), data_dir)
 
 
 def attach_adapter(model, cfg: TrainConfig, quant: str, continue_from: Path | None):

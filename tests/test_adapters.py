@@ -38,7 +38,7 @@ def publish_random_adapter(store, tiny_model_dir, user_id: int, version: int, se
 @pytest.fixture
 def serving(store, tiny_model_dir, tmp_path):
     def make(max_batch=8, max_loaded=16):
-        loaded = load_model(ModelConfig(model=str(tiny_model_dir), quant="none", device="cpu"),
+        loaded = load_model(ModelConfig(model=str(tiny_model_dir), quant="none", device="cpu", dtype="float32"),
                             DataDir(tmp_path / "m").ensure())
         registry = AdapterRegistry(loaded.model, store, AdapterConfig(max_loaded=max_loaded))
         backend = TransformersBackend(loaded, 512, registry, BatchConfig(max_batch=max_batch, window_ms=200))

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from assistant.model import ModelConfig, load_model, resolve_model_dir
+from assistant.model import ModelConfig, cpu_has_bf16, load_model, resolve_model_dir
 from storage import DataDir
 from storage.errors import ModelError
 
@@ -36,8 +36,9 @@ def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_
     started = time.monotonic()
     loaded = load_model(ModelConfig(quant=quant, device="cpu"), dd)
     assert time.monotonic() - started < 60  # cached conversion: no second 25 s conversion
-    if quant == "auto":
-        assert loaded.quant == "none"  # fp32 on CPU (see resolve_quant)
+    if quant == "auto":  # unquantized on CPU; bf16 where the CPU does bf16 natively (see resolve_dtype)
+        assert loaded.quant == "none" and loaded.dtype == ("bfloat16" if cpu_has_bf16() else "float32")
+        assert str(next(loaded.model.parameters()).dtype) == f"torch.{loaded.dtype}"
     else:
         assert loaded.quant == "nf4" and loaded.model.get_memory_footprint() < 250e6  # ~166 MB vs ~538 MB
     store = Store(dd)
@@ -71,7 +72,8 @@ def test_missing_local_folder(tmp_path):
         resolve_model_dir(str(tmp_path / "nope" / "model"), DataDir(tmp_path).ensure())
 
 
-@pytest.mark.parametrize("field,value", [("quant", "fp3"), ("device", "tpu"), ("model", " "), ("threads", 0)])
+@pytest.mark.parametrize("field,value", [("quant", "fp3"), ("device", "tpu"), ("model", " "), ("threads", 0),
+                                         ("dtype", "fp8")])
 def test_model_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
