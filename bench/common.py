@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -11,3 +12,8 @@ def models_dir() -> Path:
     path = Path(os.environ.get("ATTUNE_BENCH_DIR") or Path(__file__).resolve().parent.parent / ".bench-data")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_section(name: str, quick: bool) -> dict:
+    """``bench.<name>.run(quick)`` (a module-level function so a spawned process can call it)."""
+    return importlib.import_module(f"bench.{name}").run(quick=quick)

@@ -118,22 +118,32 @@ def _speed_with_threads(threads: int, dtype: str, device: str, new_tokens: int, 
 
 def threads_and_compile(dtype: str, device: str, new_tokens: int, repeats: int) -> dict:
     """The chosen dtype at 1 thread vs all, and with a static KV cache + torch.compile."""
-    import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor
 
     import torch
-    from transformers import CompileConfig
 
     out: dict = {"dtype": dtype, "threads": []}
     # Each thread count in a fresh process: oneDNN caches kernels built for the thread count they were
     # first run with, so switching torch.set_num_threads inside one process measures the wrong thing.
-    ctx = multiprocessing.get_context("spawn")
     for n in sorted({1, torch.get_num_threads()}):
-        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            out["threads"].append(pool.submit(_speed_with_threads, n, dtype, device, new_tokens, repeats).result())
+        out["threads"].append(_in_child(_speed_with_threads, n, dtype, device, new_tokens, repeats))
+    out.update(_in_child(_compiled, dtype, device, new_tokens, repeats))
+    out["cpu_count"] = os.cpu_count()
+    return out
+
+
+def _compiled(dtype: str, device: str, new_tokens: int, repeats: int) -> dict:
+    """Static KV cache + torch.compile, with an empty inductor cache so compile times are real."""
+    import os
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="attune-inductor-")
+    import torch
+    from transformers import CompileConfig
+
     loaded = _load("none", dtype, device)
     model, tok = loaded.model, loaded.tokenizer
+    out: dict = {}
     compile_cfg = CompileConfig(fullgraph=True, mode="default")
     compile_cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, cache_implementation="static",
@@ -152,14 +162,13 @@ def threads_and_compile(dtype: str, device: str, new_tokens: int, repeats: int) 
         out["compile_new_shape_s"] = time.perf_counter() - started
     out["compiled"] = speed(model, tok, new_tokens, repeats, cache_implementation="static",
                             compile_config=compile_cfg)
-    out["cpu_count"] = os.cpu_count()
     return out
 
 
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.model import cpu_has_bf16
+    from assistant.model import cpu_has_bf16, resolve_dtype, resolve_quant
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     new_tokens, repeats = (16, 1) if quick else (64, 3)
@@ -167,19 +176,26 @@ def run(quick: bool = False) -> dict:
     if device == "cpu" and not cpu_has_bf16():
         configs.remove(("none", "bfloat16"))
     rows, ref = [], None
-    for quant, dtype in configs:
-        row = candidate(quant, dtype, device, new_tokens, repeats, ref)
+    for quant, dtype in configs:  # each in a fresh process: one candidate's kernels must not slow the next
+        row = _in_child(candidate, quant, dtype, device, new_tokens, repeats, ref)
         ref = ref or row["_answers"]
         rows.append(row)
     for row in rows:
         row.pop("_answers")
-    chosen = _load("auto", "auto", device)
-    out = {"rows": rows, "device": device, "auto": {"quant": chosen.quant, "dtype": chosen.dtype},
+    quant = resolve_quant("auto", device)
+    out = {"rows": rows, "device": device, "auto": {"quant": quant, "dtype": resolve_dtype("auto", device, quant)},
            "new_tokens": new_tokens, "answer_tokens": ANSWER_TOKENS, "prompts": len(PROMPTS)}
-    del chosen
     if not quick:
         out["tuning"] = threads_and_compile(out["auto"]["dtype"], device, new_tokens, repeats)
     return out
+
+
+def _in_child(fn, *args):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def render(r: dict) -> str:
