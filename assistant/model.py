@@ -90,7 +90,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_dtype(dtype: str, device: str, quant: str) -> str:
     """``auto``: bfloat16 on CUDA; on CPU bfloat16 for unquantized weights when the CPU has native bf16
-    (half the memory traffic: 1.6x faster decode than fp32 with the same greedy text, BENCHMARKS.md),
+    (half the memory traffic: ~1.6x the fp32 decode speed, answers as good; BENCHMARKS.md),
     else float32. bitsandbytes on CPU keeps float32 compute (the configuration its regression test pins)."""
     if dtype != "auto":
         return dtype

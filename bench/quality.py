@@ -117,8 +117,8 @@ PROBE_TOKENS = 16
 QA_TOKENS = 16
 BATCH = 16  # concurrent probes decoded together (one mixed-adapter batch)
 SERVE_QUANT = "auto"
-"""Base weights while probing: what Attune serves by default (fp32 on CPU, NF4 on CUDA; see
-assistant.model.resolve_quant for why CPU NF4 is not the default)."""
+"""Base weights while probing: what Attune serves by default (unquantized, bf16 where the CPU has native
+bf16, on CPU; NF4 on CUDA; see assistant.model.resolve_quant / resolve_dtype)."""
 
 
 @dataclass
@@ -404,7 +404,7 @@ def run(quick: bool = False) -> dict:
         "jobs": len(trained[name]), "published": sum(r["published"] for r in trained[name].values()),
         "default_gate_pass": sum(r["default_gate_pass"] for r in trained[name].values())} for name in variants}
     return {
-        "device": device, "quant": loaded.quant, "users": sz.users, "facts_per_user": sz.facts,
+        "device": device, "quant": loaded.quant, "dtype": loaded.dtype, "users": sz.users, "facts_per_user": sz.facts,
         "history": _history_counts(user_history(0, sz.facts)),
         "variant_users": sz.variant_users, "general_qa": len(qa), "probe_tokens": PROBE_TOKENS, "batch": BATCH,
         "qa_tokens": QA_TOKENS, "train_config": sz.train, "default_anchor_ratio": TrainConfig().anchor_ratio,
@@ -448,6 +448,7 @@ def render(r: dict) -> str:
         f"{h['disliked_only']} disliked without correction). One "
         "paraphrased probe per fact, never seen in training; right = the expected keyword in the greedy answer "
         f"(≤ {r['probe_tokens']} new tokens). Served by ChatEngine + TransformersBackend (`--quant {r['quant']}`, "
+        f"{r.get('dtype', 'float32')}, "
         f"{r['device']}, mixed-adapter batches of ≤ {r['batch']}) with MemoryService (MiniLM, defaults); adapters "
         f"trained by `train_now` with {', '.join(f'{k}={val}' for k, val in t.items())} (other TrainConfig fields "
         "default; the gate's general-loss margin relaxed so every candidate is published and measured; the default "

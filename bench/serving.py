@@ -209,14 +209,13 @@ def render(r: dict) -> str:
              c["serialized"]["ttft_ms_p50"]] for c in r["concurrency"]]
     if merged:
         gain = merged["decode_tok_s"] / r["adapter"]["decode_tok_s"]
-        if merged["changed_after_unmerge"]:
-            verdict = (f"but merging and unmerging in {merged['dtype']} does not give the shared base weights back: "
-                       f"{merged['changed_after_unmerge']:,} of {merged['base_weights']:,} changed, drifting the base "
-                       "model of every other user with each switch, so Attune keeps adapters unmerged")
-        else:
-            verdict = "and unmerging restored the base weights exactly"
         ratio_merge = (f"Merging a lone user's adapter into the weights decodes at {gain:.2f}× the unmerged adapter's "
-                       f"speed, {verdict}.")
+                       "speed here")
+        if merged["changed_after_unmerge"]:
+            ratio_merge += (f", and unmerging in {merged['dtype']} does not give the shared base weights back "
+                            f"({merged['changed_after_unmerge']:,} of {merged['base_weights']:,} differ afterwards), "
+                            "which would drift every other user's base model with each switch")
+        ratio_merge += "; so Attune keeps adapters unmerged and routes rows through them (peft `adapter_names`)."
     else:
         ratio_merge = ""
     ratio = (f"Ours vs llama.cpp decode: **{r['base']['decode_tok_s'] / anchor['decode_tok_s']:.2f}×** (llama.cpp "

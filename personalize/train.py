@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.model import LoadedModel, ModelConfig, load_model, resolve_device
+from assistant.model import LoadedModel, ModelConfig, cpu_has_bf16, load_model, resolve_device
 from personalize.config import TrainConfig
 from personalize.dataset import Example, encode
 from storage.errors import TrainingError
@@ -63,8 +63,6 @@ def resolve(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> tuple[str
     ``auto`` in TrainConfig defers to the serving ModelConfig's device, then to the hardware; the
     training quant is NF4 on CUDA (QLoRA) unless ``--quant none`` was asked for, fp32 on CPU.
     """
-    import torch
-
     device = resolve_device(cfg.device if cfg.device != "auto" or model_cfg is None else model_cfg.device)
     if cfg.quant != "auto":
         quant = cfg.quant
@@ -73,7 +71,7 @@ def resolve(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> tuple[str
     if quant == "nf4" and device != "cuda":
         raise TrainingError("QLoRA (quant nf4) trains on CUDA only; use quant 'none' (fp32) on CPU.")
     if cfg.mixed_precision == "auto":
-        bf16 = device == "cuda" or bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        bf16 = device == "cuda" or cpu_has_bf16()
     else:
         bf16 = cfg.mixed_precision == "bf16"
     return device, quant, bf16
