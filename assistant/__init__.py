@@ -10,3 +10,9 @@ per-user FAISS; ``embedder``, ``memory_index``, ``memory``), the Gradio UI (``ui
 Must not know: how adapters are trained (it only reads published versions from ``storage`` and
 starts jobs through ``personalize.api``/``personalize.runner``). All state goes through ``storage``.
 """
+
+import logging
+
+# bitsandbytes tries to fetch a faster CPU 4-bit kernel from the Hugging Face hub at import and logs a
+# warning when it cannot (always, offline); Attune does not serve through that kernel (see model.resolve_quant).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
