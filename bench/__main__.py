@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 from bench import SECTIONS
-from bench.common import run_section
+from bench.common import in_fresh_process, run_section
 from bench.report import save, write
-
-
-def _isolated(name: str, quick: bool) -> dict:
-    """One section in a fresh process: what one section loads, compiles or sets (torch threads, oneDNN
-    kernel caches, models) must not change what the next one measures."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_section, name, quick).result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.only or list(SECTIONS):
         print(f"bench: {name}...", file=sys.stderr, flush=True)
-        data = _isolated(name, args.quick)
+        data = in_fresh_process(run_section, name, args.quick)  # sections must not slow each other
         results = save(name, {"quick": args.quick, **data})
         print(json.dumps({name: data}, default=str)[:2000], flush=True)
     write(results)

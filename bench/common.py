@@ -17,3 +17,13 @@ def models_dir() -> Path:
 def run_section(name: str, quick: bool) -> dict:
     """``bench.<name>.run(quick)`` (a module-level function so a spawned process can call it)."""
     return importlib.import_module(f"bench.{name}").run(quick=quick)
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new (spawned) Python process. Measurements need it: what one run loads, compiles
+    or sets (torch threads, oneDNN kernel caches built for a thread count, models) slows the next one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

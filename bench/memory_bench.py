@@ -220,15 +220,13 @@ def _embed_with_threads(threads: int, probes: list[str], repeats: int) -> dict:
 def embed_latency(probes: list[str], repeats: int) -> dict:
     """Query embedding at 1 thread and at torch's default, each in a fresh process: oneDNN keeps kernels
     built for the thread count they first ran with, so switching threads in one process misleads."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import torch
+
+    from bench.common import in_fresh_process
 
     out = {}
     for threads in sorted({1, torch.get_num_threads()}):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            out[f"torch_threads_{threads}"] = pool.submit(_embed_with_threads, threads, probes, repeats).result()
+        out[f"torch_threads_{threads}"] = in_fresh_process(_embed_with_threads, threads, probes, repeats)
     return out
 
 

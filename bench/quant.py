@@ -122,12 +122,13 @@ def threads_and_compile(dtype: str, device: str, new_tokens: int, repeats: int) 
 
     import torch
 
+    from bench.common import in_fresh_process
+
     out: dict = {"dtype": dtype, "threads": []}
-    # Each thread count in a fresh process: oneDNN caches kernels built for the thread count they were
-    # first run with, so switching torch.set_num_threads inside one process measures the wrong thing.
+    # Each thread count in a fresh process: switching torch.set_num_threads inside one process misleads.
     for n in sorted({1, torch.get_num_threads()}):
-        out["threads"].append(_in_child(_speed_with_threads, n, dtype, device, new_tokens, repeats))
-    out.update(_in_child(_compiled, dtype, device, new_tokens, repeats))
+        out["threads"].append(in_fresh_process(_speed_with_threads, n, dtype, device, new_tokens, repeats))
+    out.update(in_fresh_process(_compiled, dtype, device, new_tokens, repeats))
     out["cpu_count"] = os.cpu_count()
     return out
 
@@ -169,6 +170,7 @@ def run(quick: bool = False) -> dict:
     import torch
 
     from assistant.model import cpu_has_bf16, resolve_dtype, resolve_quant
+    from bench.common import in_fresh_process
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     new_tokens, repeats = (16, 1) if quick else (64, 3)
@@ -177,7 +179,7 @@ def run(quick: bool = False) -> dict:
         configs.remove(("none", "bfloat16"))
     rows, ref = [], None
     for quant, dtype in configs:  # each in a fresh process: one candidate's kernels must not slow the next
-        row = _in_child(candidate, quant, dtype, device, new_tokens, repeats, ref)
+        row = in_fresh_process(candidate, quant, dtype, device, new_tokens, repeats, ref)
         ref = ref or row["_answers"]
         rows.append(row)
     for row in rows:
@@ -188,14 +190,6 @@ def run(quick: bool = False) -> dict:
     if not quick:
         out["tuning"] = threads_and_compile(out["auto"]["dtype"], device, new_tokens, repeats)
     return out
-
-
-def _in_child(fn, *args):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def render(r: dict) -> str:
