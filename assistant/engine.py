@@ -126,15 +126,21 @@ class ChatEngine:
 
     def _remember(self, user_id: int, turn: Turn) -> None:
         """The finished turn becomes memory (the memory service decides what is kept)."""
-        if self.memory is not None and turn.assistant_message_id and turn.status == "complete":
+        if self.memory is not None and turn.assistant_message_id and turn.status == "complete" and \
+                self._source(user_id, turn) != "compare":  # Compare runs never become memory
             try:
                 self.memory.remember_turn(user_id, turn.assistant_message_id)
             except AttuneError as e:  # the answer is stored; memory can be rebuilt from SQLite later
                 log.warning("could not remember message %s: %s", turn.assistant_message_id, e)
 
-    def recall(self, user_id: int, query: str) -> list:
-        """The user's memories relevant to ``query`` (empty without a memory service)."""
-        return self.memory.retrieve(user_id, query) if self.memory is not None else []
+    def _source(self, user_id: int, turn: Turn) -> str:
+        return self.store.chats.message(user_id, turn.assistant_message_id)["source"]
+
+    def recall(self, user_id: int, query: str, conversation_id: int | None = None) -> list:
+        """The user's memories relevant to ``query``, none from ``conversation_id`` (empty without memory)."""
+        if self.memory is None:
+            return []
+        return self.memory.retrieve(user_id, query, exclude_conversation=conversation_id)
 
     def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int,
                      exclude_id: int | None = None, memory_block: str = "") -> tuple[list[int], Turn]:
@@ -203,7 +209,7 @@ class ChatEngine:
         personalized = self._personalized(user_id)  # read once: the whole turn sees one value
         if use_memory and self.memory is not None and personalized:
             query = self.store.chats.message(user_id, turn.user_message_id)["content"]
-            turn.memories = self.recall(user_id, query)
+            turn.memories = self.recall(user_id, query, turn.conversation_id)
             turn.memory_ids = [h.id for h in turn.memories]
             block = self.memory.prompt_block(turn.memories)
         ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),

@@ -46,7 +46,7 @@ _ZH_QUESTION = re.compile(r"(?:吗|呢|什么|哪|谁|几|多少|怎么|为什�
 # First person -> second person, for the prompt block and for training answers.
 _SWAPS = {
     "i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself",
-    "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "im": "you're",
+    "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll",
     "we": "you", "us": "you", "our": "your", "ours": "yours", "ourselves": "yourselves",
     "we're": "you're", "we've": "you've", "we'd": "you'd", "we'll": "you'll",
 }
@@ -116,7 +116,7 @@ def second_person(text: str) -> str:
     prev = ""
     for part in parts:
         low = part.lower()
-        if low in _SWAPS:
+        if low in _SWAPS and (low != "us" or part == "us"):  # "the US" stays
             new = _SWAPS[low]
         elif prev in ("i", "we") and low in _AFTER_I:
             new = _AFTER_I[low]

@@ -21,7 +21,10 @@ from storage.errors import InputError, NotFound
 if TYPE_CHECKING:
     from storage.db import Store
 
-KINDS = ("turn", "correction", "liked", "fact")
+KINDS = ("statement", "correction", "liked", "fact", "turn")
+"""``turn`` (a "User: … Assistant: …" dump) is only read: rows of it are re-derived as statements (m006)."""
+DERIVED_KINDS = ("statement", "correction", "liked", "turn")
+"""Kinds derived from messages (re-derivable from SQLite); ``fact`` is written by the user and never derived."""
 MAX_MEMORY_CHARS = 20_000
 MAX_PAGE = 500
 _ID_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
@@ -37,6 +40,8 @@ class Memory:
     text: str
     message_id: int | None
     created_at: str
+    policy: int = 1
+    """The derivation policy the row was written under (see ``assistant.memory.POLICY``)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class SourceTurn:
     answer_id: int
     question: str | None
     """The user message it answers (the last one before it in the conversation), None if there is none."""
+    question_id: int | None
     answer: str
     complete: bool
     """The answer finished normally (not stopped or failed)."""
@@ -72,10 +78,14 @@ class SourceTurn:
     created_at: str
     sibling_ids: tuple[int, ...]
     """Other answers to the same question (earlier tries, normally replaced)."""
+    source: str = "ui"
+    """Where the answer came from (``ui``, ``api``, ``import``, ``compare``)."""
+    conversation_id: int = 0
 
 
 def _memory(row: dict) -> Memory:
-    return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"])
+    return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"],
+                  row.get("policy") or 1)
 
 
 def _like_pattern(query: str) -> str:
@@ -89,7 +99,7 @@ class Memories:
 
     # writes ----------------------------------------------------------------------------------
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
-            created_at: str | None = None) -> int:
+            created_at: str | None = None, policy: int = 1) -> int:
         """Insert and commit one memory; returns its id (never reused, even after deletion)."""
         from storage.db import utcnow
 
@@ -101,7 +111,7 @@ class Memories:
         with self.store.write() as db:
             return db["memories"].insert(
                 {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
-                 "created_at": created_at or utcnow()}
+                 "created_at": created_at or utcnow(), "policy": policy}
             ).last_pk
 
     def set_kind(self, user_id: int, memory_id: Any, kind: str) -> None:
@@ -112,16 +122,18 @@ class Memories:
         with self.store.write() as db:
             db.execute("UPDATE memories SET kind = ? WHERE id = ? AND user_id = ?", [kind, memory.id, user_id])
 
-    def delete(self, user_id: int, memory_id: Any) -> None:
-        """The user deletes one memory: NotFound if it is not theirs. Its message never becomes memory again."""
+    def delete(self, user_id: int, memory_id: Any) -> Memory:
+        """The user deletes one memory: NotFound if it is not theirs. That text of its message never becomes
+        memory again (other statements of the same message stay). Returns the deleted row."""
         from storage.db import utcnow
 
         memory = self.get(user_id, memory_id)
         with self.store.write() as db:
             db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", [memory.id, user_id])
             if memory.message_id is not None:
-                db.execute("INSERT OR IGNORE INTO memory_exclusions (user_id, message_id, created_at) "
-                           "VALUES (?, ?, ?)", [user_id, memory.message_id, utcnow()])
+                db.execute("INSERT OR IGNORE INTO memory_text_exclusions (user_id, message_id, text, created_at) "
+                           "VALUES (?, ?, ?, ?)", [user_id, memory.message_id, memory.text, utcnow()])
+        return memory
 
     def delete_all(self, user_id: int) -> int:
         """The user forgets every memory; none of their messages so far becomes memory again. Returns the count."""
@@ -145,6 +157,52 @@ class Memories:
                     f"DELETE FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk]
                 ).rowcount
         return deleted
+
+    def excluded_texts(self, user_id: int, message_ids: Iterable[int]) -> set[tuple[int, str]]:
+        """(message id, text) pairs among these messages whose memory the user deleted."""
+        ids = [int(i) for i in message_ids]
+        out: set[tuple[int, str]] = set()
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out.update((r[0], r[1]) for r in self.store.db.execute(
+                f"SELECT message_id, text FROM memory_text_exclusions WHERE user_id = ? AND message_id IN ({marks})",
+                [user_id, *chunk]))
+        return out
+
+    def derived_for(self, user_id: int, message_ids: Iterable[int]) -> list[Memory]:
+        """The user's memories derived from these messages (every kind but ``fact``), ascending id."""
+        ids = [int(i) for i in message_ids]
+        out: list[Memory] = []
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out += [_memory(r) for r in self.store.db.query(
+                f"SELECT * FROM memories WHERE user_id = ? AND kind != 'fact' AND message_id IN ({marks})",
+                [user_id, *chunk])]
+        return sorted(out, key=lambda m: m.id)
+
+    def delete_derived_below(self, user_id: int, policy: int) -> int:
+        """Delete the user's derived memories written under an older policy (they are re-derived from the
+        messages, which stay); the user's own facts are kept. Returns how many were deleted."""
+        with self.store.write() as db:
+            return db.execute("DELETE FROM memories WHERE user_id = ? AND kind != 'fact' AND policy < ?",
+                              [user_id, policy]).rowcount
+
+    def conversations_of(self, user_id: int, memory_ids: Iterable[int]) -> dict[int, tuple[int, str, str]]:
+        """Per memory id: (conversation id, conversation title, message role) of the message it came from;
+        memories without a message (facts the user added) are absent."""
+        ids = [int(i) for i in memory_ids]
+        out: dict[int, tuple[int, str, str]] = {}
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self.store.db.execute(
+                "SELECT m.id, c.id, c.title, g.role FROM memories m JOIN messages g ON g.id = m.message_id "
+                "AND g.user_id = m.user_id JOIN conversations c ON c.id = g.conversation_id AND c.user_id = m.user_id "
+                f"WHERE m.user_id = ? AND m.id IN ({marks})", [user_id, *chunk]):
+                out[r[0]] = (r[1], r[2], r[3])
+        return out
 
     def excluded(self, user_id: int, message_id: int) -> bool:
         """Whether the user deleted this message's memory (so it must not be remembered again)."""
@@ -255,10 +313,12 @@ class Memories:
             ))
         state = self.store.chats.feedback_state(user_id, answer["id"])
         return SourceTurn(
-            answer_id=answer["id"], question=question[1] if question else None, answer=answer["content"],
+            answer_id=answer["id"], question=question[1] if question else None,
+            question_id=question[0] if question else None, answer=answer["content"],
             complete=answer["status"] == "complete", replaced=answer["replaced_by"] is not None,
             rating=state["rating"], correction=state["correction"],
             excluded=self.excluded(user_id, answer["id"]), created_at=answer["created_at"], sibling_ids=siblings,
+            source=answer["source"], conversation_id=conv,
         )
 
     def answer_ids(self, user_id: int) -> list[int]:

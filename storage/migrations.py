@@ -185,3 +185,49 @@ def m005_memory_ids_and_exclusions(db: Database) -> None:
         "CREATE TRIGGER memories_text_immutable BEFORE UPDATE OF text, user_id ON memories BEGIN "
         "SELECT RAISE(ABORT, 'A memory''s text and owner never change: delete it and add a new one.'); END"
     )
+
+
+@migrations()
+def m006_memory_statements(db: Database) -> None:
+    """Memory keeps clean statements: a new kind ``statement`` (a sentence the user said about themselves, keyed
+    by their message), a ``policy`` number per row (rows derived under an older policy, e.g. the ``turn`` dumps
+    of "User: … Assistant: …", are re-derived from the messages by the memory service: nothing is lost, the
+    messages stay the source) and per-text exclusions (deleting one statement of a message keeps its others).
+    Ids stay AUTOINCREMENT and never reused: the sequence is carried over."""
+    _run(
+        db,
+        """
+        CREATE TABLE memories_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('statement', 'turn', 'correction', 'liked', 'fact')),
+            text TEXT NOT NULL,
+            message_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            policy INTEGER NOT NULL DEFAULT 1
+        );
+        INSERT INTO memories_new (id, user_id, kind, text, message_id, created_at, policy)
+            SELECT id, user_id, kind, text, message_id, created_at, 1 FROM memories;
+        DELETE FROM sqlite_sequence WHERE name = 'memories_new';
+        INSERT INTO sqlite_sequence (name, seq)
+            SELECT 'memories_new', MAX(seq) FROM (
+                SELECT seq FROM sqlite_sequence WHERE name = 'memories' UNION ALL
+                SELECT COALESCE(MAX(id), 0) FROM memories);
+        DROP TABLE memories;
+        ALTER TABLE memories_new RENAME TO memories;
+        CREATE INDEX idx_memories_user ON memories(user_id, id);
+        CREATE INDEX idx_memories_message ON memories(message_id);
+        CREATE TABLE memory_text_exclusions (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (user_id, message_id, text)
+        );
+        CREATE INDEX idx_memory_text_exclusions_message ON memory_text_exclusions(message_id)
+        """,
+    )
+    db.execute(
+        "CREATE TRIGGER memories_text_immutable BEFORE UPDATE OF text, user_id ON memories BEGIN "
+        "SELECT RAISE(ABORT, 'A memory''s text and owner never change: delete it and add a new one.'); END"
+    )
