@@ -59,7 +59,7 @@ class MemoryConfig:
 
     k: int = 3
     """Memories retrieved per message at most (unrelated facts beside the right one confuse a small model)."""
-    min_score: float = 0.45
+    min_score: float = 0.35
     """Cosine a memory needs to be retrieved (calibrated on the quality bench: paraphrased probes vs their
     own statement, general questions vs every memory; BENCHMARKS.md reports its precision and recall)."""
     relative_margin: float = 0.1

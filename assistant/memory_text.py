@@ -93,6 +93,9 @@ def statements(text: str) -> list[str]:
     out: list[str] = []
     for match in _SENTENCE.finditer(text or ""):
         sentence = _LEAD.sub("", " ".join(match.group(0).split())).strip(" ,;:-")
+        head, colon, tail = sentence.partition(": ")
+        if colon and is_statement(tail):  # "Quick one before I forget: my dog is Rex." -> the part after
+            sentence = tail
         if not is_statement(sentence):
             continue
         sentence = sentence[0].upper() + sentence[1:]

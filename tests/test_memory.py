@@ -425,6 +425,7 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("Hi! My dog is called Biscuit. What breed suits flats?", ["My dog is called Biscuit."]),
     ("btw, I work as a nurse", ["I work as a nurse."]),
+    ("Quick one before I forget: my son is Elio.", ["My son is Elio."]),
     ("Tell me about my horoscope.", []),
     ("Can you help me plan my trip?", []),
     ("I want you to write a poem about cats.", []),
