@@ -38,7 +38,7 @@ import numpy as np
 
 from assistant.embedder import Embedder, HashEmbedder, MiniLMConfig, MiniLMEmbedder
 from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig, VectorIndex, build, load, save, sidecar
-from assistant.memory_text import facts_block, second_person, statements
+from assistant.memory_text import facts_block, informative, second_person, statements
 from storage.chats import clean_text
 from storage.db import Store
 from storage.errors import InputError, StorageError
@@ -355,7 +355,7 @@ class MemoryService:
         limit = self.config.max_text_chars
         if turn.correction and turn.correction.strip():
             out.append((turn.answer_id, "correction", _clip(turn.correction, limit)))
-        elif turn.rating == "like" and turn.answer.strip():
+        elif turn.rating == "like" and informative(turn.answer):
             out.append((turn.answer_id, "liked", _clip(turn.answer, limit)))
         return out
 

@@ -14,6 +14,8 @@ import re
 STATEMENT_MAX_CHARS = 300
 """A statement longer than this is cut into chunks at word boundaries."""
 STATEMENT_MIN_WORDS = 3
+LIKED_MIN_WORDS = 4
+"""A liked answer shorter than this (an acknowledgment) is not remembered."""
 
 BLOCK_HEADER = "Facts the user told you earlier (use them only when they answer the question):"
 """The first line of the memory block in the system prompt (chosen by measurement, BENCHMARKS.md)."""
@@ -83,6 +85,11 @@ def is_statement(sentence: str) -> bool:
     if re.match(r"^call me\b", s, re.IGNORECASE):
         return True
     return bool(_FIRST_PERSON.search(s)) and not _REQUEST.search(s)
+
+
+def informative(answer: str) -> bool:
+    """An answer worth remembering as a fact: more than a short acknowledgment ("Nice name!", "Noted.")."""
+    return len(answer.split()) >= LIKED_MIN_WORDS or (_is_zh(answer) and len(answer.strip()) >= 8)
 
 
 def statements(text: str) -> list[str]:

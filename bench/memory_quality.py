@@ -175,8 +175,18 @@ def run(quick: bool = False) -> dict:
     from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
     from assistant.engine import ChatConfig
     from assistant.model import ModelConfig, load_model
-    from bench.quality import BATCH, GENERAL_QA, PROBE_TOKENS, QA_TOKENS, USER_NAMES, _ask_all, _hits, _owned
-    from bench.quality import _probe_engine, _remove
+    from bench.quality import (
+        BATCH,
+        GENERAL_QA,
+        PROBE_TOKENS,
+        QA_TOKENS,
+        USER_NAMES,
+        _ask_all,
+        _hits,
+        _owned,
+        _probe_engine,
+        _remove,
+    )
 
     started = time.perf_counter()
     data, store, memory, users, facts, kinds = _setup(quick)

@@ -158,7 +158,7 @@ def test_correction_replaces_the_answer(store, alice, memory):
 
 
 def test_dislike_is_never_stored_like_is(store, alice, memory):
-    _, bad = turn(store, alice, "I am vegan. Suggest a dinner.", "A steak, obviously.")
+    _, bad = turn(store, alice, "I am vegan. Suggest a dinner.", "A big juicy steak, obviously.")
     memory.on_feedback(alice.id, bad, "like")
     assert sorted(m.kind for m in memory.list(alice.id)) == ["liked", "statement"]
     memory.on_feedback(alice.id, bad, "dislike")
@@ -168,7 +168,7 @@ def test_dislike_is_never_stored_like_is(store, alice, memory):
 
 
 def test_unfinished_retried_and_compare_answers(store, alice, memory):
-    cid, stopped = turn(store, alice, "Tell me about Rome", "Rome was fou", status="stopped")
+    cid, stopped = turn(store, alice, "Tell me about Rome", "Rome was founded in 753 BC", status="stopped")
     store.chats.add_feedback(alice.id, stopped, "like")
     assert memory.remember_turn(alice.id, stopped) is not None
     retry = store.chats.add_message(alice.id, cid, "assistant", "Rome is the capital of Italy.")
@@ -359,13 +359,16 @@ def test_backfill_of_an_imported_history_follows_feedback(store, alice, memory, 
     path.write_text(json.dumps({"messages": [
         {"role": "user", "content": "My dog is called Biscuit."},
         {"role": "assistant", "content": "Nice name!", "feedback": "like"},
+        {"role": "user", "content": "What is a good dog walk?"},
+        {"role": "assistant", "content": "A loop through the park by the river.", "feedback": "like"},
         {"role": "user", "content": "What breed suits flats?"},
         {"role": "assistant", "content": "A husky.", "feedback": "dislike", "correction": "A French bulldog."},
     ]}) + "\n")
     import_history(store, alice.id, path)
-    assert memory.backfill(alice.id) == {"answers": 2, "memories": 3, "added": 3}
-    kinds = {m.kind: m.text for m in memory.list(alice.id)}
-    assert kinds == {"statement": "My dog is called Biscuit.", "liked": "Nice name!", "correction": "A French bulldog."}
+    assert memory.backfill(alice.id) == {"answers": 3, "memories": 3, "added": 3}
+    kinds = {m.kind: m.text for m in memory.list(alice.id)}  # a liked acknowledgment is no fact
+    assert kinds == {"statement": "My dog is called Biscuit.", "liked": "A loop through the park by the river.",
+                     "correction": "A French bulldog."}
     assert memory.backfill(alice.id)["added"] == 0  # idempotent
 
 
