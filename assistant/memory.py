@@ -211,7 +211,7 @@ class MemoryService:
 
     def edit(self, user_id: int, memory_id: int, text: str) -> int | None:
         """Replace one memory's text (the old text never comes back); returns the new memory's id."""
-        text = clean_text(text, what="memory")
+        text = clean_text(text, what="memory")  # bad input is refused before anything is deleted
         old = self.delete(user_id, memory_id)
         return self.remember_fact(user_id, text, old.message_id)
 
@@ -277,6 +277,11 @@ class MemoryService:
     def list(self, user_id: int, query: str | None = None, limit: int = 50, offset: int = 0) -> list[Memory]:
         """A page of the user's memories for the Memory tab, newest first, optionally containing ``query``."""
         return self.store.memories.list(user_id, query, limit, offset)
+
+    def sources(self, user_id: int, memory_ids: list[int]) -> dict[int, str]:
+        """Per memory id: the title of the conversation it came from (absent for facts typed in the Memory tab)."""
+        return {i: title or f"#{cid}" for i, (cid, title, _) in
+                self.store.memories.conversations_of(user_id, memory_ids).items()}
 
     def count(self, user_id: int, query: str | None = None) -> int:
         return self.store.memories.count(user_id, query)

@@ -98,11 +98,15 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
         with gr.Row():
             query = gr.Textbox(label=t("search"), elem_id="memory-search", scale=4)
             refresh = gr.Button(t("search"), elem_id="memory-search-btn", scale=1)
-        table = gr.Dataframe(headers=["id", "kind", "text", "date"], datatype=["number", "str", "str", "str"],
-                             interactive=False, elem_id="memory-table", wrap=True)
+        table = gr.Dataframe(headers=[t(f"mem_col_{c}") for c in ("id", "kind", "text", "source", "date")],
+                             datatype=["number", "str", "str", "str", "str"], interactive=False,
+                             elem_id="memory-table", wrap=True)
         with gr.Row():
             mid = gr.Number(value=None, label=t("memory_id"), precision=0, elem_id="memory-id")
             delete = gr.Button(t("delete_memory"), variant="stop", elem_id="memory-delete")
+        with gr.Row():
+            new_text = gr.Textbox(label=t("edit_memory"), elem_id="memory-edit-text", scale=4)
+            edit = gr.Button(t("save_edit"), elem_id="memory-edit", scale=1)
         with gr.Row():
             fact = gr.Textbox(label=t("remember_fact"), elem_id="memory-fact", scale=4)
             add = gr.Button(t("remember"), elem_id="memory-add", scale=1)
@@ -115,8 +119,10 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
         user = ui._user(s)
         if ui.engine.memory is None:
             return []
-        return [[m.id, m.kind, m.text, m.created_at[:16].replace("T", " ")]
-                for m in ui.engine.memory.list(user["id"], q or None, limit=200)]
+        memories = ui.engine.memory.list(user["id"], q or None, limit=200)
+        origin = ui.engine.memory.sources(user["id"], [m.id for m in memories])
+        return [[m.id, t(f"mem_kind_{m.kind}"), m.text, origin.get(m.id, t("mem_source_none")),
+                 m.created_at[:16].replace("T", " ")] for m in memories]
 
     def guarded(action):
         def run(s, q, *args):
@@ -136,6 +142,12 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
         ui.engine.memory.delete(uid, int(memory_id))
         return f"Memory {int(memory_id)} deleted: it will not be used again."
 
+    def do_edit(uid, memory_id, text):
+        if memory_id is None:
+            raise InputError("Enter the id of the memory to edit (first column), then its new text.")
+        new = ui.engine.memory.edit(uid, int(memory_id), text)
+        return f"Memory {int(memory_id)} replaced" + (f" by memory {new}." if new else " (already remembered).")
+
     def do_add(uid, text):
         return "Remembered." if ui.engine.memory.remember_fact(uid, text) else "Already remembered."
 
@@ -149,4 +161,5 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
     query.submit(rows, [session, query], [table], **PRIVATE)
     delete.click(guarded(do_delete), [session, query, mid], [table, status], **PRIVATE)
     add.click(guarded(do_add), [session, query, fact], [table, status], **PRIVATE)
+    edit.click(guarded(do_edit), [session, query, mid, new_text], [table, status], **PRIVATE)
     forget.click(guarded(do_forget), [session, query, sure], [table, status], **PRIVATE)

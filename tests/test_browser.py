@@ -153,6 +153,21 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     used = json.loads(last["memory_ids"])
     assert used and all(db_rows(server, "SELECT user_id FROM memories WHERE id = ?", [m])[0]["user_id"] == carol
                         for m in used)
+    texts = [db_rows(server, "SELECT text FROM memories WHERE id = ?", [m])[0]["text"] for m in used]
+    assert texts == ["My dog is called Biscuit and he is a beagle."]  # a clean statement, not a turn dump
+    expect(notice).not_to_contain_text("Assistant:")
+    ask(page, server, "How many legs does a spider have?", n_answers(server))  # general: no memory
+    expect(notice).to_contain_text("Answered by", timeout=20_000)
+    expect(notice).not_to_contain_text("Memories used")
+
+    # The Memory tab shows where it came from and lets carol edit it.
+    page.get_by_role("tab", name="Memory").click()
+    expect(page.locator("#memory-table")).to_contain_text("you said", timeout=15_000)
+    page.locator("#memory-id input").fill(str(used[0]))
+    page.locator("#memory-edit-text textarea").fill("My dog is called Biscuit and he is a beagle mix.")
+    page.get_by_role("button", name="Save edit").click()
+    expect(page.locator("#memory-table")).to_contain_text("beagle mix", timeout=10_000)
+    page.get_by_role("tab", name="Chat").click()
 
     # The Memory tab lists it; deleting it means it is never retrieved again.
     page.get_by_role("tab", name="Memory").click()
