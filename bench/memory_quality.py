@@ -1,7 +1,7 @@
 """Memory quality on the embedded SmolLM2-135M: does personal memory help, and never hurt?
 
 Synthetic users (facts and paraphrased probes from ``bench.quality.SLOTS``) of two kinds: facts told and
-then asked about (``quality.user_history``: likes, corrections, a dislike), and facts told *in passing*
+then asked about (``quality_users.told_then_asked``: likes, corrections, a dislike), and facts told *in passing*
 inside chatty messages that get a short acknowledgment, mixed with unrated general questions (how people
 talk). Their histories are imported and turned into memory by ``MemoryService.backfill`` with defaults
 (MiniLM). Then:
@@ -23,34 +23,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PASSING = [  # (chatty message around a statement, short acknowledgment)
-    ("Long day today. {s} Anyway, any tips for sleeping better?", "Sorry to hear that! Try a regular bedtime."),
-    ("{s} Just thought you should know.", "Thanks for telling me!"),
-    ("Quick one before I forget: {s}", "Noted!"),
-    ("Hey there. {s} What's a good podcast for a commute?", "Try a history podcast, they are great for commutes."),
-    ("So, about me: {s} Also, is it going to rain a lot this autumn?", "I can't see forecasts, sorry."),
-]
-GENERAL_CHAT = [("How do I boil an egg?", "Simmer it for about nine minutes."),
-                ("Recommend a classic novel.", "Try 'Pride and Prejudice'."),
-                ("What's a quick stretch for my back?", "Try a gentle child's pose for thirty seconds.")]
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 FORMATS = ("facts_second_person", "facts_first_person", "turn_dump", "in_user_message")
 N_ANCHOR_GENERAL = 60
-
-
-def passing_history(u: int, n_facts: int) -> list[dict]:
-    """Facts told in passing, one per chatty message, each acknowledged briefly; general questions between."""
-    from bench.quality import SLOTS
-
-    convs = []
-    for s in range(n_facts):
-        message, ack = PASSING[(s + u) % len(PASSING)]
-        msgs = [{"role": "user", "content": message.format(s=SLOTS[s][0].format(v=SLOTS[s][5][u]))},
-                {"role": "assistant", "content": ack}]
-        q, a = GENERAL_CHAT[s % len(GENERAL_CHAT)]
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        convs.append({"messages": msgs})
-    return convs
 
 
 def _general_questions() -> list[str]:
@@ -143,7 +118,8 @@ def _setup(quick: bool):
 
     from assistant.memory import MemoryConfig, MemoryService
     from bench.common import models_dir
-    from bench.quality import USER_NAMES, user_facts, user_history
+    from bench.quality import SLOTS, USER_NAMES
+    from bench.quality_users import in_passing, told_then_asked
     from storage import DataDir, Store
     from storage.transfer import import_history
 
@@ -158,13 +134,14 @@ def _setup(quick: bool):
     for u in range(n_users):
         uid = store.users.create(USER_NAMES[u], "correct horse").id
         kinds[uid] = "told then asked" if u % 2 == 0 else "in passing"
-        history = user_history(u, n_facts) if u % 2 == 0 else passing_history(u, n_facts)
+        history = told_then_asked(u, n_facts) if u % 2 == 0 else in_passing(u, n_facts)
         path = data.root / f"history-{u}.jsonl"
         path.write_text("\n".join(json.dumps(c) for c in history), encoding="utf-8")
         import_history(store, uid, path)
         memory.backfill(uid)
         users.append(uid)
-        facts[uid] = user_facts(u, n_facts)
+        facts[uid] = [{"slot": s, "value": SLOTS[s][5][u], "keyword": SLOTS[s][5][u], "probe": SLOTS[s][4]}
+                      for s in range(n_facts)]
     return data, store, memory, users, facts, kinds
 
 
