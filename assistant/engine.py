@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from assistant.memory_text import with_facts
 from storage.chats import clean_text
 from storage.db import Store
 from storage.errors import AttuneError, InputError
@@ -156,25 +157,27 @@ class ChatEngine:
         # A conversation's own system message (e.g. from an API client) replaces the default one.
         own = [m["content"] for m in history if m["role"] == "system"]
         prompt = own[0] if own else self.config.system_prompt
-        if memory_block:
-            prompt = f"{prompt}\n\n{memory_block}" if prompt else memory_block
         system = [{"role": "system", "content": prompt}] if prompt else []
+
+        def encode(msgs: list[dict]) -> list[int]:  # the memory block goes with the question it is for
+            return self._encode(system + with_facts(msgs, memory_block))
+
         limit = self.budget - max_new_tokens
-        ids = self._encode(system + msgs)
+        ids = encode(msgs)
         # Drop the oldest exchanges first, always keeping the latest user message.
         while len(ids) > limit and len(msgs) > 1:
             msgs.pop(0)
             while msgs and msgs[0]["role"] != "user" and len(msgs) > 1:
                 msgs.pop(0)
             turn.dropped_turns += 1
-            ids = self._encode(system + msgs)
+            ids = encode(msgs)
         original, excess = msgs[-1]["content"], len(ids) - limit
         for _ in range(6):  # the latest message alone is too long: keep its start and its end
             if len(ids) <= limit:
                 break
             msgs[-1] = {"role": "user", "content": self._shorten(original, excess)}
             turn.truncated = True
-            ids = self._encode(system + msgs)
+            ids = encode(msgs)
             excess += max(len(ids) - limit, 0) + 16  # re-tokenizing the cut can merge differently
         if len(ids) > limit:
             raise InputError(

@@ -16,8 +16,8 @@ re-derived from the messages the first time the user's memory is opened (``POLIC
 What comes out: only memories whose cosine to the question is at least ``min_score`` and within
 ``relative_margin`` of the best one, at most ``k``, never from the conversation being answered (its turns
 are already in the prompt); none at all for most general questions, and then no block is added.
-The block is a short list of facts in the second person (``memory_text.facts_block``), chosen by
-measurement (BENCHMARKS.md).
+The block is a short list of facts in the second person (``memory_text.facts_block``) put before the
+text of the question it is for (``memory_text.with_facts``), chosen by measurement (BENCHMARKS.md).
 
 SQLite (``storage.memories``) is the source of truth. Each user has their own FAISS index
 (``assistant.memory_index``) in ``<data-dir>/memory/u<id>.faiss`` with a JSON sidecar (fingerprint,

@@ -147,3 +147,12 @@ def facts_block(lines: list[str]) -> str:
     if not lines:
         return ""
     return "\n".join([BLOCK_HEADER, *(f"- {line}" for line in lines)])
+
+
+def with_facts(messages: list[dict], block: str) -> list[dict]:
+    """The conversation with the memory block put before the text of its last user message (where the small
+    model uses it best: BENCHMARKS.md, memory quality); unchanged when ``block`` is empty."""
+    if not block or not messages or messages[-1].get("role") != "user":
+        return messages
+    last = messages[-1]
+    return [*messages[:-1], {**last, "content": f"{block}\n\n{last['content']}"}]

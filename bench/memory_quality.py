@@ -235,10 +235,10 @@ def render(r: dict) -> str:
                                                              "total": r["recall"][cond]["per_kind"][k][1]})
                                                         for k in kinds] for cond in ("off", "on")]
     gi, pr = r["general_injected"], r["precision"]
-    fmt_names = {"facts_second_person": "facts list, second person, in the system prompt (default)",
+    fmt_names = {"facts_second_person": "facts list, second person, in the system prompt",
                  "facts_first_person": "the user's own words quoted, in the system prompt",
                  "turn_dump": "old `<memories>` block of User/Assistant turns",
-                 "in_user_message": "facts list, second person, before the question in the user message"}
+                 "in_user_message": "facts list, second person, before the question in the user message (default)"}
     fmts = [[fmt_names[f], pct(c)] for f, c in r["formats"].items()]
     cfg = r["config"]
     mem = "; ".join(f"{u}: {c['statement']} statements, {c['liked']} liked, {c['correction']} corrections"

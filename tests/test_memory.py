@@ -449,3 +449,25 @@ def test_second_person():
     assert second_person("I am a nurse in the US.") == "You are a nurse in the US."
     assert second_person("Call me Sam.") == "You want to be called Sam."
     assert second_person("我的猫叫咪咪。") == "你的猫叫咪咪。"
+
+
+def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_words(store, alice, tiny_loaded):
+    from assistant.backend import GenerationSettings, TransformersBackend
+    from assistant.engine import ChatConfig, ChatEngine
+
+    memory = make_service(store)
+    engine = ChatEngine(store, TransformersBackend(tiny_loaded),
+                        ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=4, temperature=0)),
+                        memory)
+    for _ in engine.send(alice.id, None, "My dog is called Biscuit."):
+        pass
+    assert [m.text for m in memory.list(alice.id)] == ["My dog is called Biscuit."]
+    cid, _ = engine.post(alice.id, None, "What is my dog called?")
+    block = memory.prompt_block(memory.retrieve(alice.id, "What is my dog called?"))
+    ids, _ = engine.build_prompt(alice.id, cid, 4, memory_block=block)
+    text = tiny_loaded.tokenizer.decode(ids)
+    assert text.index(BLOCK_HEADER) > text.index(engine.config.system_prompt)  # not in the system prompt...
+    assert text.index("Your dog is called Biscuit.") < text.index("What is my dog called?")  # ...but before it
+    assert [m["content"] for m in store.chats.messages(alice.id, cid)] == ["What is my dog called?"]
+    plain, _ = engine.build_prompt(alice.id, cid, 4)
+    assert BLOCK_HEADER not in tiny_loaded.tokenizer.decode(plain)
