@@ -156,6 +156,11 @@ def memory_tab(ui: ChatUI, session: gr.State) -> None:
             raise InputError("Tick the box to confirm: this deletes every memory.")
         return f"Forgot {ui.engine.memory.forget_all(uid)} memories."
 
+    def pick(evt: gr.SelectData):  # clicking a row selects that memory for Delete / Save edit
+        row = evt.row_value or []
+        return (row[0], row[2]) if len(row) > 2 else (None, "")
+
+    table.select(pick, None, [mid, new_text], **PRIVATE)
     tab.select(rows, [session, query], [table], **PRIVATE)
     refresh.click(rows, [session, query], [table], **PRIVATE)
     query.submit(rows, [session, query], [table], **PRIVATE)
