@@ -80,14 +80,23 @@ class WebAuth:
         r.add_api_route("/account/export", self.export, methods=["GET"])
         return r
 
-    async def guard(self, request: Request, call_next):
-        """HTTP middleware: no uploads at all; the app page without a session goes to the sign-in page."""
-        path = request.url.path
-        if path.endswith(UPLOAD_SUFFIXES):
-            return JSONResponse({"error": "Attune takes no files: uploads are turned off."}, status_code=403)
-        if path == "/" and request.method in ("GET", "HEAD") and self.user(request) is None:
-            return RedirectResponse(SIGNIN_PATH, status_code=303)
-        return await call_next(request)
+    def guard(self, app):
+        """ASGI middleware: no uploads at all; the app page without a session goes to the sign-in page.
+        (Plain ASGI, not ``BaseHTTPMiddleware``, so streamed responses pass through untouched.)"""
+
+        async def middleware(scope, receive, send):
+            if scope["type"] == "http":
+                request = Request(scope)
+                path = scope["path"]
+                if path.endswith(UPLOAD_SUFFIXES):
+                    response = JSONResponse({"error": "Attune takes no files: uploads are turned off."},
+                                            status_code=403)
+                    return await response(scope, receive, send)
+                if path == "/" and scope["method"] in ("GET", "HEAD") and self.user(request) is None:
+                    return await RedirectResponse(SIGNIN_PATH, status_code=303)(scope, receive, send)
+            await app(scope, receive, send)
+
+        return middleware
 
     def signin_page(self, request: Request) -> Response:
         if self.user(request) is not None:
@@ -163,14 +172,14 @@ def signin_html(lang: str, name: str, message: str, first_run: bool, allow_signu
         return html.escape(tr(lang, key))
 
     first = f'<p id="first-run" class="note">{t("first_run_html")}</p>' if first_run else ""
-    signup = (f'<button id="signup-btn" type="submit" formaction="auth/signup">{t("create_account")}</button>'
+    signup = (f'<button id="signup-btn" type="submit" formaction="/auth/signup">{t("create_account")}</button>'
               if allow_signup else "")
     msg = f'<p id="login-msg" role="alert">⚠️ {html.escape(message)}</p>' if message else '<p id="login-msg"></p>'
     return f"""<!doctype html>
 <html lang="{html.escape(lang)}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Attune</title><style>{SIGNIN_CSS}</style></head>
-<body><main><form method="post" action="auth/signin" autocomplete="on">
+<body><main><form method="post" action="/auth/signin" autocomplete="on">
 <h1>Attune</h1><p class="tagline">{t("tagline")}</p>{first}
 <label for="username">{t("username")}</label>
 <input id="username" name="username" autocomplete="username" autocapitalize="off" spellcheck="false"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import uvicorn
@@ -17,7 +19,7 @@ from storage.db import Store
 from storage.errors import AttuneError
 
 log = logging.getLogger("attune.server")
-SHUTDOWN_GRACE_S = 2  # seconds open connections (e.g. the UI's event stream) get before they are closed
+SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
 @dataclass
@@ -74,7 +76,7 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     app.include_router(build_router(engine))
     auth = WebAuth(engine.store, SessionConfig(allow_signup=allow_signup))
     app.include_router(auth.router())
-    app.middleware("http")(auth.guard)
+    app.add_middleware(_Guard, auth=auth)
 
     @app.get("/healthz")
     def healthz():
@@ -86,6 +88,16 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
                                ssr_mode=False, footer_links=[], show_error=True, auth_dependency=auth.dependency,
                                max_file_size=1)
+
+
+class _Guard:
+    """``WebAuth.guard`` as a Starlette middleware class."""
+
+    def __init__(self, app, auth):
+        self.asgi = auth.guard(app)
+
+    async def __call__(self, scope, receive, send):
+        await self.asgi(scope, receive, send)
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
@@ -127,10 +139,11 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     # uvicorn re-raises the signal it caught once it has shut down: make SIGTERM, like SIGINT, an exception
     # here, so the cleanup below (stop jobs, save the memory indexes) runs instead of an instant exit.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    signalled = False
     try:
         server.run()
     except KeyboardInterrupt:
-        pass
+        signalled = True
     except OSError as e:
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
@@ -142,6 +155,12 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         if memory is not None:
             memory.close()  # save unsaved index changes
         print("attune: stopped", flush=True)
+    if signalled:
+        # Everything is committed and saved above. Tearing down torch, gradio and transformers modules
+        # takes seconds more on a busy machine; a stop signal must end the process promptly.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _interrupt(sig, frame):

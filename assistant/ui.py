@@ -22,6 +22,7 @@ from assistant.ui_render import render, short_title, strip_info
 from storage.errors import AttuneError, AuthError
 
 PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
+NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
 STALE_BUSY_S = 30.0  # a send whose answer never started (the tab closed in between) stops blocking
 SAME = (gr.update(),) * 6  # the six controls of ``ChatUI._controls``, unchanged
 __all__ = ["CSS", "JS", "ChatUI", "UIConfig", "theme"]
@@ -87,7 +88,12 @@ class ChatUI:
                 gr.update(interactive=idle), gr.update(interactive=idle), gr.update(interactive=idle))
 
     # page load and conversations -------------------------------------------------------------
-    def load(self, request: gr.Request):
+    @staticmethod
+    def _sidebar(width) -> dict:
+        """On a phone the sidebar starts (and after a pick goes back to) closed, so the chat is visible."""
+        return gr.update(open=not width or float(width) >= NARROW_PX)
+
+    def load(self, width, request: gr.Request):
         """Fill the page for the session's user (the page itself is built once, empty, for everyone)."""
         uid, lang = self.user(request)
         user = self.store.users.by_id(uid)
@@ -95,21 +101,21 @@ class ChatUI:
         cid = convs[0]["id"] if convs else None
         chatbot, ids, cut = self._chatbot(uid, lang, cid)
         return (f"**{user.name}**", self._conv_update(uid, cid), chatbot, cid, ids, "",
-                *self._controls(False, cut))
+                *self._controls(False, cut), self._sidebar(width))
 
-    def new_chat(self, request: gr.Request):
+    def new_chat(self, width, request: gr.Request):
         uid, _ = self.user(request)
         return self._conv_update(uid, None), gr.update(value=[], feedback_value=[]), None, [], "", \
-            *self._controls(False)
+            *self._controls(False), self._sidebar(width)
 
-    def select_chat(self, cid, request: gr.Request):
+    def select_chat(self, cid, width, request: gr.Request):
         uid, lang = self.user(request)
         self._stop_user(uid)  # never keep streaming into a conversation nobody is looking at
         try:
             chatbot, ids, cut = self._chatbot(uid, lang, cid)
         except AttuneError as e:
-            return gr.update(), gr.update(), gr.update(), tr_error(lang, e), *self._controls(False)
-        return chatbot, cid, ids, "", *self._controls(False, cut)
+            return gr.update(), gr.update(), gr.update(), tr_error(lang, e), *self._controls(False), gr.update()
+        return chatbot, cid, ids, "", *self._controls(False, cut), self._sidebar(width)
 
     def ask_delete(self, cid, request: gr.Request):
         uid, lang = self.user(request)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 PRIVATE = {"api_visibility": "private"}
 KEY_COLUMNS = ("col_key_name", "col_key_id", "col_key_created")
-RELOAD_JS = "() => { window.location.replace('signin'); }"
+RELOAD_JS = "() => { window.location.replace('/signin'); }"
 
 
 def base_url(request) -> str:
@@ -66,7 +66,7 @@ def account_tab(ui: ChatUI) -> None:
     def show(request: gr.Request):
         uid, lang = ui.user(request)
         table, choices = keys_view(ui, uid, lang)
-        link = f'<a class="lg secondary" id="export-link" href="account/export" download>{tr(lang, "export")}</a>'
+        link = f'<a class="lg secondary" id="export-link" href="/account/export" download>{tr(lang, "export")}</a>'
         return base_url(request), table, choices, link
 
     def new_key(name, request: gr.Request):

@@ -30,6 +30,7 @@ footer {display: none !important}
 .turn-info summary {cursor: pointer}
 table th, table th * {word-break: keep-all !important; overflow-wrap: normal !important; hyphens: none}
 #who {margin: 0}
+.pane-title {font-weight: 600}
 @media (max-width: 720px) {
   #chatbot {height: calc(100dvh - 260px) !important; min-height: 200px}
   #compare-row {flex-direction: column !important}
@@ -56,10 +57,12 @@ JS = """
 }
 """
 
+WIDTH_JS = "() => [window.innerWidth]"
+
 SIGN_OUT_JS = """
 async () => {
-  try { await fetch("auth/signout", {method: "POST", credentials: "same-origin"}); }
-  finally { window.location.replace("signin"); }
+  try { await fetch("/auth/signout", {method: "POST", credentials: "same-origin"}); }
+  finally { window.location.replace("/signin"); }
 }
 """
 
@@ -75,7 +78,8 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
     d = ui.engine.config.defaults
     with gr.Blocks(title=ui.config.title, analytics_enabled=False) as demo:
         cid, ids, mode = gr.State(None), gr.State([]), gr.State("")
-        with gr.Sidebar(open=True, width=290, elem_id="sidebar"):
+        width = gr.Number(None, visible=False)  # the browser window's width, read by the page-load event
+        with gr.Sidebar(open=True, width=290, elem_id="sidebar") as sidebar:
             with gr.Row(equal_height=True):
                 who = gr.Markdown("", elem_id="who")
                 signout_btn = gr.Button(t("sign_out"), size="sm", elem_id="signout-btn", scale=0, min_width=90)
@@ -117,11 +121,12 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
 
         controls = [send_btn, stop_btn, continue_btn, new_btn, del_btn, rename_btn]
         view = [chatbot, cid, ids, notice]
-        demo.load(ui.load, None, [who, conv_list, *view, *controls], **PRIVATE)
+        demo.load(ui.load, [width], [who, conv_list, *view, *controls, sidebar], js=WIDTH_JS, **PRIVATE)
+        demo.load(None, None, [width], js=WIDTH_JS)
         signout_btn.click(None, js=SIGN_OUT_JS)
-        new_btn.click(ui.new_chat, None, [conv_list, *view, *controls], **PRIVATE)
-        chatbot.clear(ui.new_chat, None, [conv_list, *view, *controls], **PRIVATE)
-        conv_list.input(ui.select_chat, [conv_list], [*view, *controls], **PRIVATE)
+        new_btn.click(ui.new_chat, [width], [conv_list, *view, *controls, sidebar], **PRIVATE)
+        chatbot.clear(ui.new_chat, [width], [conv_list, *view, *controls, sidebar], **PRIVATE)
+        conv_list.input(ui.select_chat, [conv_list, width], [*view, *controls, sidebar], **PRIVATE)
         del_btn.click(ui.ask_delete, [cid], [confirm, confirm_text, notice], **PRIVATE)
         yes_btn.click(ui.delete_chat, [cid], [confirm, conv_list, *view], **PRIVATE)
         no_btn.click(lambda: gr.update(visible=False), None, [confirm], **PRIVATE)

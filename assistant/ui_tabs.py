@@ -30,9 +30,12 @@ def compare_tab(ui: ChatUI, controls: list) -> None:
         question = gr.Textbox(label=t("question"), elem_id="compare-q", lines=2)
         go = gr.Button(t("compare"), variant="primary", elem_id="compare-btn")
         with gr.Row(elem_id="compare-row"):
-            base = gr.Markdown(label=t("base_answer"), elem_id="compare-base", container=True, show_label=True)
-            personal = gr.Markdown(label=t("personal_answer"), elem_id="compare-personal", container=True,
-                                   show_label=True)
+            with gr.Column(elem_classes="compare-pane"):
+                gr.Markdown(t("base_answer"), elem_classes="pane-title")
+                base = gr.Markdown("", elem_id="compare-base", container=True, min_height=120)
+            with gr.Column(elem_classes="compare-pane"):
+                gr.Markdown(t("personal_answer"), elem_classes="pane-title")
+                personal = gr.Markdown("", elem_id="compare-personal", container=True, min_height=120)
 
     def compare(q, temperature, max_new_tokens, top_p, use_adapter, use_memory, request: gr.Request):
         yield from run_compare(ui, request, q, temperature, max_new_tokens, top_p)

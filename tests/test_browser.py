@@ -52,8 +52,9 @@ def ask(page, server, text, user=None):
 
 def long_answers(page, tokens=600):
     """Raise the answer limit (Generation settings) so an answer streams for a while."""
-    page.locator("#settings").get_by_text("Generation settings").click()
     box = page.locator("#max-new input[type=number]")
+    if not box.is_visible():
+        page.locator("#settings").get_by_text("Generation settings").click()
     box.fill(str(tokens))
     box.press("Enter")
 
