@@ -49,9 +49,15 @@ class KeyCache:
         key = header[7:].strip()
         digest = hashlib.sha256(key.encode()).hexdigest()
         with self._lock:
-            if digest in self._cache:
+            cached = digest in self._cache
+            if cached:
                 self._cache.move_to_end(digest)
-                return self._cache[digest]
+                user_id = self._cache[digest]
+        if cached:  # a revoked key (or a forgotten user's) stops working at once
+            if self.store.users.api_key_live(key.split("-", 2)[1]):
+                return user_id
+            with self._lock:
+                self._cache.pop(digest, None)
         user = self.store.users.by_api_key(key)
         with self._lock:
             self._cache[digest] = user.id

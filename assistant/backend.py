@@ -84,6 +84,12 @@ class ChatBackend(ABC):
         """Yield text pieces as they are decoded with the user's active adapter (unless ``use_adapter``
         is false); fill ``stats`` (incl. the adapter version used); end early when ``stop`` is set."""
 
+    def cancel_all(self) -> None:  # noqa: B027 (optional hook)
+        """Stop every answer being generated now (on shutdown)."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release the backend's threads and resources."""
+
 
 @dataclass
 class BatchConfig:
@@ -152,12 +158,14 @@ class TransformersBackend(ChatBackend):
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        self._active: dict[int, _Request] = {}  # requests being streamed, so shutdown can stop them
         self.batch_sizes: list[int] = []
 
     def stream(self, prompt_ids, settings, stop, stats, user_id: int | None = None, use_adapter: bool = True):
         req = _Request(list(prompt_ids), settings, stop, stats, user_id, use_adapter)
         stats.prompt_tokens = len(req.prompt_ids)
         self._ensure_worker()
+        self._active[id(req)] = req
         self._queue.put(req)
         try:
             while True:
@@ -169,11 +177,17 @@ class TransformersBackend(ChatBackend):
             stop_requested = stop.is_set()
             stop.set()  # also ends this row when the consumer went away
             req.done.wait()
+            self._active.pop(id(req), None)
             stats.latency_ms = (time.monotonic() - req.started) * 1000
             if stop_requested and stats.finish_reason != "length":
                 stats.finish_reason = "cancelled"
         if req.error is not None:
             raise req.error
+
+    def cancel_all(self) -> None:
+        """Stop every answer being generated now (each ends as ``stopped``, with what it has so far)."""
+        for req in list(self._active.values()):
+            req.stop.set()
 
     def close(self) -> None:
         """Stop the worker thread once the requests already queued are served."""

@@ -114,6 +114,37 @@ class ChatEngine:
             self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
         self._remember(user_id, turn)
 
+    def continue_answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
+                        stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
+                        use_memory: bool = True) -> Iterator[Turn]:
+        """Go on writing the last answer (one cut at the token limit): the longer answer replaces it."""
+        history = self.store.chats.messages(user_id, conversation_id)
+        if not history or history[-1]["role"] != "assistant" or not history[-1]["content"]:
+            raise InputError("Only an answer cut at the token limit can be continued.")
+        old = history[-1]
+        last_user = [m for m in history if m["role"] == "user"][-1]
+        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"])
+        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"], use_adapter=use_adapter,
+                                 use_memory=use_memory, prefix=old["content"]):
+            yield turn
+        if turn.assistant_message_id:
+            self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
+        self._remember(user_id, turn)
+
+    def edit_question(self, user_id: int, conversation_id: int, message_id: int, text) -> int:
+        """Replace a question (and everything after it) by an edited one, to be answered next; the old
+        branch stays in the log and leaves memory. Returns the new message id."""
+        new_id, replaced = self.store.chats.branch(user_id, conversation_id, message_id, text)
+        if self.memory is not None:
+            for mid in replaced:
+                if self.store.chats.message(user_id, mid)["role"] != "assistant":
+                    continue
+                try:
+                    self.memory.remember_turn(user_id, mid)  # a replaced answer is no memory
+                except AttuneError as e:
+                    log.warning("could not update memory for message %s: %s", mid, e)
+        return new_id
+
     def _personalized(self, user_id: int) -> bool:
         """The user's own switch: personalization off means the base model answers."""
         return self.store.users.by_id(user_id).personalization
@@ -202,7 +233,7 @@ class ChatEngine:
 
     def _answer(self, user_id: int, turn: Turn, settings: GenerationSettings | None,
                 stop: threading.Event | None, source: str, exclude_id: int | None = None,
-                use_adapter: bool = True, use_memory: bool = True) -> Iterator[Turn]:
+                use_adapter: bool = True, use_memory: bool = True, prefix: str = "") -> Iterator[Turn]:
         settings = settings or self.config.defaults
         turn.use_adapter, turn.use_memory = use_adapter, use_memory
         stop = stop or threading.Event()
@@ -217,6 +248,11 @@ class ChatEngine:
             block = self.memory.prompt_block(turn.memories)
         ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),
                                       exclude_id, block)
+        if prefix:  # continuing an answer: the model goes on from its own earlier words
+            ids = ids + list(self.backend.tokenizer.encode(prefix, add_special_tokens=False))
+            turn.text = prefix
+            if len(ids) >= self.budget:
+                raise InputError("This answer already fills the model's context; ask a follow-up question instead.")
         if len(ids) + settings.max_new_tokens > self.budget:
             settings = replace(settings, max_new_tokens=max(self.budget - len(ids), 1))
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
+
+import uvicorn
 
 from assistant.engine import ChatConfig, ChatEngine
 from assistant.model import ModelConfig, load_model
@@ -14,6 +19,7 @@ from storage.db import Store
 from storage.errors import AttuneError
 
 log = logging.getLogger("attune.server")
+SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
 @dataclass
@@ -56,32 +62,48 @@ def check_exposure(store: Store, cfg: ServerConfig) -> bool:
     return bool(cfg.allow_signup)
 
 
-def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None):
+def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_after: int | None = None):
+    """The FastAPI app: ``/v1`` (API keys), the sign-in page and ``/auth/*`` (open), and the Gradio UI at
+    ``/``, every route of which needs a live browser session (Gradio's ``auth_dependency``)."""
     import gradio as gr
     from fastapi import FastAPI
 
     from assistant.api import build_router
-    from assistant.ui import CSS, ChatUI, UIConfig, theme
+    from assistant.auth import SessionConfig, WebAuth
+    from assistant.ui import CSS, JS, ChatUI, UIConfig, theme
 
-    app = FastAPI(title="Attune", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Attune", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(engine))
+    auth = WebAuth(engine.store, SessionConfig(allow_signup=allow_signup))
+    app.include_router(auth.router())
+    app.add_middleware(_Guard, auth=auth)
 
     @app.get("/healthz")
     def healthz():
         return {"ok": True, "model": engine.backend.name}
 
-    ui = ChatUI(engine, UIConfig(allow_signup=allow_signup), runner=runner)
+    ui = ChatUI(engine, auth, UIConfig(train_after=train_after if runner is not None else None), runner=runner)
+    app.state.ui = ui
     # Routes must be registered before Gradio is mounted at "/".
-    return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, i18n=ui.i18n, ssr_mode=False,
-                               footer_links=["settings"], show_error=True)
+    return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
+                               ssr_mode=False, footer_links=[], show_error=True, auth_dependency=auth.dependency,
+                               max_file_size=1)
+
+
+class _Guard:
+    """``WebAuth.guard`` as a Starlette middleware class."""
+
+    def __init__(self, app, auth):
+        self.asgi = auth.guard(app)
+
+    async def __call__(self, scope, receive, send):
+        await self.asgi(scope, receive, send)
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
           memory_cfg=None, train_cfg=None, schedule_cfg=None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
     ``train_cfg`` / ``schedule_cfg`` configure the background personalizer (defaults when None)."""
-    import uvicorn
-
     from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
@@ -109,15 +131,50 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
         scheduler = Scheduler(store, runner, schedule_cfg)
         scheduler.start()  # marks jobs whose process died as failed, then polls
-    app = build_app(engine, allow_signup, runner)
+    app = build_app(engine, allow_signup, runner, (schedule_cfg.min_new_events if schedule_cfg else None) or 8)
+    store.sessions.purge()  # expired and revoked sessions
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
+    server = _Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",
+                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S), engine)
+    # uvicorn re-raises the signal it caught once it has shut down: make SIGTERM, like SIGINT, an exception
+    # here, so the cleanup below (stop jobs, save the memory indexes) runs instead of an instant exit.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    signalled = False
     try:
-        uvicorn.run(app, host=server_cfg.host, port=server_cfg.port, log_level="warning")
+        server.run()
+    except KeyboardInterrupt:
+        signalled = True
     except OSError as e:
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.backend.cancel_all()
         engine.backend.close()
         if scheduler is not None:
             scheduler.stop()
         if memory is not None:
             memory.close()  # save unsaved index changes
+        print("attune: stopped", flush=True)
+    if signalled:
+        # Everything is committed and saved above. Tearing down torch, gradio and transformers modules
+        # takes seconds more on a busy machine; a stop signal must end the process promptly.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _interrupt(sig, frame):
+    raise KeyboardInterrupt
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM or SIGINT stops every answer being generated, so open streams end
+    and shutdown takes seconds (each answer is stored as stopped), not the length of an answer."""
+
+    def __init__(self, config: uvicorn.Config, engine: ChatEngine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.backend.cancel_all()
+        super().handle_exit(sig, frame)

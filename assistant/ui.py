@@ -1,25 +1,31 @@
-"""The Gradio chat UI: sign in, conversations, streaming Markdown chat, 👍/👎, corrections, retry.
+"""The Gradio chat UI: conversations, streaming Markdown chat, 👍/👎, corrections, edits, retry, Stop.
 
-Every handler takes the signed-in user from server-side session state (``gr.State``), never from
-the browser, and passes that user's id to storage, so one session can only touch its own data.
+Nothing of a user lives in the page: every page load and every event derives the user from the
+request's session cookie on the server (``WebAuth``), and sign-out reloads the page. One answer
+streams per user at a time; while it streams, Send becomes Stop and the conversation list is locked.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import gradio as gr
 
+from assistant.auth import WebAuth
 from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
-from assistant.i18n import EN, make_i18n
-from assistant.ui_personal import personal_tab
-from assistant.ui_tabs import account_tab, compare_tab, memory_tab
-from storage.errors import AttuneError
+from assistant.i18n import lang_of, make_i18n, tr, tr_error
+from assistant.ui_layout import CSS, JS, theme
+from assistant.ui_render import render, short_title, strip_info
+from storage.errors import AttuneError, AuthError
 
 PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
-CSS = "#chatbot {min-height: 55vh} footer {display: none !important}"
+NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
+STALE_BUSY_S = 30.0  # a send whose answer never started (the tab closed in between) stops blocking
+SAME = (gr.update(),) * 6  # the six controls of ``ChatUI._controls``, unchanged
+__all__ = ["CSS", "JS", "ChatUI", "UIConfig", "theme"]
 
 
 @dataclass
@@ -28,292 +34,276 @@ class UIConfig:
 
     title: str = "Attune"
     """Browser tab title."""
-    allow_signup: bool = True
-    """Show "Create account" on the sign-in page."""
+    train_after: int | None = None
+    """New answers/ratings that start a background training job (None: the personalizer is not running)."""
 
     def __post_init__(self):
         if not self.title.strip():
             raise ValueError("title: must not be empty")
+        if self.train_after is not None and (not isinstance(self.train_after, int) or self.train_after < 1):
+            raise ValueError(f"train_after: must be a positive integer or None, got {self.train_after!r}")
 
 
-def theme():
-    """System fonts only: no font or script is fetched from outside this server."""
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "Consolas", "monospace"])
+@dataclass
+class _Busy:
+    stop: threading.Event
+    since: float
+    started: bool = False
 
 
 class ChatUI:
-    def __init__(self, engine: ChatEngine, config: UIConfig | None = None, runner=None):
+    def __init__(self, engine: ChatEngine, auth: WebAuth, config: UIConfig | None = None, runner=None):
         self.engine = engine
+        self.auth = auth
         self.runner = runner  # personalize.runner.JobRunner for "Retrain now"; None without a personalizer
         self.store = engine.store
         self.config = config or UIConfig()
         self.i18n = make_i18n()
-        self._stops: dict[tuple[int, int | None], threading.Event] = {}
+        self._busy: dict[int, _Busy] = {}
+        self._busy_lock = threading.Lock()
+
+    # who is asking ---------------------------------------------------------------------------
+    def user(self, request: gr.Request) -> tuple[int, str]:
+        """(user id, language) from the request's session; a gr.Error when the session has ended."""
+        try:
+            return self.auth.require(request).id, lang_of(request)
+        except AuthError as e:
+            raise gr.Error(str(e)) from None
 
     # rendering -------------------------------------------------------------------------------
-    def _history(self, user_id: int, cid: int | None) -> tuple[list[dict], list[int], list[str | None]]:
-        """Chat messages for the Chatbot, the message id behind each, and each answer's rating."""
-        if cid is None:
-            return [], [], []
-        msgs = self.store.chats.messages(user_id, cid)
-        corrections = self.store.chats.corrections(user_id, cid)
-        rated = self.store.chats.ratings(user_id, cid)
-        chat, ids, ratings = [], [], []
-        for m in msgs:
-            if m["role"] == "system":
-                continue
-            content = corrections.get(m["id"], m["content"])
-            if m["role"] == "assistant":
-                ratings.append({"like": "Like", "dislike": "Dislike"}.get(rated.get(m["id"])))
-                if m["status"] == "stopped":
-                    content += " ⏹"
-            chat.append({"role": m["role"], "content": content or "…"})
-            ids.append(m["id"])
-        return chat, ids, ratings
+    def _chatbot(self, uid: int, lang: str, cid: int | None, pending: bool = False):
+        r = render(self.store, self.engine.memory, lang, uid, cid)
+        chat = r.chat + ([{"role": "assistant", "content": "…"}] if pending else [])
+        return gr.update(value=chat, feedback_value=r.ratings), r.ids, r.last_cut
 
-    def _chatbot(self, user_id: int, cid: int | None):
-        chat, ids, ratings = self._history(user_id, cid)
-        return gr.update(value=chat, feedback_value=ratings), ids
+    def _conv_update(self, uid: int, cid: int | None, interactive: bool = True):
+        choices = [(short_title(c["title"]), c["id"]) for c in self.store.chats.conversations(uid)
+                   if c["source"] != "compare"]
+        return gr.update(choices=choices, value=cid, interactive=interactive)
 
-    def _conv_choices(self, user_id: int):
-        return [(c["title"] or "…", c["id"]) for c in self.store.chats.conversations(user_id)
-                if c["source"] != "compare"]
+    def _controls(self, busy: bool, can_continue: bool = False) -> tuple:
+        """Updates for [send, stop, continue, new, delete, rename]: Send turns into Stop while streaming."""
+        idle = not busy
+        return (gr.update(visible=idle), gr.update(visible=busy), gr.update(visible=idle and can_continue),
+                gr.update(interactive=idle), gr.update(interactive=idle), gr.update(interactive=idle))
 
+    # page load and conversations -------------------------------------------------------------
     @staticmethod
-    def _user(session: dict | None) -> dict:
-        if not session:
-            raise gr.Error(EN["need_sign_in"])
-        return session
+    def _sidebar(width) -> dict:
+        """On a phone the sidebar starts (and after a pick goes back to) closed, so the chat is visible."""
+        return gr.update(open=not width or float(width) >= NARROW_PX)
 
-    # handlers --------------------------------------------------------------------------------
-    def sign_in(self, name: str, password: str):
+    def load(self, width, request: gr.Request):
+        """Fill the page for the session's user (the page itself is built once, empty, for everyone)."""
+        uid, lang = self.user(request)
+        user = self.store.users.by_id(uid)
+        convs = [c for c in self.store.chats.conversations(uid) if c["source"] != "compare"]
+        cid = convs[0]["id"] if convs else None
+        chatbot, ids, cut = self._chatbot(uid, lang, cid)
+        return (f"**{user.name}**", self._conv_update(uid, cid), chatbot, cid, ids, "",
+                *self._controls(False, cut), self._sidebar(width))
+
+    def new_chat(self, width, request: gr.Request):
+        uid, _ = self.user(request)
+        return self._conv_update(uid, None), gr.update(value=[], feedback_value=[]), None, [], "", \
+            *self._controls(False), self._sidebar(width)
+
+    def select_chat(self, cid, width, request: gr.Request):
+        uid, lang = self.user(request)
+        self._stop_user(uid)  # never keep streaming into a conversation nobody is looking at
         try:
-            user = self.store.users.authenticate(name, password)
+            chatbot, ids, cut = self._chatbot(uid, lang, cid)
         except AttuneError as e:
-            return None, gr.update(), gr.update(), f"⚠️ {e}", gr.update(), gr.update(), None, [], ""
-        session = {"id": user.id, "name": user.name}
-        choices = self._conv_choices(user.id)
-        cid = choices[0][1] if choices else None
-        chatbot, ids = self._chatbot(user.id, cid)
-        return (session, gr.update(visible=False), gr.update(visible=True), "",
-                gr.update(choices=choices, value=cid), chatbot, cid, ids, f"**{user.name}**")
+            return gr.update(), gr.update(), gr.update(), tr_error(lang, e), *self._controls(False), gr.update()
+        return chatbot, cid, ids, "", *self._controls(False, cut), self._sidebar(width)
 
-    def create_account(self, name: str, password: str):
-        if not self.config.allow_signup:
-            return None, gr.update(), gr.update(), "⚠️ Sign-up is closed here; ask the admin for an account.", \
-                gr.update(), gr.update(), None, [], ""
-        try:
-            self.store.users.create(name, password)
-        except AttuneError as e:
-            return None, gr.update(), gr.update(), f"⚠️ {e}", gr.update(), gr.update(), None, [], ""
-        return self.sign_in(name, password)
-
-    def sign_out(self, session):
-        return None, gr.update(visible=True), gr.update(visible=False), [], None, [], "", ""
-
-    def new_chat(self, session):
-        self._user(session)
-        return gr.update(value=None), [], None, [], ""
-
-    def select_chat(self, session, cid):
-        user = self._user(session)
-        try:
-            chatbot, ids = self._chatbot(user["id"], cid)
-        except AttuneError as e:
-            raise gr.Error(str(e)) from None
-        return chatbot, cid, ids, ""
-
-    def delete_chat(self, session, cid):
-        user = self._user(session)
+    def ask_delete(self, cid, request: gr.Request):
+        uid, lang = self.user(request)
         if cid is None:
-            return gr.update(), gr.update(), None, [], self.i18n("nothing_to_delete")
+            return gr.update(visible=False), gr.update(), tr(lang, "nothing_to_delete")
         try:
-            self.store.chats.delete_conversation(user["id"], cid)
+            title = self.store.chats.conversation(uid, cid)["title"]
         except AttuneError as e:
-            raise gr.Error(str(e)) from None
-        choices = self._conv_choices(user["id"])
-        return gr.update(choices=choices, value=None), [], None, [], self.i18n("deleted")
+            return gr.update(visible=False), gr.update(), tr_error(lang, e)
+        return gr.update(visible=True), f"**{tr(lang, 'delete_confirm', title=short_title(title))}**", ""
 
-    def post(self, session, cid, text):
-        """Step 1 of a send: commit the user's message, show it, clear the box."""
-        user = self._user(session)
+    def delete_chat(self, cid, request: gr.Request):
+        uid, lang = self.user(request)
         try:
-            cid, _ = self.engine.post(user["id"], cid, text)
+            if cid is not None:
+                self.store.chats.delete_conversation(uid, cid)
         except AttuneError as e:
-            return gr.update(), gr.update(), cid, gr.update(), gr.update(), f"⚠️ {e}"
-        chatbot, ids = self._chatbot(user["id"], cid)
-        return "", chatbot, cid, ids, gr.update(choices=self._conv_choices(user["id"]), value=cid), ""
+            return gr.update(visible=False), gr.update(), gr.update(), cid, gr.update(), tr_error(lang, e)
+        return (gr.update(visible=False), self._conv_update(uid, None), gr.update(value=[], feedback_value=[]),
+                None, [], tr(lang, "deleted"))
 
-    def respond(self, session, cid, *controls):
-        """Step 2: stream the answer to the last user message."""
-        yield from self._stream(session, cid, controls, retry=False)
+    def rename_chat(self, cid, title, request: gr.Request):
+        uid, lang = self.user(request)
+        if cid is None:
+            return gr.update(), gr.update(), tr(lang, "pick_conversation")
+        try:
+            self.store.chats.rename_conversation(uid, cid, title)
+        except AttuneError as e:
+            return gr.update(), gr.update(), tr_error(lang, e)
+        return self._conv_update(uid, cid), gr.update(value="", visible=False), tr(lang, "renamed")
 
-    def retry(self, session, cid, *controls):
-        yield from self._stream(session, cid, controls, retry=True)
+    # sending: step 1 commits (or refuses), step 2 streams, step 3 unlocks ----------------------
+    def _claim(self, uid: int) -> threading.Event | None:
+        """Mark the user busy; None if an answer of theirs is still being written."""
+        with self._busy_lock:
+            busy = self._busy.get(uid)
+            if busy and (busy.started or time.monotonic() - busy.since < STALE_BUSY_S):
+                return None
+            self._busy[uid] = _Busy(threading.Event(), time.monotonic())
+            return self._busy[uid].stop
+
+    def _release(self, uid: int) -> None:
+        with self._busy_lock:
+            self._busy.pop(uid, None)
+
+    def _stop_user(self, uid: int) -> None:
+        with self._busy_lock:
+            busy = self._busy.get(uid)
+        if busy:
+            busy.stop.set()
+
+    def _refused(self, message: str):
+        """Step 1's answer when nothing is sent: the chat view stays as it is, the notice explains."""
+        return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), message, "", *SAME
+
+    def post(self, cid, text, request: gr.Request):
+        """Commit the user's message and show it.
+        Outputs [box, chatbot, cid, ids, conv_list, notice, mode, *controls]."""
+        uid, lang = self.user(request)
+        if self._claim(uid) is None:
+            return self._refused(tr(lang, "busy"))
+        try:
+            cid, _ = self.engine.post(uid, cid, text)
+        except AttuneError as e:
+            self._release(uid)
+            return self._refused("⚠️ " + tr_error(lang, e))
+        chatbot, ids, _ = self._chatbot(uid, lang, cid, pending=True)
+        return "", chatbot, cid, ids, self._conv_update(uid, cid, interactive=False), "", "answer", \
+            *self._controls(True)
+
+    def begin(self, mode: str):
+        """Step 1 of retry / continue: nothing to commit, only claim the user's stream.
+        Outputs [conv_list, notice, mode, *controls]."""
+        def run(cid, request: gr.Request):
+            uid, lang = self.user(request)
+            if cid is None:
+                return gr.update(), tr(lang, "nothing_to_retry"), "", *SAME
+            if self._claim(uid) is None:
+                return gr.update(), tr(lang, "busy"), "", *SAME
+            return gr.update(interactive=False), "", mode, *self._controls(True)
+        return run
 
     def settings(self, temperature, max_new_tokens, top_p) -> GenerationSettings:
         return GenerationSettings.from_request(
             self.engine.config.defaults, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
             top_p=float(top_p))
 
-    def turn_info(self, turn: Turn) -> str:
-        """One line under the answer: which adapter answered and which memories it used."""
-        who = f"your adapter v{turn.adapter_version}" if turn.adapter_version else "the base model"
-        line = f"ℹ️ Answered by {self.engine.backend.name} with {who}."
-        hits = getattr(turn, "memories", None) or []
-        if hits:
-            line += "\n\n**Memories used:**\n" + "\n".join(
-                f"- {h.text[:200]} _({h.created_at[:10]})_" for h in hits)
-        return line
-
-    def _stream(self, session, cid, sliders, retry: bool):
-        user = self._user(session)
-        if cid is None:
+    def respond(self, cid, mode, temperature, max_new_tokens, top_p, use_adapter, use_memory,
+                request: gr.Request):
+        """Step 2: stream the answer; outputs [chatbot, ids, notice]. Without a claimed send, a no-op."""
+        uid, lang = self.user(request)
+        if not mode or cid is None:
+            yield gr.update(), gr.update(), gr.update()
             return
-        chat, ids, _ = self._history(user["id"], cid)
-        if not retry and (not chat or chat[-1]["role"] != "user"):
-            return  # step 1 refused the message: nothing to answer
-        temperature, max_new_tokens, top_p, use_adapter, use_memory = sliders
+        with self._busy_lock:
+            busy = self._busy.get(uid)
+            if busy:
+                busy.started = True
+        stop = busy.stop if busy else threading.Event()
         try:
-            settings = self.settings(temperature, max_new_tokens, top_p)
-        except AttuneError as e:
-            yield gr.update(), ids, f"⚠️ {e}"
-            return
-        stop = self._stops[(user["id"], cid)] = threading.Event()
-        if retry and chat and chat[-1]["role"] == "assistant":
-            chat, ids = chat[:-1], ids[:-1]
-        chat.append({"role": "assistant", "content": ""})
-        stream = (self.engine.retry if retry else self.engine.answer)(
-            user["id"], cid, settings, stop, use_adapter=bool(use_adapter), use_memory=bool(use_memory))
-        turn: Turn | None = None
-        try:
-            for turn in stream:
-                chat[-1]["content"] = turn.text
-                yield chat, ids, ""
-        except AttuneError as e:
-            yield gr.update(), ids, f"⚠️ {e}"
-            return
+            yield from self._stream(uid, lang, cid, mode, stop, (temperature, max_new_tokens, top_p),
+                                    dict(use_adapter=bool(use_adapter), use_memory=bool(use_memory)))
         finally:
-            self._stops.pop((user["id"], cid), None)
+            self._release(uid)
+
+    def _stream(self, uid, lang, cid, mode, stop, sliders, switches):
+        try:
+            settings = self.settings(*sliders)
+            r = render(self.store, self.engine.memory, lang, uid, cid)
+            chat = list(r.chat)
+            if mode in ("retry", "continue") and chat and chat[-1]["role"] == "assistant":
+                chat.pop()
+            start = {"answer": self.engine.answer, "retry": self.engine.retry,
+                     "continue": self.engine.continue_answer}[mode]
+            stream = start(uid, cid, settings, stop, **switches)
+            chat.append({"role": "assistant", "content": "…"})
+            turn: Turn | None = None
+            for turn in stream:
+                chat[-1] = {"role": "assistant", "content": turn.text or "…"}
+                yield chat, r.ids, ""
+        except AttuneError as e:
+            chatbot, ids, _ = self._chatbot(uid, lang, cid)
+            yield chatbot, ids, "⚠️ " + tr_error(lang, e)
+            return
         notice = ""
         if turn is not None:
-            notice = self.turn_info(turn)
             if turn.error:
-                notice = f"⚠️ {turn.error}"
+                notice = "⚠️ " + tr(lang, "err_generation", detail=turn.error)
             elif turn.truncated:
-                notice = self.i18n("truncated")
+                notice = tr(lang, "truncated")
             elif turn.dropped_turns:
-                notice = self.i18n("dropped")
-        chatbot, ids = self._chatbot(user["id"], cid)
+                notice = tr(lang, "dropped")
+        chatbot, ids, _ = self._chatbot(uid, lang, cid)
         yield chatbot, ids, notice
 
-    def stop(self, session, cid):
-        user = self._user(session)
-        event = self._stops.get((user["id"], cid))
-        if event:
-            event.set()
+    def idle(self, cid, request: gr.Request):
+        """Step 3: unlock the controls; Continue shows when the last answer hit the token limit."""
+        uid, lang = self.user(request)
+        with self._busy_lock:
+            busy = uid in self._busy  # e.g. a refused send while another tab's answer streams
+        cut = render(self.store, self.engine.memory, lang, uid, cid).last_cut if cid is not None else False
+        return self._conv_update(uid, cid, interactive=not busy), *self._controls(busy, cut)
 
-    def like(self, session, ids, data: gr.LikeData):
-        user = self._user(session)
+    def stop(self, request: gr.Request):
+        uid, _ = self.user(request)
+        self._stop_user(uid)
+
+    # feedback and edits ----------------------------------------------------------------------
+    def like(self, ids, data: gr.LikeData, request: gr.Request):
+        uid, lang = self.user(request)
         idx = data.index if isinstance(data.index, int) else data.index[0]
         if not 0 <= idx < len(ids):
-            raise gr.Error("That message is no longer shown; reload the conversation.")
+            raise gr.Error(tr(lang, "no_longer_shown"))
         kind = {True: "like", False: "dislike"}.get(data.liked, "clear")
         try:
-            self.engine.feedback(user["id"], ids[idx], kind)
+            self.engine.feedback(uid, ids[idx], kind)
         except AttuneError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(tr_error(lang, e)) from None
 
-    def edit(self, session, cid, ids, data: gr.EditData):
-        user = self._user(session)
+    def edit(self, cid, ids, data: gr.EditData, request: gr.Request):
+        """An edited answer is a correction; an edited question starts a new branch that is answered
+        again (the old branch stays in the log). Outputs [chatbot, ids, notice, mode, *controls]."""
+        uid, lang = self.user(request)
         idx = data.index if isinstance(data.index, int) else data.index[0]
-        notice = self.i18n("correction_saved")
+        new, old = strip_info(data.value).strip(), strip_info(data.previous_value or "").strip()
         try:
-            msg = self.store.chats.message(user["id"], ids[idx]) if 0 <= idx < len(ids) else None
-            if msg is None or msg["role"] != "assistant":
-                notice = self.i18n("only_answers")
-            elif data.value.strip() != (data.previous_value or "").strip():
-                self.engine.feedback(user["id"], msg["id"], "correction", data.value)
+            msg = self.store.chats.message(uid, ids[idx]) if 0 <= idx < len(ids) else None
+            if msg is None:
+                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "no_longer_shown"), "", *SAME
+            if new == old:
+                return *self._chatbot(uid, lang, cid)[:2], "", "", *SAME
+            if msg["role"] == "assistant":
+                self.engine.feedback(uid, msg["id"], "correction", new)
+                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "correction_saved"), "", *SAME
+            if self._claim(uid) is None:
+                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "busy"), "", *SAME
+            try:
+                self.engine.edit_question(uid, cid, msg["id"], new)
+            except AttuneError:
+                self._release(uid)
+                raise
+            chatbot, ids, _ = self._chatbot(uid, lang, cid, pending=True)
+            return chatbot, ids, tr(lang, "question_edited"), "answer", *self._controls(True)
         except AttuneError as e:
-            notice = f"⚠️ {e}"
-        chatbot, ids = self._chatbot(user["id"], cid)
-        return chatbot, ids, notice
+            return *self._chatbot(uid, lang, cid)[:2], "⚠️ " + tr_error(lang, e), "", *SAME
 
     # layout ----------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        t = self.i18n
-        defaults = self.engine.config.defaults
-        with gr.Blocks(title=self.config.title, analytics_enabled=False) as demo:
-            session = gr.State(None)
-            cid = gr.State(None)
-            ids = gr.State([])
+        from assistant.ui_layout import build_layout
 
-            with gr.Column(visible=True, elem_id="login-col") as login_col:
-                gr.Markdown(t("title"))
-                gr.Markdown(t("tagline"))
-                if self.store.users.count() == 0 and self.config.allow_signup:
-                    gr.Markdown(t("first_run"), elem_id="first-run")
-                name = gr.Textbox(label=t("username"), elem_id="username", max_lines=1)
-                password = gr.Textbox(label=t("password"), type="password", elem_id="password", max_lines=1)
-                with gr.Row():
-                    signin_btn = gr.Button(t("sign_in"), variant="primary", elem_id="signin-btn")
-                    signup_btn = gr.Button(t("create_account"), elem_id="signup-btn",
-                                           visible=self.config.allow_signup)
-                login_msg = gr.Markdown("", elem_id="login-msg")
-
-            with gr.Column(visible=False, elem_id="app-col") as app_col:
-                with gr.Tabs():
-                    with gr.Tab(t("tab_chat"), id="chat"):
-                        with gr.Row():
-                            with gr.Column(scale=1, min_width=220):
-                                who = gr.Markdown("", elem_id="who")
-                                new_btn = gr.Button(t("new_chat"), size="sm", elem_id="new-btn")
-                                conv_list = gr.Radio(label=t("conversations"), choices=[], elem_id="conv-list")
-                                del_btn = gr.Button(t("delete_chat"), size="sm", variant="stop", elem_id="del-btn")
-                                signout_btn = gr.Button(t("sign_out"), size="sm", elem_id="signout-btn")
-                                with gr.Accordion(t("settings"), open=False):
-                                    temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05,
-                                                            label=t("temperature"))
-                                    max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1,
-                                                        label=t("max_new_tokens"))
-                                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label=t("top_p"))
-                                    use_adapter = gr.Checkbox(True, label=t("use_adapter"), elem_id="use-adapter")
-                                    use_memory = gr.Checkbox(True, label=t("use_memory"), elem_id="use-memory")
-                            with gr.Column(scale=4):
-                                chatbot = gr.Chatbot(label=t("assistant"), elem_id="chatbot", editable="all",
-                                                     feedback_options=("Like", "Dislike"), render_markdown=True,
-                                                     buttons=["copy"])
-                                notice = gr.Markdown("", elem_id="notice")
-                                with gr.Row():
-                                    box = gr.Textbox(label=t("message"), placeholder=t("placeholder"), scale=5,
-                                                     elem_id="msg", lines=2, max_lines=12)
-                                    with gr.Column(scale=1, min_width=100):
-                                        send_btn = gr.Button(t("send"), variant="primary", elem_id="send-btn")
-                                        stop_btn = gr.Button(t("stop"), variant="stop", elem_id="stop-btn")
-                                gr.Markdown(t("hint"))
-                    controls = [temperature, max_new, top_p, use_adapter, use_memory]
-                    memory_tab(self, session)
-                    personal_tab(self, session)
-                    compare_tab(self, session, controls)
-                    account_tab(self, session)
-
-            sliders = controls
-            signed_in = [session, login_col, app_col, login_msg, conv_list, chatbot, cid, ids, who]
-            signin_btn.click(self.sign_in, [name, password], signed_in, **PRIVATE)
-            password.submit(self.sign_in, [name, password], signed_in, **PRIVATE)
-            signup_btn.click(self.create_account, [name, password], signed_in, **PRIVATE)
-            signout_btn.click(self.sign_out, [session],
-                              [session, login_col, app_col, chatbot, cid, ids, who, password], **PRIVATE)
-            new_btn.click(self.new_chat, [session], [conv_list, chatbot, cid, ids, notice], **PRIVATE)
-            conv_list.input(self.select_chat, [session, conv_list], [chatbot, cid, ids, notice], **PRIVATE)
-            del_btn.click(self.delete_chat, [session, cid], [conv_list, chatbot, cid, ids, notice], **PRIVATE)
-            for trigger in (send_btn.click, box.submit):
-                trigger(self.post, [session, cid, box], [box, chatbot, cid, ids, conv_list, notice], **PRIVATE
-                        ).then(self.respond, [session, cid, *sliders], [chatbot, ids, notice], **PRIVATE)
-            chatbot.retry(self.retry, [session, cid, *sliders], [chatbot, ids, notice], **PRIVATE)
-            stop_btn.click(self.stop, [session, cid], None, **PRIVATE)
-            chatbot.clear(self.new_chat, [session], [conv_list, chatbot, cid, ids, notice], **PRIVATE)
-            chatbot.like(self.like, [session, ids], None, **PRIVATE)
-            chatbot.edit(self.edit, [session, cid, ids], [chatbot, ids, notice], **PRIVATE)
-        return demo
+        return build_layout(self)

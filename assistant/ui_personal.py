@@ -1,6 +1,6 @@
 """The "My assistant" tab: adapter versions with their gate metrics, live job status and loss
 curve, Retrain now, rollback, and the personalization switch. Everything is read for the
-signed-in user only, through ``personalize.api``."""
+signed-in user only, through ``personalize.api``, and says plainly what is and is not running."""
 
 from __future__ import annotations
 
@@ -9,38 +9,54 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import pandas as pd
 
+from assistant.i18n import tr, tr_error
 from storage.errors import AttuneError, InputError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
 PRIVATE = {"api_visibility": "private"}
-VERSION_COLUMNS = ["version", "status", "active", "created", "held-out loss", "before", "anchor rise", "gate"]
+VERSION_COLUMNS = ("col_version", "col_status", "col_active", "col_created", "col_heldout", "col_before",
+                   "col_anchor", "col_gate")
 
 
 def _f(value) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def snapshot(ui: ChatUI, user_id: int):
-    """(status markdown, versions table, loss curve) for one user."""
+def _job_line(lang: str, job: dict) -> str:
+    p = job.get("progress") or {}
+    state = job["status"]
+    line = tr(lang, "latest_job", id=job["id"], state=tr(lang, f"job_{state}"))
+    if state == "running":
+        line += f" ({p['phase']})" if p.get("phase") else ""
+        line += " · " + tr(lang, "job_step", step=p.get("step", 0), total=p.get("total", "?"))
+        if p.get("loss") is not None:
+            line += " · " + tr(lang, "job_loss", loss=f"{p['loss']:.4f}")
+    reason = (job.get("result") or {}).get("reason") or job.get("error") or ""
+    return f"{line} {reason}".strip()
+
+
+def snapshot(ui: ChatUI, user_id: int, lang: str):
+    """(status markdown, versions table, loss curve, switch) for one user, in ``lang``."""
     from personalize import api
 
     st = api.status(ui.store, user_id)
     active = st["active_version"]
-    lines = [f"**Personalization:** {'on' if st['personalization'] else 'off'} · **Serving:** "
-             f"{f'your adapter v{active}' if active else 'the base model'}"]
+    lines = [" · ".join([tr(lang, "st_on" if st["personalization"] else "st_off"),
+                         tr(lang, "st_serving_adapter", v=active) if active else tr(lang, "st_serving_base")])]
+    running = ui.runner is not None
+    if not running:
+        lines.append("⚠️ " + tr(lang, "personalizer_off"))
     job = st["open_job"] or (st["jobs"][0] if st["jobs"] else None)
     if job:
-        p = job.get("progress") or {}
-        state = job["status"]
-        detail = f"step {p.get('step', 0)}/{p.get('total', '?')}" if state == "running" else ""
-        if p.get("phase") and state == "running":
-            detail = f"{p['phase']} {detail}"
-        if p.get("loss") is not None and state == "running":
-            detail += f", loss {p['loss']:.4f}"
-        reason = (job.get("result") or {}).get("reason") or job.get("error") or ""
-        lines.append(f"**Latest job #{job['id']}** ({job['trigger']}): {state} {detail} {reason}".strip())
+        lines.append(_job_line(lang, job))
+    if not st["versions"]:
+        if running and ui.config.train_after:
+            have = ui.store.jobs.events_since(user_id, st["jobs"][0]["created_at"] if st["jobs"] else None)
+            lines.append("ℹ️ " + tr(lang, "no_versions", need=ui.config.train_after, have=have))
+        else:
+            lines.append("ℹ️ " + tr(lang, "no_versions_off"))
     rows = []
     for v in st["versions"]:
         m = v.get("metrics") or {}
@@ -52,10 +68,12 @@ def snapshot(ui: ChatUI, user_id: int):
     points = [(p["step"], p["loss"]) for p in losses if p.get("loss") is not None]
     curve = pd.DataFrame({"step": pd.Series([s for s, _ in points], dtype="int64"),  # empty until a job logs
                           "loss": pd.Series([v for _, v in points], dtype="float64")})
-    return "\n\n".join(lines), pd.DataFrame(rows, columns=VERSION_COLUMNS), curve, st["personalization"]
+    table = pd.DataFrame(rows, columns=[tr(lang, c) for c in VERSION_COLUMNS])
+    plot = gr.update(value=curve, x_title=tr(lang, "axis_step"), y_title=tr(lang, "axis_loss"))
+    return "\n\n".join(lines), table, plot, st["personalization"]
 
 
-def personal_tab(ui: ChatUI, session: gr.State) -> None:
+def personal_tab(ui: ChatUI) -> None:
     t = ui.i18n
     with gr.Tab(t("tab_personal"), id="personal") as tab:
         gr.Markdown(t("personal_intro"))
@@ -64,54 +82,61 @@ def personal_tab(ui: ChatUI, session: gr.State) -> None:
         with gr.Row():
             retrain = gr.Button(t("retrain"), variant="primary", elem_id="retrain-btn")
             refresh = gr.Button(t("refresh"), elem_id="personal-refresh")
-        versions = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, wrap=True, elem_id="versions")
-        curve = gr.LinePlot(x="step", y="loss", title=t("loss_curve"), elem_id="loss-curve", height=220)
+        versions = gr.Dataframe(headers=[t(c) for c in VERSION_COLUMNS], interactive=False, wrap=True,
+                                elem_id="versions")
+        curve = gr.LinePlot(x="step", y="loss", title=t("loss_curve"), x_title=t("axis_step"),
+                            y_title=t("axis_loss"), elem_id="loss-curve", height=220)
         with gr.Row():
-            version = gr.Textbox(label=t("rollback_to"), placeholder="3 or base", elem_id="rollback-version")
+            version = gr.Textbox(label=t("rollback_to"), placeholder=t("rollback_ph"), elem_id="rollback-version")
             rollback = gr.Button(t("rollback"), elem_id="rollback-btn")
         message = gr.Markdown("", elem_id="personal-msg")
         timer = gr.Timer(3.0, active=False)
 
     outputs = [status, versions, curve, switch]
 
-    def show(s):
-        user = ui._user(s)
-        return snapshot(ui, user["id"])
+    def show(request: gr.Request):
+        uid, lang = ui.user(request)
+        return snapshot(ui, uid, lang)
 
-    def act(action):
-        def run(s, *args):
-            user = ui._user(s)
-            try:
-                msg = action(user["id"], *args)
-            except AttuneError as e:
-                msg = f"⚠️ {e}"
-            return (*snapshot(ui, user["id"]), msg)
-        return run
+    def act(action, request, *args):
+        uid, lang = ui.user(request)
+        try:
+            msg = action(uid, lang, *args)
+        except AttuneError as e:
+            msg = "⚠️ " + tr_error(lang, e)
+        return (*snapshot(ui, uid, lang), msg)
 
-    def do_retrain(uid):
+    def on_retrain(request: gr.Request):
+        return act(do_retrain, request)
+
+    def on_rollback(target, request: gr.Request):
+        return act(do_rollback, request, target)
+
+    def on_switch(enabled, request: gr.Request):
+        return act(do_switch, request, enabled)
+
+    def do_retrain(uid, lang):
         if ui.runner is None:
-            raise InputError("The personalizer is off on this server (started with --no-personalizer).")
-        job_id = ui.runner.start(uid, trigger="ui")
-        return f"Training job #{job_id} started; this page follows its progress."
+            raise InputError(tr(lang, "personalizer_off"))
+        return tr(lang, "retrain_started", id=ui.runner.start(uid, trigger="ui"))
 
-    def do_rollback(uid, target):
+    def do_rollback(uid, lang, target):
         from personalize import api
 
         if not str(target or "").strip():
-            raise InputError("Enter a version number from the table, or 'base'.")
-        result = api.rollback(ui.store, uid, str(target).strip())
-        v = result["active_version"]
-        return f"Now serving {'the base model' if v is None else f'v{v}'} (from your next message)."
+            raise InputError(tr(lang, "rollback_enter"))
+        v = api.rollback(ui.store, uid, str(target).strip())["active_version"]
+        return tr(lang, "now_serving_base") if v is None else tr(lang, "now_serving", v=v)
 
-    def do_switch(uid, enabled):
+    def do_switch(uid, lang, enabled):
         from personalize import api
 
         api.set_personalization(ui.store, uid, bool(enabled))
-        return "Personalization on." if enabled else "Personalization off: the base model answers, without memories."
+        return tr(lang, "pers_on" if enabled else "pers_off")
 
-    tab.select(show, [session], outputs, **PRIVATE).then(lambda: gr.Timer(active=True), None, [timer], **PRIVATE)
-    timer.tick(show, [session], outputs, **PRIVATE)
-    refresh.click(show, [session], outputs, **PRIVATE)
-    retrain.click(act(do_retrain), [session], [*outputs, message], **PRIVATE)
-    rollback.click(act(do_rollback), [session, version], [*outputs, message], **PRIVATE)
-    switch.input(act(do_switch), [session, switch], [*outputs, message], **PRIVATE)
+    tab.select(show, None, outputs, **PRIVATE).then(lambda: gr.Timer(active=True), None, [timer], **PRIVATE)
+    timer.tick(show, None, outputs, **PRIVATE)
+    refresh.click(show, None, outputs, **PRIVATE)
+    retrain.click(on_retrain, None, [*outputs, message], **PRIVATE)
+    rollback.click(on_rollback, [version], [*outputs, message], **PRIVATE)
+    switch.input(on_switch, [switch], [*outputs, message], **PRIVATE)

@@ -88,6 +88,12 @@ class Chats:
         with self.store.write() as db:
             db.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?", [conv["id"], user_id])
 
+    def rename_conversation(self, user_id: int, conversation_id: Any, title: Any) -> None:
+        conv = self.conversation(user_id, conversation_id)
+        title = _title(clean_text(title, what="title", limit=10_000))
+        with self.store.write() as db:
+            db.execute("UPDATE conversations SET title = ? WHERE id = ? AND user_id = ?", [title, conv["id"], user_id])
+
     # messages --------------------------------------------------------------------------------
     def add_message(self, user_id: int, conversation_id: Any, role: str, content: Any, **meta: Any) -> int:
         """Insert and commit one message; returns its id. ``meta`` fills the optional columns."""
@@ -138,6 +144,23 @@ class Chats:
             db.execute(
                 "UPDATE messages SET replaced_by = ? WHERE id = ? AND user_id = ?", [replaced_by, message_id, user_id]
             )
+
+    def branch(self, user_id: int, conversation_id: Any, message_id: Any, text: Any) -> tuple[int, list[int]]:
+        """An edited question: add it as a new message and mark the old question and everything after it
+        replaced by it (kept in the log, no longer part of the conversation). Returns (new id, replaced ids)."""
+        text = clean_text(text)
+        msg = self.message(user_id, message_id)
+        conv = self.conversation(user_id, conversation_id)
+        if msg["role"] != "user" or msg["conversation_id"] != conv["id"] or msg["replaced_by"] is not None:
+            raise InputError("Only a question shown in this conversation can be edited; pick it again.")
+        with self.store.write() as db:
+            later = [r[0] for r in db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND user_id = ? AND id >= ? AND replaced_by IS NULL",
+                [conv["id"], user_id, msg["id"]]).fetchall()]
+            new_id = self.add_message(user_id, conv["id"], "user", text, source=msg["source"])
+            db.execute(f"UPDATE messages SET replaced_by = ? WHERE id IN ({','.join('?' * len(later))})",
+                       [new_id, *later])
+        return new_id, later
 
     def all_messages(self, user_id: int) -> list[dict]:
         return [_message(r) for r in self.store.db.query("SELECT * FROM messages WHERE user_id = ? ORDER BY id",

@@ -46,6 +46,7 @@ class Store:
         from storage.jobs import Jobs
         from storage.memories import Memories
         from storage.replay import Replay
+        from storage.sessions import Sessions
         from storage.users import Users
 
         self.users = Users(self)
@@ -54,6 +55,7 @@ class Store:
         self.adapters = Adapters(self)
         self.jobs = Jobs(self)
         self.replay = Replay(self)
+        self.sessions = Sessions(self)
 
     @property
     def db(self) -> Database:

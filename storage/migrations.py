@@ -231,3 +231,25 @@ def m006_memory_statements(db: Database) -> None:
         "CREATE TRIGGER memories_text_immutable BEFORE UPDATE OF text, user_id ON memories BEGIN "
         "SELECT RAISE(ABORT, 'A memory''s text and owner never change: delete it and add a new one.'); END"
     )
+
+
+@migrations()
+def m007_sessions_and_key_names(db: Database) -> None:
+    """Browser sessions live here (only a SHA-256 of the random session id is stored; revoking one
+    sets ``revoked_at``), and API keys get a name the user chooses so they can tell them apart."""
+    _run(
+        db,
+        """
+        CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        CREATE INDEX idx_sessions_user ON sessions(user_id, id);
+        ALTER TABLE api_keys ADD COLUMN name TEXT NOT NULL DEFAULT ''
+        """,
+    )

@@ -19,6 +19,7 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 KEY_PREFIX = "att"
+MAX_KEY_NAME = 60
 
 
 def hash_secret(secret: str) -> str:
@@ -110,17 +111,50 @@ class Users:
         with self.store.write() as db:
             db.execute("UPDATE users SET personalization = ? WHERE id = ?", [int(bool(enabled)), user_id])
 
-    def new_api_key(self, user_id: int) -> str:
+    def change_password(self, user_id: int, old: str, new: str) -> None:
+        """Set a new password after checking the current one."""
+        user = self.by_id(user_id)
+        self.authenticate(user.name, old)
+        new = validate_password(new)
+        with self.store.write() as db:
+            db.execute("UPDATE users SET password_hash = ? WHERE id = ?", [hash_secret(new), user_id])
+
+    def new_api_key(self, user_id: int, name: str = "") -> str:
         """Create a key and return it; only its scrypt hash is kept, so it is shown once."""
         from storage.db import utcnow
 
         self.by_id(user_id)
+        name = " ".join(str(name or "").split())
+        if len(name) > MAX_KEY_NAME:
+            raise InputError(f"Key names are at most {MAX_KEY_NAME} characters.")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(24)
         with self.store.write() as db:
-            db["api_keys"].insert(
-                {"user_id": user_id, "key_id": key_id, "secret_hash": hash_secret(secret), "created_at": utcnow()}
-            )
+            db["api_keys"].insert({"user_id": user_id, "key_id": key_id, "secret_hash": hash_secret(secret),
+                                   "created_at": utcnow(), "name": name})
         return f"{KEY_PREFIX}-{key_id}-{secret}"
+
+    def api_keys(self, user_id: int) -> list[dict]:
+        """The user's keys that still work, newest first (id, name, created_at; never the secret)."""
+        return list(self.store.db.query(
+            "SELECT key_id, name, created_at FROM api_keys WHERE user_id = ? AND revoked_at IS NULL "
+            "ORDER BY id DESC", [user_id]))
+
+    def revoke_api_key(self, user_id: int, key_id: str) -> None:
+        from storage.db import utcnow
+
+        key_id = str(key_id or "").strip()
+        if key_id.startswith(f"{KEY_PREFIX}-"):  # the whole key pasted: its id is the second part
+            key_id = key_id.split("-", 2)[1]
+        with self.store.write() as db:
+            cur = db.execute("UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND key_id = ? "
+                             "AND revoked_at IS NULL", [utcnow(), user_id, key_id])
+        if cur.rowcount == 0:
+            raise NotFound(f"No working key with id {key_id!r}; pick one from the list.")
+
+    def api_key_live(self, key_id: str) -> bool:
+        """Whether a key id is still valid (not revoked, its user not deleted)."""
+        return bool(self.store.db.execute(
+            "SELECT 1 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", [key_id]).fetchone())
 
     def by_api_key(self, key: str) -> User:
         parts = str(key or "").strip().split("-", 2)

@@ -74,15 +74,91 @@ def test_full_chat_memory_and_training_without_network(no_network, store, alice,
     assert no_network == []
 
 
-def test_ui_events_are_not_a_public_api(engine):
+def test_ui_events_are_not_a_public_api(engine, alice):
     from fastapi.testclient import TestClient
 
     from assistant.server import build_app
 
     client = TestClient(build_app(engine))
+    assert client.get("/gradio_api/info").status_code == 401  # no session: no Gradio route at all
+    signed_in = client.post("/auth/signin", data={"username": "alice", "password": "correct horse"},
+                            follow_redirects=False)
+    assert signed_in.status_code == 303
     info = client.get("/gradio_api/info")
     assert info.status_code == 200
     assert info.json()["named_endpoints"] == {} and info.json()["unnamed_endpoints"] == {}
+
+
+def test_sessions_are_server_side_hashed_revocable_and_expire(engine, store, alice):
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+
+    client = TestClient(build_app(engine))
+    for path in ("/", "/config", "/gradio_api/info", "/gradio_api/queue/data?session_hash=x", "/account/export"):
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code in (303, 401), path
+    r = client.post("/auth/signin", data={"username": "alice", "password": "correct horse"}, follow_redirects=False)
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=" in cookie
+    token = client.cookies["attune_session"]
+    row = store.db.execute("SELECT token_hash FROM sessions").fetchone()
+    assert token not in row[0] and len(row[0]) == 64  # only a hash is stored
+    assert client.get("/", follow_redirects=False).status_code == 200
+    assert client.get("/account/export").json()["user"]["name"] == "alice"
+    client.post("/auth/signout", follow_redirects=False)
+    stale = TestClient(client.app, cookies={"attune_session": token})
+    assert stale.get("/config").status_code == 401
+    short = store.sessions.create(alice.id, timedelta(seconds=-1))
+    assert store.sessions.user(short) is None  # expired
+    assert store.sessions.user("forged") is None
+    live = store.sessions.create(alice.id, timedelta(days=1))
+    assert store.sessions.user(live).id == alice.id
+    assert store.sessions.revoke_all(alice.id) == 2 and store.sessions.user(live) is None
+
+
+def test_sign_in_form_refuses_other_sites_and_closed_signup(engine, store):
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+
+    client = TestClient(build_app(engine, allow_signup=False))
+    page = client.get("/signin").text
+    assert "signup-btn" not in page and "first-run" not in page
+    r = client.post("/auth/signup", data={"username": "mallory", "password": "correct horse"})
+    assert r.status_code == 403 and store.users.count() == 0
+    open_client = TestClient(build_app(engine))
+    r = open_client.post("/auth/signup", data={"username": "mallory", "password": "correct horse"},
+                         headers={"Origin": "http://evil.example"}, follow_redirects=False)
+    assert r.status_code == 403 and store.users.count() == 0
+
+
+def test_uploads_are_refused_with_or_without_a_session(engine, alice):
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+
+    client = TestClient(build_app(engine))
+    assert client.post("/gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 403
+    client.post("/auth/signin", data={"username": "alice", "password": "correct horse"})
+    assert client.post("/gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 403
+
+
+def test_a_revoked_api_key_stops_working_at_once(engine, store, alice):
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+
+    client = TestClient(build_app(engine))
+    key = store.users.new_api_key(alice.id, "laptop")
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/models", headers=auth).status_code == 200  # now cached
+    assert [k["name"] for k in store.users.api_keys(alice.id)] == ["laptop"]
+    store.users.revoke_api_key(alice.id, key.split("-")[1])
+    assert client.get("/v1/models", headers=auth).status_code == 401
+    assert store.users.api_keys(alice.id) == []
 
 
 def test_user_ids_never_become_free_form_paths(tmp_path):
