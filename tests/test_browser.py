@@ -349,7 +349,8 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     expect(info).not_to_contain_text("Assistant:")
     ask(page, server, "How many legs does a spider have?", user="carol")  # a general question: no memory
     expect(bot(page).last.locator(".turn-info summary")).to_contain_text("SmolLM2", timeout=20_000)
-    expect(bot(page).last.locator(".turn-info")).not_to_contain_text("memories used")
+    expect(bot(page).last.locator(".turn-info")).to_contain_text("no memories used")
+    expect(bot(page).last.locator(".turn-info")).not_to_contain_text("Biscuit")
 
     # The Memory tab shows where it came from and lets carol edit it.
     page.get_by_role("tab", name="Memory").click()
