@@ -125,7 +125,7 @@ def memory_service(store):
 
 def run(args: argparse.Namespace) -> int:
     from storage import Store
-    from storage.transfer import export_user, forget_user, import_history
+    from storage.transfer import export_user
 
     store = Store(args.data_dir)
     if args.command == "serve":
@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{user.id}\t{user.name}\t{user.created_at}")
     elif args.command == "import":
         user = store.users.by_name(args.name)
-        counts = import_history(store, user.id, args.file)
-        counts["memories"] = memory_service(store).backfill(user.id)["added"]
+        from assistant.account import import_user_history
+
+        counts = import_user_history(store, user.id, args.file, memory_service(store))
         print(json.dumps({"user": args.name, **counts}))
     elif args.command == "train":
         from assistant.model import ModelConfig
@@ -193,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
             print("Nothing deleted (pass --yes to skip the question).")
             return 1
-        memory_service(store).forget_all(user.id)
-        forget_user(store, user.id)
+        from assistant.account import forget_user
+
+        forget_user(store, user.id, memory_service(store))
         print(f"Forgot {user.name}: conversations, feedback, memories and adapters deleted.")
     return 0
 

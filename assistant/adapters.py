@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from storage.db import Store
-from storage.errors import ModelError
+from storage.errors import CLI, ModelError
 
 log = logging.getLogger("attune.adapters")
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
@@ -95,7 +95,7 @@ class AdapterRegistry:
         path = self.store.data_dir.adapters(user_id) / f"v{version}"
         if not (path / "adapter_config.json").is_file():
             raise ModelError(f"Adapter v{version} of user {user_id} is missing at {path}; roll back with "
-                             "`python launch.py adapters NAME --rollback VERSION`.")
+                             f"`{CLI} adapters NAME --rollback VERSION`.")
         from peft import PeftModel
 
         started = time.perf_counter()
