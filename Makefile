@@ -33,8 +33,8 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# launch.py exits 0 after a clean shutdown on SIGTERM (and on Ctrl+C reports 130, which make also takes as a
-# clean stop here), so stopping the server is no make error.
+# The server exits 0 after a clean shutdown on SIGTERM or Ctrl+C; Ctrl+C while the model loads gives 130,
+# which make also takes as a clean stop here, so stopping the server is no make error.
 serve: $(STAMP)
 	@$(PY) launch.py serve $(ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 130 ] || exit $$rc
 

@@ -19,7 +19,6 @@ import getpass
 import inspect
 import json
 import os
-import signal
 import sys
 import textwrap
 from dataclasses import MISSING, fields
@@ -303,31 +302,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwind (the server shuts down cleanly on the way) and exit 0."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from storage.errors import AttuneError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "serve":  # uvicorn shuts down on SIGTERM, then re-raises it: that is a clean stop
-        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(args)
     except (AttuneError, ValueError) as e:  # ValueError: a config's __post_init__ names the bad field
         print(f"attune: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("attune: stopped.", file=sys.stderr)
-        return 0
-    except KeyboardInterrupt:  # Ctrl+C: the server already shut down cleanly; no traceback
+    except KeyboardInterrupt:  # Ctrl+C before serving began (the server itself exits 0 on SIGINT/SIGTERM)
         print("attune: interrupted.", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`launch.py export NAME | head`): not an error of ours

@@ -130,4 +130,4 @@ def test_serve_exits_0_after_a_clean_sigterm(tmp_path, tiny_model_dir):
     srv.stop()
     log = srv.log_path.read_text()
     assert srv.proc.returncode == 0, log
-    assert "Traceback" not in log and "attune: stopped." in log
+    assert "Traceback" not in log and "attune: stopped" in log
