@@ -138,33 +138,3 @@ def delete_user(store: Store, user_id: int) -> None:
         remove_tree(path)
     store.db.execute("VACUUM")
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def forget_user(store: Store, user_id: int) -> None:
-    """Deprecated: use ``assistant.account.forget_user`` (the use case above storage). Kept, with its old
-    behaviour, only for ``assistant/ui_account.py``'s delete-account button until it switches; then this
-    function and ``_stop_jobs`` go, and storage no longer signals processes."""
-    store.users.by_id(user_id)
-    _stop_jobs(store, user_id)
-    delete_user(store, user_id)
-
-
-def _stop_jobs(store: Store, user_id: int, timeout: float = 20.0) -> None:
-    """SIGTERM the user's running job processes and wait for them: no job may train on forgotten data."""
-    import os
-    import signal
-    import time
-
-    from storage.jobs import pid_alive
-
-    pids = [r["pid"] for r in store.db.query(
-        "SELECT pid FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') AND pid IS NOT NULL", [user_id])]
-    for pid in pids:
-        if pid != os.getpid() and pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(pid != os.getpid() and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids:
-        if pid != os.getpid() and pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)

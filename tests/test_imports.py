@@ -33,16 +33,9 @@ ALLOWED = {
 """(importer, imported) edges that break a rule today; remove an entry when its import is gone."""
 
 CYCLE_EDGES = {
-    # storage/memories.py still imports utcnow from storage.db (function-local) instead of storage.common,
-    # while storage.db builds the Memories repository. Owned by another engineer: switch the three
-    # `from storage.db import utcnow` lines to `from storage.common import utcnow` and drop this entry.
-    ("storage.memories", "storage.db"),
     # bench/__init__.py imports every section module and bench/report.py imports SECTIONS back from the
     # package (function-local). Owned by another engineer: move SECTIONS into a module of its own.
     ("bench.report", "bench"),
-    # bench/quality.py imports bench_users from bench/quality_users.py, which imports SLOTS/WRONG back
-    # (function-local). Owned by another engineer: move the shared constants into one of them only.
-    ("bench.quality_users", "bench.quality"),
 }
 """(importer, imported) edges that close an import circle today; the circle check ignores them."""
 
