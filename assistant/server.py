@@ -148,7 +148,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
-        engine.backend.cancel_all()
+        engine.shutdown()  # every answer in flight is stored (as stopped)
         engine.backend.close()
         if scheduler is not None:
             scheduler.stop()
