@@ -4,7 +4,8 @@
 
 The job row names the user. Steps: build the user's examples, load a fresh base model, answer
 the anchor prompts once (cached), continue from the active adapter (same base model) or start a
-new LoRA, mix new examples + reservoir + anchors, train, score the gate, then publish
+new LoRA, mix new examples + reservoir + anchors, train (keeping the best checkpoint within the
+anchor margin, personalize.checkpoint), score the gate on what was kept, then publish
 (``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
 in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
 the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:

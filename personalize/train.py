@@ -325,8 +325,8 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
     if best is not None:
         if not best.selection.checks or best.selection.checks[-1].step != step:
             best.check(step)
+        best.selection.stopped_early = step < total
         stats.selection = best.restore().to_dict()
-        stats.selection["stopped_early"] = step < total
     stats.seconds = time.perf_counter() - started
     model.eval()
     return stats
