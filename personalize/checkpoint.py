@@ -4,8 +4,8 @@ Every ``eval_every`` steps (and at the end) the trainer asks :class:`BestCheckpo
 adapter: the mean loss of the monitor anchors (a slice of the anchor set taken out of training and
 apart from the gate's slice) against the base model's, and the user's held-out loss. A check whose
 anchor rise is within ``select_safety * anchor_margin`` and whose held-out loss is the lowest so far
-becomes the kept checkpoint (a copy of the trainable LoRA weights). Training stops early after
-``patience`` checks in a row without a new kept checkpoint. At the end the kept weights are put
+becomes the kept checkpoint (a copy of the trainable LoRA weights). Once one is kept, training stops
+early after ``patience`` checks in a row without a better one. At the end the kept weights are put
 back; if no check qualified, the one with the smallest anchor rise is (the gate will then say why).
 The gate (personalize.gate) still judges what is published, on its own anchor slice.
 """
@@ -82,7 +82,7 @@ class BestCheckpoint:
             check.kept = True
             self._since_best = 0
         else:
-            self._since_best += 1
+            self._since_best += self._best is not None  # before anything is kept, training may still get there
             if self._best is None and rise is not None and (self._fallback is None or rise < self._fallback[0]):
                 self._fallback = (rise, step, self._weights())
         return not (self.cfg.patience and self._since_best >= self.cfg.patience)

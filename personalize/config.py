@@ -82,7 +82,7 @@ class TrainConfig:
     """Anchors (taken out of training, apart from the gate's slice) whose loss rise the in-training checks watch."""
     monitor_heldout: int = 16
     """Most held-out examples (the newest) scored by each in-training check."""
-    select_safety: float = 0.5
+    select_safety: float = 0.8
     """A checkpoint is kept only if its monitor anchor rise is within ``select_safety * anchor_margin``."""
     patience: int = 2
     """Stop after this many checks in a row without a better checkpoint within the margin (0 never stops early)."""
