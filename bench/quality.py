@@ -33,6 +33,8 @@ CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True,
 PROBE_TOKENS = 16
 QA_TOKENS = 16
 BATCH = 16  # concurrent probes decoded together (one mixed-adapter batch)
+QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
+"""``--quick`` (a smoke run of the bench's code, never reported as a measurement) trains this little."""
 SERVE_QUANT = "auto"
 """Base weights while probing: what Attune serves by default (unquantized, bf16 where the CPU has native
 bf16, on CPU; NF4 on CUDA; see assistant.model.resolve_quant / resolve_dtype)."""
@@ -116,13 +118,14 @@ def _setup(quick: bool):
     return data, store, users
 
 
-def _train_all(store, users: dict, device: str) -> dict:
-    """One job per user with the default TrainConfig and gate; the result of each."""
+def _train_all(store, users: dict, device: str, quick: bool = False) -> dict:
+    """One job per user with the default TrainConfig and gate (``quick``: a 2-step smoke run, not a
+    measurement); the result of each."""
     from assistant.model import ModelConfig
     from personalize.api import train_now
     from personalize.config import TrainConfig
 
-    cfg = TrainConfig()
+    cfg = TrainConfig(**QUICK_TRAIN) if quick else TrainConfig()
     model = ModelConfig(model="embedded", quant="auto", device=device)
     jobs = {}
     for uid, bu in users.items():
@@ -150,7 +153,7 @@ def run(quick: bool = False) -> dict:
     data, store, users = _setup(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
-    jobs = _train_all(store, users, device)
+    jobs = _train_all(store, users, device, quick)
     train_s = time.perf_counter() - t
 
     loaded = load_model(ModelConfig(model="embedded", quant=SERVE_QUANT, device=device), data)

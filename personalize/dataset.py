@@ -17,9 +17,10 @@ answers shown as their corrections (what the user now sees). Then:
   examples (personalize.facts) with the statement in second person as the answer.
 
 Examples are rendered as serving renders them: a ``memory_fraction`` share of fact and answer
-examples that have a relevant fact get the memory block (serving's system prompt, a blank line,
-``facts_block`` of the relevant fact and 0-2 of the user's other facts, shuffled); the rest have
-none, so the adapter learns to use the block when it is there and to answer without it.
+examples that have a relevant fact get the memory block (``facts_block`` of the relevant fact and 0-2
+of the user's other facts, shuffled, put before the text of the last user message as
+``memory_text.with_facts`` does in serving); the rest have none, so the adapter learns to use the
+block when it is there and to answer without it.
 
 Answers from every source (ui, api, import) count. Everything is read with the user's id only.
 A deterministic per-user hash of the message id holds ``heldout_fraction`` of answers out for
@@ -35,7 +36,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from assistant.memory_text import facts_block, second_person, statements
+from assistant.memory_text import facts_block, second_person, statements, with_facts
 from personalize.config import TrainConfig
 from personalize.facts import fact_questions, is_filler, target_key
 
@@ -212,16 +213,9 @@ def relevant_fact(example: Example, facts: list[str]) -> str | None:
 
 
 def memory_context(context: list[dict], lines: list[str], system_prompt: str) -> list[dict]:
-    """``context`` with the memory block serving would add to its system prompt (same prompt, blank line, block)."""
-    block = facts_block(lines)
-    if not block:
-        return context
-    msgs = [dict(m) for m in context]
-    if msgs and msgs[0]["role"] == "system":
-        msgs[0]["content"] = f"{msgs[0]['content']}\n\n{block}" if msgs[0]["content"] else block
-    else:
-        msgs.insert(0, {"role": "system", "content": f"{system_prompt}\n\n{block}" if system_prompt else block})
-    return msgs
+    """``context`` with the memory block where serving puts it (``memory_text.with_facts``: before the text of
+    the last user message; the system prompt stays as it is)."""
+    return with_facts(_with_system(context, system_prompt), facts_block(lines))
 
 
 def with_distractors(fact: str | None, facts: list[str], rng: random.Random) -> list[str]:

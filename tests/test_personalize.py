@@ -278,12 +278,14 @@ def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, 
                           "You drive a Peugeot."]
     fact_ex = [e for e in every if e.origin == "fact"]
     assert len(fact_ex) == 3 * 4 and {e.target for e in fact_ex} == set(data.facts)
-    with_block = [e for e in every if "Facts the user told you earlier" in e.context[0]["content"]]
+    with_block = [e for e in every if "Facts the user told you earlier" in e.context[-1]["content"]]
     assert with_block and len(with_block) < len(every)  # some with the memory block, some without
-    for e in with_block:  # serving's prompt, a blank line, then the block holding the relevant fact
-        assert e.context[0]["content"].startswith(TrainConfig().system_prompt + "\n\n")
-        assert f"- {e.target.rstrip('!')}".rstrip(".") in e.context[0]["content"]
-    assert all("Facts the user" in e.context[0]["content"] for e in data.heldout if e.origin == "fact")
+    for e in with_block:  # as serving: the system prompt unchanged, the block before the question's text
+        assert e.context[0] == {"role": "system", "content": TrainConfig().system_prompt}
+        question = e.context[-1]["content"]
+        assert e.context[-1]["role"] == "user" and question.startswith("Facts the user told you earlier")
+        assert f"- {e.target.rstrip('!')}".rstrip(".") in question.split("\n\n")[0]
+    assert all("Facts the user" in e.context[-1]["content"] for e in data.heldout if e.origin == "fact")
     off = build_examples(store, alice.id, TrainConfig(fact_questions=0, filler_weight=0.5, memory_fraction=0.0,
                                                       max_target_repeats=10))
     assert not [e for e in off.train + off.heldout if e.origin == "fact"]
