@@ -1,6 +1,7 @@
 """The "My assistant" tab: adapter versions with their gate metrics, live job status and loss
 curve, Retrain now, rollback, and the personalization switch. Everything is read for the
-signed-in user only, through ``personalize.api``, and says plainly what is and is not running."""
+signed-in user only, through storage (never importing ``personalize``), and says plainly what is and is
+not running."""
 
 from __future__ import annotations
 
@@ -39,9 +40,7 @@ def _job_line(lang: str, job: dict) -> str:
 
 def snapshot(ui: ChatUI, user_id: int, lang: str):
     """(status markdown, versions table, loss curve, switch) for one user, in ``lang``."""
-    from personalize import api
-
-    st = api.status(ui.store, user_id)
+    st = ui.store.adapters.overview(user_id)
     active = st["active_version"]
     lines = [" · ".join([tr(lang, "st_on" if st["personalization"] else "st_off"),
                          tr(lang, "st_serving_adapter", v=active) if active else tr(lang, "st_serving_base")])]
@@ -121,17 +120,13 @@ def personal_tab(ui: ChatUI) -> None:
         return tr(lang, "retrain_started", id=ui.runner.start(uid, trigger="ui"))
 
     def do_rollback(uid, lang, target):
-        from personalize import api
-
         if not str(target or "").strip():
             raise InputError(tr(lang, "rollback_enter"))
-        v = api.rollback(ui.store, uid, str(target).strip())["active_version"]
+        v = ui.store.adapters.choose(uid, str(target).strip())["active_version"]
         return tr(lang, "now_serving_base") if v is None else tr(lang, "now_serving", v=v)
 
     def do_switch(uid, lang, enabled):
-        from personalize import api
-
-        api.set_personalization(ui.store, uid, bool(enabled))
+        ui.store.users.set_personalization(uid, bool(enabled))
         return tr(lang, "pers_on" if enabled else "pers_off")
 
     tab.select(show, None, outputs, **PRIVATE).then(lambda: gr.Timer(active=True), None, [timer], **PRIVATE)

@@ -67,11 +67,7 @@ def list_versions(store: Store, user_id: int) -> list[dict]:
 
 def rollback(store: Store, user_id: int, version: int | str) -> dict:
     """Make a published version (``3`` or ``"v3"``) active again; ``"base"`` serves the base model instead."""
-    if isinstance(version, str) and version.strip().lower() in ("base", "none", "0"):
-        store.adapters.set_active(user_id, None)
-        return {"active_version": None}
-    row = store.adapters.rollback(user_id, version)
-    return {"active_version": row["version"], "path": row["path"]}
+    return store.adapters.choose(user_id, version)
 
 
 def jobs(store: Store, user_id: int, limit: int = 20) -> list[dict]:
@@ -82,10 +78,7 @@ def jobs(store: Store, user_id: int, limit: int = 20) -> list[dict]:
 
 def status(store: Store, user_id: int) -> dict:
     """Everything the "My assistant" tab shows at once."""
-    user = store.users.by_id(user_id)
-    return {"personalization": user.personalization, "active_version": store.adapters.active_version(user_id),
-            "open_job": store.jobs.open_job(user_id), "versions": list_versions(store, user_id),
-            "jobs": jobs(store, user_id, 10), "replay_examples": store.replay.count(user_id)}
+    return store.adapters.overview(user_id)
 
 
 def set_personalization(store: Store, user_id: int, enabled: bool) -> None:

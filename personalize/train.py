@@ -30,13 +30,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from assistant.model import LoadedModel, ModelConfig, cpu_has_bf16, load_model, resolve_device
-from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import Example, encode
 from storage.errors import TrainingError
 from storage.paths import DataDir
+
+if TYPE_CHECKING:  # the checkpoint module scores with this one's mean_loss
+    from personalize.checkpoint import BestCheckpoint
 
 log = logging.getLogger("attune.personalize")
 Progress = Callable[[int, int, float], None]

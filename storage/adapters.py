@@ -146,6 +146,23 @@ class Adapters:
         self.set_active(user_id, version)
         return self.get(user_id, version)
 
+    def choose(self, user_id: int, version: int | str) -> dict:
+        """Serve a published version (``3`` or ``"v3"``) from now on, or ``"base"`` for the base model:
+        ``{"active_version": N | None, "path": ...}``."""
+        if isinstance(version, str) and version.strip().lower() in ("base", "none", "0"):
+            self.set_active(user_id, None)
+            return {"active_version": None}
+        row = self.rollback(user_id, version)
+        return {"active_version": row["version"], "path": row["path"]}
+
+    def overview(self, user_id: int) -> dict:
+        """Everything a user's "My assistant" view shows at once: the personalization switch, the active
+        version, the open job, versions (newest first), the last jobs and the replay reservoir's size."""
+        user = self.store.users.by_id(user_id)
+        return {"personalization": user.personalization, "active_version": self.active_version(user_id),
+                "open_job": self.store.jobs.open_job(user_id), "versions": self.list(user_id),
+                "jobs": self.store.jobs.list(user_id, 10), "replay_examples": self.store.replay.count(user_id)}
+
     def prune(self, user_id: int, keep: int) -> list[int]:
         """Keep the ``keep`` newest published versions (and the active one); delete the rest's folders.
 

@@ -26,9 +26,6 @@ ALLOWED = {
     ("assistant.server", "personalize.config"),
     ("assistant.server", "personalize.runner"),
     ("assistant.server", "personalize.scheduler"),
-    # assistant/ui_personal.py starts "Retrain now" and rollbacks through personalize.api instead of writing
-    # a job row / calling storage. Owned by another engineer.
-    ("assistant.ui_personal", "personalize.api"),
 }
 """(importer, imported) edges that break a rule today; remove an entry when its import is gone."""
 
