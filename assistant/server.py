@@ -114,7 +114,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     loaded = load_model(model_cfg, store.data_dir)
     print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}, {loaded.dtype}) ready in "
           f"{loaded.load_seconds:.1f} s", flush=True)
-    registry = AdapterRegistry(loaded.model, store)
+    registry = AdapterRegistry(loaded.model)
     memory = None
     if memory_cfg is not None:
         from assistant.memory import MemoryService
