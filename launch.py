@@ -58,6 +58,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="train a user's adapter once N new answers/feedback events arrived (default 8)")
     s.add_argument("--train-interval", type=float, default=30.0, metavar="MINUTES",
                    help="at least this long between two background jobs of one user (default 30)")
+    s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                   help="who generates: transformers in this process, or vLLM (make vllm; README)")
+    s.add_argument("--vllm-url", default=None, metavar="URL",
+                   help="with --engine vllm: a running vLLM server (default: start one from .venv-vllm)")
 
     u = sub.add_parser("users", parents=[common], help="manage users")
     us = u.add_subparsers(dest="action", required=True)
@@ -117,6 +121,17 @@ def train_config(overrides: list[str]):
     return TrainConfig.from_dict(values)
 
 
+def vllm_config(args: argparse.Namespace):
+    """A VLLMConfig for ``--engine vllm`` (None: the transformers engine)."""
+    if args.engine != "vllm":
+        if args.vllm_url:
+            raise ValueError("--vllm-url: only used with --engine vllm")
+        return None
+    from assistant.vllm_backend import VLLMConfig
+
+    return VLLMConfig(url=args.vllm_url, dtype=args.dtype)
+
+
 def memory_service(store):
     from assistant.memory import MemoryConfig, MemoryService
 
@@ -148,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             None if args.no_memory else MemoryConfig(),
             train_config(args.train_set),
             SchedulerConfig(min_new_events=args.train_after, min_interval_minutes=args.train_interval),
+            vllm_config(args),
         )
     elif args.command == "users" and args.action == "add":
         user = store.users.create(args.name, read_password(args.name))
