@@ -61,7 +61,10 @@ def vllm_problems(path: str | Path, served_model: str | None = None) -> list[str
     if not weights.is_file():
         problems.append(f"{weights.name} is missing (vLLM loads safetensors adapters)")
     else:
-        odd = [k for k in _safetensors_keys(weights) if ".lora_A." not in k and ".lora_B." not in k]
+        try:
+            odd = [k for k in _safetensors_keys(weights) if ".lora_A." not in k and ".lora_B." not in k]
+        except (OSError, ValueError, struct.error) as e:
+            return [*problems, f"{weights.name} is damaged ({type(e).__name__}: {e})"]
         if odd:
             problems.append(f"the weights hold non-LoRA tensors, e.g. {odd[0]!r}")
     return problems

@@ -199,10 +199,15 @@ def test_bad_adapter_is_a_clear_error(vstore, vllm_url, hf_loaded):
     assert turn.status == "error" and "cannot be served by vLLM" in turn.error and "--rollback" in turn.error
     publish(vstore, bob, seed=8)
     weights = Path(vstore.adapters.active(bob)["path"]) / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:4096])  # a damaged file that passes the config check
+    raw = weights.read_bytes()  # damaged tensor data behind an intact header: only vLLM's load finds out
+    weights.write_bytes(raw[:8 + int.from_bytes(raw[:8], "little") + 64])
     turn = ask(vllm, bob, PROMPTS[0])
     assert turn.status == "error" and "vLLM could not load adapter v2" in turn.error, turn.error
     assert vstore.chats.message(bob, turn.assistant_message_id)["status"] == "error"  # logged, like any turn
+    publish(vstore, bob, seed=9)
+    (Path(vstore.adapters.active(bob)["path"]) / "adapter_model.safetensors").write_bytes(b"garbage")
+    turn = ask(vllm, bob, PROMPTS[0])
+    assert turn.status == "error" and "damaged" in turn.error and "--rollback" in turn.error, turn.error
     vllm.backend.close()
 
 
