@@ -210,15 +210,16 @@ class VLLMBackend(ChatBackend):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         raise ModelError(f"vLLM failed while answering: {_message(chunk)}. Try again.")
-                    if chunk.get("usage"):
-                        stats.completion_tokens = chunk["usage"].get("completion_tokens", stats.completion_tokens)
                     for choice in chunk.get("choices") or []:
+                        stats.completion_tokens += 1  # one engine step; the final usage chunk corrects it
                         if choice.get("finish_reason") == "length":
                             stats.finish_reason = "length"
                         if choice.get("text"):
                             if stats.ttft_ms is None:
                                 stats.ttft_ms = (time.monotonic() - started) * 1000
                             yield choice["text"]
+                    if chunk.get("usage"):
+                        stats.completion_tokens = chunk["usage"].get("completion_tokens", stats.completion_tokens)
         except httpx.TransportError as e:
             raise ModelError(f"The vLLM server at {self.url} is not reachable ({type(e).__name__}: {e}). Start it, "
                              "or serve without --vllm-url to let Attune start one.") from e

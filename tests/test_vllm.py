@@ -174,6 +174,22 @@ def test_base_request_in_a_mixed_batch_is_correct(vstore, vllm_url, hf_loaded):
     vllm.backend.close()
 
 
+def test_stop_ends_the_stream_and_keeps_the_text(vstore, vllm_url, hf_loaded):
+    dana = vstore.users.create("dana", "correct horse").id
+    publish(vstore, dana, seed=11)
+    vllm, _ = engines(vstore, vllm_url, hf_loaded)
+    stop = threading.Event()
+    long = GenerationSettings(max_new_tokens=400, temperature=0.7, seed=3)
+    turn = None
+    for turn in vllm.send(dana, None, "Tell me a long story about a dog.", long, stop=stop):
+        if turn.text:
+            stop.set()
+    assert turn.status == "stopped" and turn.text and turn.stats.completion_tokens < 400
+    assert vstore.chats.message(dana, turn.assistant_message_id)["status"] == "stopped"
+    assert ask(vllm, dana, PROMPTS[0]).status == "complete"  # the server is fine afterwards
+    vllm.backend.close()
+
+
 def test_lru_unloads_old_versions(vstore, vllm_url, hf_loaded):
     users = [vstore.users.create(f"lru{i}", "correct horse").id for i in range(3)]
     for i, u in enumerate(users):
