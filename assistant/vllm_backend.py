@@ -143,12 +143,16 @@ class VLLMBackend(ChatBackend):
             self.url = config.url.rstrip("/")
         self.http = httpx.Client(timeout=httpx.Timeout(config.request_timeout_s, connect=10.0),
                                  limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-        self.served_model = self._served_model()
-        zero = write_zero_adapter(self.model_dir, Path(data_dir.models) / f"{self.model_dir.name}-zero-lora")
-        self.zero = AdapterRef(ZERO, 0, str(zero))
-        self.slots = _Slots(self, config.max_loaded)
-        self.slots.acquire(self.zero)  # pinned for good: never unloaded
         self._active: dict[int, threading.Event] = {}
+        try:
+            self.served_model = self._served_model()
+            zero = write_zero_adapter(self.model_dir, Path(data_dir.models) / f"{self.model_dir.name}-zero-lora")
+            self.zero = AdapterRef(ZERO, 0, str(zero))
+            self.slots = _Slots(self, config.max_loaded)
+            self.slots.acquire(self.zero)  # pinned for good: never unloaded
+        except BaseException:
+            self.close()  # a server started here must not outlive a failed start
+            raise
 
     # the seam ----------------------------------------------------------------------------------
     def stream(self, prompt_ids, settings: GenerationSettings, stop: threading.Event, stats: StreamStats,
