@@ -83,17 +83,21 @@ class VLLMServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT,
                                          start_new_session=True)
-        while time.monotonic() - started < self.config.start_timeout_s:
-            if self.proc.poll() is not None:
-                raise ModelError(f"vLLM exited with status {self.proc.returncode} while starting; see the end of "
-                                 f"{self.log_path}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    print(f"attune: vLLM ready in {time.monotonic() - started:.0f} s", flush=True)
-                    return url
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        try:
+            while time.monotonic() - started < self.config.start_timeout_s:
+                if self.proc.poll() is not None:
+                    raise ModelError(f"vLLM exited with status {self.proc.returncode} while starting; see the end "
+                                     f"of {self.log_path}:\n{self.tail()}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        print(f"attune: vLLM ready in {time.monotonic() - started:.0f} s", flush=True)
+                        return url
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+        except BaseException:  # e.g. Ctrl+C while waiting: never leave a server behind
+            self.stop()
+            raise
         self.stop()
         raise ModelError(f"vLLM did not become ready within {self.config.start_timeout_s:.0f} s; see {self.log_path}. "
                          "Raise the start timeout on a slow machine.")
