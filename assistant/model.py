@@ -13,7 +13,11 @@ import logging
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -154,20 +158,24 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_progress_bars_in_logs()
     print(f"attune: converting {gguf.name} to safetensors under {data_dir.models} (first start only, ~25 s)...",
           flush=True)
     started = time.monotonic()
     staging = data_dir.models / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        with progress("reading the tokenizer", 1, 3):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with progress("de-quantizing the weights", 2, 3):
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
-        publish_dir(staging, final)
+        with progress("writing safetensors", 3, 3):
+            model.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            publish_dir(staging, final)
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         if (final / "config.json").is_file():  # another process converted it first
@@ -175,6 +183,47 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
         raise ModelError(f"Could not convert {gguf}: {e}") from e
     print(f"attune: converted in {time.monotonic() - started:.0f} s -> {final}", flush=True)
     return final
+
+
+@contextmanager
+def progress(what: str, step: int, total: int, every_s: float | None = None) -> Iterator[None]:
+    """Show that phase ``step`` of ``total`` is running, for as long as it runs: on a terminal a counter of
+    seconds that updates in place every second, in a log (not a TTY) a line every 10 s; then its time."""
+    tty = sys.stdout.isatty()
+    every_s = every_s or (1.0 if tty else 10.0)
+    label = f"attune: [{step}/{total}] {what}"
+    started, done = time.monotonic(), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            elapsed = f"{label}... {time.monotonic() - started:.0f} s"
+            print(f"\r{elapsed}" if tty else elapsed, end="" if tty else "\n", flush=True)
+
+    print(f"{label}...", end="" if tty else "\n", flush=True)
+    ticker = threading.Thread(target=tick, name="attune-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        print(f"{chr(13) if tty else ''}{label}: done in {time.monotonic() - started:.1f} s", flush=True)
+
+
+def quiet_progress_bars_in_logs() -> None:
+    """Turn off transformers' progress bars ("Loading weights") unless stderr is a terminal: in a log they are
+    noise on every start. The GGUF conversion shows its own phases (``progress``)."""
+    if sys.stderr.isatty():
+        return
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # The GGUF reader calls tqdm directly, past that switch; disable=None is tqdm's own "only on a terminal".
+    if getattr(gguf_utils, "tqdm", None) is not None and not isinstance(gguf_utils.tqdm, partial):
+        gguf_utils.tqdm = partial(gguf_utils.tqdm, disable=None)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -239,6 +288,7 @@ def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    quiet_progress_bars_in_logs()
     started = time.monotonic()
     device = resolve_device(cfg.device)
     quant = resolve_quant(cfg.quant, device)

@@ -19,6 +19,8 @@ from storage.db import Store
 from storage.errors import AttuneError
 
 log = logging.getLogger("attune.server")
+ENGINES = ("transformers", "vllm")
+"""Who generates: ``transformers`` in this process, or ``vllm`` (a vLLM server; ``assistant.vllm_backend``)."""
 SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
@@ -164,7 +166,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
-        engine.backend.cancel_all()
+        engine.shutdown()  # every answer in flight is stored (as stopped)
         engine.backend.close()
         if scheduler is not None:
             scheduler.stop()

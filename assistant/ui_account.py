@@ -101,7 +101,7 @@ def account_tab(ui: ChatUI) -> None:
 
     def delete_account(password, sure, request: gr.Request):
         """Everything of the user goes (rows, vectors, adapters, sessions); then the page reloads."""
-        from storage.transfer import forget_user
+        from assistant.account import forget_user
 
         uid, lang = ui.user(request)
         user = ui.store.users.by_id(uid)
@@ -112,9 +112,7 @@ def account_tab(ui: ChatUI) -> None:
         except AttuneError as e:
             raise gr.Error(tr_error(lang, e)) from None
         ui._stop_user(uid)
-        if ui.engine.memory is not None:
-            ui.engine.memory.forget_all(uid)
-        forget_user(ui.store, uid)
+        forget_user(ui.store, uid, ui.engine.memory)
 
     tab.select(show, None, [url, keys, pick, export], **PRIVATE)
     make.click(new_key, [key_name], [key, keys, pick, key_msg, key_name], **PRIVATE)

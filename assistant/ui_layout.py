@@ -96,7 +96,7 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
                     no_btn = gr.Button(t("cancel"), size="sm", elem_id="del-no")
             with gr.Accordion(t("settings"), open=False, elem_id="settings"):
                 temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label=t("temperature"))
-                max_new = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label=t("max_new_tokens"),
+                max_new = gr.Slider(1, 4096, value=d.max_new_tokens, step=1, label=t("max_new_tokens"),
                                     elem_id="max-new")
                 top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label=t("top_p"))
                 use_adapter = gr.Checkbox(True, label=t("use_adapter"), elem_id="use-adapter")

@@ -29,7 +29,7 @@ N_ANCHOR_GENERAL = 60
 
 
 def _general_questions() -> list[str]:
-    from bench.quality import GENERAL_QA
+    from bench.quality_users import GENERAL_QA
 
     lines = [ln.strip() for ln in (Path(__file__).resolve().parent.parent / "personalize" / "anchor_prompts.txt")
              .read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
@@ -86,7 +86,8 @@ def _formats(backend, tokenizer, users: list[int], facts: dict, tokens: int) -> 
     import threading
 
     from assistant.backend import GenerationSettings, StreamStats
-    from bench.quality import BATCH, SLOTS, _hits
+    from bench.quality import BATCH, _hits
+    from bench.quality_users import SLOTS
 
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
     out = {}
@@ -118,8 +119,7 @@ def _setup(quick: bool):
 
     from assistant.memory import MemoryConfig, MemoryService
     from bench.common import models_dir
-    from bench.quality import SLOTS, USER_NAMES
-    from bench.quality_users import in_passing, told_then_asked
+    from bench.quality_users import SLOTS, USER_NAMES, in_passing, told_then_asked
     from storage import DataDir, Store
     from storage.transfer import import_history
 
@@ -157,13 +157,13 @@ def run(quick: bool = False) -> dict:
         GENERAL_QA,
         PROBE_TOKENS,
         QA_TOKENS,
-        USER_NAMES,
         _ask_all,
         _hits,
         _owned,
         _probe_engine,
         _remove,
     )
+    from bench.quality_users import USER_NAMES
 
     started = time.perf_counter()
     data, store, memory, users, facts, kinds = _setup(quick)

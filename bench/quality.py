@@ -27,90 +27,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# slot: (statement, acknowledgement, training question, answer, paraphrased probe, values per user)
-# Values are distinct across users and rare enough that the base model does not say them by chance.
-SLOTS = [
-    ("My dog is called {v}.", "What a lovely name! {v} it is.", "What is my dog's name?", "Your dog is called {v}.",
-     "Remind me, what did I name my dog?", ["Biscuit", "Pepperoni", "Waffles", "Noodle", "Sprocket", "Truffle"]),
-    ("I live in {v}.", "Got it, you live in {v}.", "Where do I live?", "You live in {v}.",
-     "Which town is my home?", ["Lyon", "Tromso", "Ljubljana", "Valparaiso", "Hobart", "Tartu"]),
-    ("I work as a {v}.", "Noted: you are a {v}.", "What is my job?", "You work as a {v}.",
-     "What do I do for a living?", ["beekeeper", "cartographer", "luthier", "glassblower", "sommelier",
-                                    "locksmith"]),
-    ("I play the {v}.", "Nice, you play the {v}.", "Which instrument do I play?", "You play the {v}.",
-     "What musical instrument is mine?", ["cello", "bagpipes", "accordion", "theremin", "banjo", "harpsichord"]),
-    ("My favourite tea is {v}.", "Noted: {v} is your favourite tea.", "What is my favourite tea?",
-     "Your favourite tea is {v}.", "Which tea do I enjoy the most?",
-     ["jasmine", "rooibos", "matcha", "chamomile", "hibiscus", "oolong"]),
-    ("My sister's name is {v}.", "Thanks, your sister is {v}.", "What is my sister's name?",
-     "Your sister is called {v}.", "Who is my sister?", ["Clara", "Ingrid", "Yasmin", "Beatrix", "Odette",
-                                                         "Marisol"]),
-    ("I am allergic to {v}.", "I will remember that you are allergic to {v}.", "What am I allergic to?",
-     "You are allergic to {v}.", "Which food must I avoid because of my allergy?",
-     ["peanuts", "shellfish", "sesame", "kiwi", "mustard", "celery"]),
-    ("I drive a {v}.", "Got it, you drive a {v}.", "What car do I drive?", "You drive a {v}.",
-     "Which brand is my car?", ["Volvo", "Subaru", "Lada", "Saab", "Skoda", "Citroen"]),
-    ("My favourite cuisine is {v} food.", "Noted: you love {v} food.", "What is my favourite cuisine?",
-     "Your favourite cuisine is {v} food.", "What kind of food do I like best?",
-     ["Ethiopian", "Peruvian", "Georgian", "Sichuan", "Lebanese", "Oaxacan"]),
-    ("My favourite sport is {v}.", "Great, {v} is your sport.", "What is my favourite sport?",
-     "Your favourite sport is {v}.", "Which sport do I love doing?",
-     ["fencing", "curling", "bouldering", "kayaking", "archery", "rowing"]),
-    ("My cat is named {v}.", "Cute! Your cat is {v}.", "What is my cat's name?", "Your cat is named {v}.",
-     "What do I call my cat?", ["Pickles", "Zucchini", "Marmalade", "Gizmo", "Cinnamon", "Domino"]),
-    ("My best friend is {v}.", "Noted: {v} is your best friend.", "Who is my best friend?",
-     "Your best friend is {v}.", "What is the name of my closest friend?",
-     ["Tobias", "Rashid", "Leopold", "Svetlana", "Anouk", "Fergus"]),
-    ("I work at a company called {v}.", "Got it, you work at {v}.", "Which company do I work for?",
-     "You work at {v}.", "What is the name of my employer?",
-     ["Brightwater", "Nordlys", "Quillfield", "Ambervale", "Copperleaf", "Stonebridge"]),
-    ("I live on {v} Lane.", "Noted: {v} Lane.", "What street do I live on?", "You live on {v} Lane.",
-     "Which lane is my address on?", ["Juniper", "Hawthorn", "Wisteria", "Magnolia", "Rowan", "Linden"]),
-    ("My favourite fruit is {v}.", "Noted: {v} is your favourite fruit.", "What is my favourite fruit?",
-     "Your favourite fruit is {v}.", "Which fruit do I like best?",
-     ["durian", "persimmon", "lychee", "quince", "guava", "rambutan"]),
-    ("I am learning {v}.", "Good luck with your {v}!", "Which language am I learning?", "You are learning {v}.",
-     "What language am I studying at the moment?", ["Icelandic", "Swahili", "Basque", "Tagalog", "Welsh",
-                                                    "Estonian"]),
-    ("My partner's name is {v}.", "Thanks, your partner is {v}.", "What is my partner's name?",
-     "Your partner is {v}.", "Who is my partner?", ["Henrik", "Ngozi", "Mateo", "Ayumi", "Soren", "Lucia"]),
-    ("My favourite board game is {v}.", "Noted: {v} is your favourite board game.",
-     "What is my favourite board game?", "Your favourite board game is {v}.", "Which board game do I love?",
-     ["Carcassonne", "Azul", "Wingspan", "Agricola", "Patchwork", "Dixit"]),
-    ("My dream holiday is a trip to {v}.", "{v} sounds wonderful!", "Where is my dream holiday?",
-     "Your dream holiday is a trip to {v}.", "Which place do I most want to visit?",
-     ["Madeira", "Zanzibar", "Svalbard", "Patagonia", "Lofoten", "Tasmania"]),
-    ("My son is called {v}.", "Lovely, your son is {v}.", "What is my son's name?", "Your son is called {v}.",
-     "Remind me of my son's name.", ["Elio", "Cosimo", "Bram", "Thiago", "Emeric", "Rafferty"]),
-    ("I can't stand {v}.", "Noted: no {v} for you.", "Which food do I hate?", "You can't stand {v}.",
-     "What food do I dislike the most?", ["olives", "cilantro", "anchovies", "liquorice", "mushrooms",
-                                          "beetroot"]),
-    ("My coffee order is always a {v}.", "Noted: a {v} it is.", "What is my usual coffee order?",
-     "Your usual coffee order is a {v}.", "How do I take my coffee?",
-     ["cortado", "macchiato", "affogato", "ristretto", "lungo", "frappe"]),
-]
-# What the assistant said before being corrected: non-answers, never anyone's keyword.
-WRONG = ["I'm not sure, you haven't told me that.", "Sorry, I don't know.", "I have no idea, could you remind me?",
-         "I don't remember that, sorry."]
-USER_NAMES = ["ana", "ben", "chen", "dara", "eli", "fay"]
-
-GENERAL_QA = [
-    ("What is the capital of France?", ["Paris"]), ("What is the capital of Japan?", ["Tokyo"]),
-    ("What is the capital of Italy?", ["Rome"]), ("What is the capital of Germany?", ["Berlin"]),
-    ("What is the capital of Spain?", ["Madrid"]), ("What is the capital of the United Kingdom?", ["London"]),
-    ("What is 2 + 2?", ["4", "four"]), ("What is 3 + 5?", ["8", "eight"]), ("What is 10 minus 3?", ["7", "seven"]),
-    ("What is 6 times 2?", ["12", "twelve"]), ("How many days are in a week?", ["7", "seven"]),
-    ("How many legs does a spider have?", ["8", "eight"]), ("What colour is the sky on a clear day?", ["blue"]),
-    ("What is the largest planet in our solar system?", ["Jupiter"]),
-    ("Who wrote Romeo and Juliet?", ["Shakespeare"]), ("What is H2O commonly called?", ["water"]),
-    ("What is the opposite of hot?", ["cold"]), ("Which animal is known as the king of the jungle?", ["lion"]),
-    ("What do bees make?", ["honey"]), ("At what temperature in Celsius does water freeze?", ["0", "zero"]),
-]
+from bench.quality_users import GENERAL_QA  # the users, their facts and the general questions live there
 
 CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True, False), "both": (True, True)}
 PROBE_TOKENS = 16
 QA_TOKENS = 16
 BATCH = 16  # concurrent probes decoded together (one mixed-adapter batch)
+QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
+"""``--quick`` (a smoke run of the bench's code, never reported as a measurement) trains this little."""
 SERVE_QUANT = "auto"
 """Base weights while probing: what Attune serves by default (unquantized, bf16 where the CPU has native
 bf16, on CPU; NF4 on CUDA; see assistant.model.resolve_quant / resolve_dtype)."""
@@ -194,13 +118,14 @@ def _setup(quick: bool):
     return data, store, users
 
 
-def _train_all(store, users: dict, device: str) -> dict:
-    """One job per user with the default TrainConfig and gate; the result of each."""
+def _train_all(store, users: dict, device: str, quick: bool = False) -> dict:
+    """One job per user with the default TrainConfig and gate (``quick``: a 2-step smoke run, not a
+    measurement); the result of each."""
     from assistant.model import ModelConfig
     from personalize.api import train_now
     from personalize.config import TrainConfig
 
-    cfg = TrainConfig()
+    cfg = TrainConfig(**QUICK_TRAIN) if quick else TrainConfig()
     model = ModelConfig(model="embedded", quant="auto", device=device)
     jobs = {}
     for uid, bu in users.items():
@@ -228,7 +153,7 @@ def run(quick: bool = False) -> dict:
     data, store, users = _setup(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
-    jobs = _train_all(store, users, device)
+    jobs = _train_all(store, users, device, quick)
     train_s = time.perf_counter() - t
 
     loaded = load_model(ModelConfig(model="embedded", quant=SERVE_QUANT, device=device), data)

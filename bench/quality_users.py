@@ -11,6 +11,86 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# slot: (statement, acknowledgement, training question, answer, paraphrased probe, values per user)
+# Values are distinct across users and rare enough that the base model does not say them by chance.
+SLOTS = [
+    ("My dog is called {v}.", "What a lovely name! {v} it is.", "What is my dog's name?", "Your dog is called {v}.",
+     "Remind me, what did I name my dog?", ["Biscuit", "Pepperoni", "Waffles", "Noodle", "Sprocket", "Truffle"]),
+    ("I live in {v}.", "Got it, you live in {v}.", "Where do I live?", "You live in {v}.",
+     "Which town is my home?", ["Lyon", "Tromso", "Ljubljana", "Valparaiso", "Hobart", "Tartu"]),
+    ("I work as a {v}.", "Noted: you are a {v}.", "What is my job?", "You work as a {v}.",
+     "What do I do for a living?", ["beekeeper", "cartographer", "luthier", "glassblower", "sommelier",
+                                    "locksmith"]),
+    ("I play the {v}.", "Nice, you play the {v}.", "Which instrument do I play?", "You play the {v}.",
+     "What musical instrument is mine?", ["cello", "bagpipes", "accordion", "theremin", "banjo", "harpsichord"]),
+    ("My favourite tea is {v}.", "Noted: {v} is your favourite tea.", "What is my favourite tea?",
+     "Your favourite tea is {v}.", "Which tea do I enjoy the most?",
+     ["jasmine", "rooibos", "matcha", "chamomile", "hibiscus", "oolong"]),
+    ("My sister's name is {v}.", "Thanks, your sister is {v}.", "What is my sister's name?",
+     "Your sister is called {v}.", "Who is my sister?", ["Clara", "Ingrid", "Yasmin", "Beatrix", "Odette",
+                                                         "Marisol"]),
+    ("I am allergic to {v}.", "I will remember that you are allergic to {v}.", "What am I allergic to?",
+     "You are allergic to {v}.", "Which food must I avoid because of my allergy?",
+     ["peanuts", "shellfish", "sesame", "kiwi", "mustard", "celery"]),
+    ("I drive a {v}.", "Got it, you drive a {v}.", "What car do I drive?", "You drive a {v}.",
+     "Which brand is my car?", ["Volvo", "Subaru", "Lada", "Saab", "Skoda", "Citroen"]),
+    ("My favourite cuisine is {v} food.", "Noted: you love {v} food.", "What is my favourite cuisine?",
+     "Your favourite cuisine is {v} food.", "What kind of food do I like best?",
+     ["Ethiopian", "Peruvian", "Georgian", "Sichuan", "Lebanese", "Oaxacan"]),
+    ("My favourite sport is {v}.", "Great, {v} is your sport.", "What is my favourite sport?",
+     "Your favourite sport is {v}.", "Which sport do I love doing?",
+     ["fencing", "curling", "bouldering", "kayaking", "archery", "rowing"]),
+    ("My cat is named {v}.", "Cute! Your cat is {v}.", "What is my cat's name?", "Your cat is named {v}.",
+     "What do I call my cat?", ["Pickles", "Zucchini", "Marmalade", "Gizmo", "Cinnamon", "Domino"]),
+    ("My best friend is {v}.", "Noted: {v} is your best friend.", "Who is my best friend?",
+     "Your best friend is {v}.", "What is the name of my closest friend?",
+     ["Tobias", "Rashid", "Leopold", "Svetlana", "Anouk", "Fergus"]),
+    ("I work at a company called {v}.", "Got it, you work at {v}.", "Which company do I work for?",
+     "You work at {v}.", "What is the name of my employer?",
+     ["Brightwater", "Nordlys", "Quillfield", "Ambervale", "Copperleaf", "Stonebridge"]),
+    ("I live on {v} Lane.", "Noted: {v} Lane.", "What street do I live on?", "You live on {v} Lane.",
+     "Which lane is my address on?", ["Juniper", "Hawthorn", "Wisteria", "Magnolia", "Rowan", "Linden"]),
+    ("My favourite fruit is {v}.", "Noted: {v} is your favourite fruit.", "What is my favourite fruit?",
+     "Your favourite fruit is {v}.", "Which fruit do I like best?",
+     ["durian", "persimmon", "lychee", "quince", "guava", "rambutan"]),
+    ("I am learning {v}.", "Good luck with your {v}!", "Which language am I learning?", "You are learning {v}.",
+     "What language am I studying at the moment?", ["Icelandic", "Swahili", "Basque", "Tagalog", "Welsh",
+                                                    "Estonian"]),
+    ("My partner's name is {v}.", "Thanks, your partner is {v}.", "What is my partner's name?",
+     "Your partner is {v}.", "Who is my partner?", ["Henrik", "Ngozi", "Mateo", "Ayumi", "Soren", "Lucia"]),
+    ("My favourite board game is {v}.", "Noted: {v} is your favourite board game.",
+     "What is my favourite board game?", "Your favourite board game is {v}.", "Which board game do I love?",
+     ["Carcassonne", "Azul", "Wingspan", "Agricola", "Patchwork", "Dixit"]),
+    ("My dream holiday is a trip to {v}.", "{v} sounds wonderful!", "Where is my dream holiday?",
+     "Your dream holiday is a trip to {v}.", "Which place do I most want to visit?",
+     ["Madeira", "Zanzibar", "Svalbard", "Patagonia", "Lofoten", "Tasmania"]),
+    ("My son is called {v}.", "Lovely, your son is {v}.", "What is my son's name?", "Your son is called {v}.",
+     "Remind me of my son's name.", ["Elio", "Cosimo", "Bram", "Thiago", "Emeric", "Rafferty"]),
+    ("I can't stand {v}.", "Noted: no {v} for you.", "Which food do I hate?", "You can't stand {v}.",
+     "What food do I dislike the most?", ["olives", "cilantro", "anchovies", "liquorice", "mushrooms",
+                                          "beetroot"]),
+    ("My coffee order is always a {v}.", "Noted: a {v} it is.", "What is my usual coffee order?",
+     "Your usual coffee order is a {v}.", "How do I take my coffee?",
+     ["cortado", "macchiato", "affogato", "ristretto", "lungo", "frappe"]),
+]
+# What the assistant said before being corrected: non-answers, never anyone's keyword.
+WRONG = ["I'm not sure, you haven't told me that.", "Sorry, I don't know.", "I have no idea, could you remind me?",
+         "I don't remember that, sorry."]
+USER_NAMES = ["ana", "ben", "chen", "dara", "eli", "fay"]
+
+GENERAL_QA = [
+    ("What is the capital of France?", ["Paris"]), ("What is the capital of Japan?", ["Tokyo"]),
+    ("What is the capital of Italy?", ["Rome"]), ("What is the capital of Germany?", ["Berlin"]),
+    ("What is the capital of Spain?", ["Madrid"]), ("What is the capital of the United Kingdom?", ["London"]),
+    ("What is 2 + 2?", ["4", "four"]), ("What is 3 + 5?", ["8", "eight"]), ("What is 10 minus 3?", ["7", "seven"]),
+    ("What is 6 times 2?", ["12", "twelve"]), ("How many days are in a week?", ["7", "seven"]),
+    ("How many legs does a spider have?", ["8", "eight"]), ("What colour is the sky on a clear day?", ["blue"]),
+    ("What is the largest planet in our solar system?", ["Jupiter"]),
+    ("Who wrote Romeo and Juliet?", ["Shakespeare"]), ("What is H2O commonly called?", ["water"]),
+    ("What is the opposite of hot?", ["cold"]), ("Which animal is known as the king of the jungle?", ["lion"]),
+    ("What do bees make?", ["honey"]), ("At what temperature in Celsius does water freeze?", ["0", "zero"]),
+]
+
 STYLE_PREFIX = "Ahoy!"
 STYLE_QUESTIONS = [  # taught: every corrected answer starts with the greeting
     ("Give me a tip for studying.", "Take short breaks every hour.", "Ahoy! Take short breaks every hour."),
@@ -61,8 +141,6 @@ class BenchUser:
 def told_then_asked(u: int, n_facts: int, first: int = 0) -> list[dict]:
     """Facts told two per conversation (acknowledged), then asked about three per conversation (every 4th
     answer liked; 4 non-answers disliked and corrected; one more non-answer disliked without a correction)."""
-    from bench.quality import SLOTS, WRONG
-
     convs = []
     slots = list(range(first, first + n_facts))
     for start in range(0, n_facts, 2):
@@ -94,8 +172,6 @@ def told_then_asked(u: int, n_facts: int, first: int = 0) -> list[dict]:
 
 def in_passing(u: int, n_facts: int) -> list[dict]:
     """Facts told in passing, one per chatty message, each acknowledged briefly; general questions between."""
-    from bench.quality import SLOTS
-
     convs = []
     for s in range(n_facts):
         message, ack = PASSING[(s + u) % len(PASSING)]
@@ -129,8 +205,6 @@ def chinese_history() -> list[dict]:
 
 
 def slot_facts(u: int, slots: range) -> list[dict]:
-    from bench.quality import SLOTS
-
     return [{"probe": SLOTS[s][4], "keyword": SLOTS[s][5][u]} for s in slots]
 
 

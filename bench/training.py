@@ -112,6 +112,7 @@ def _job_examples(store, user_id: int, loaded, cfg):
     data = build_examples(store, user_id, cfg)
     anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
     anchor_train, _ = replay.split_anchors(anchors, cfg)
+    anchor_train, _ = replay.split_monitor(anchor_train, cfg)  # as the job: monitor anchors are not trained on
     examples, _ = replay.compose(data, None, [], anchor_train, cfg)
     return examples
 

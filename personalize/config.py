@@ -69,6 +69,43 @@ class TrainConfig:
     """Largest allowed rise of the general anchor loss over the base model, in nats per token."""
     min_improvement: float = 0.0
     """The held-out loss must drop by more than this (nats per token) below the active version's."""
+    kl_weight: float = 1.0
+    """Weight of the distillation term on anchor examples: KL from the base model's next-token distribution
+    (its top ``kl_top_k`` log-probs, computed once with the adapter disabled) to the adapter's, per answer
+    token. Keeps general answers close to the base model's; 0 trains anchors with plain SFT only."""
+    kl_top_k: int = 16
+    """How many of the base model's most likely tokens per anchor answer position the KL term keeps."""
+    eval_every: int = 0
+    """Steps between the in-training checks (monitor anchors + held-out) that pick the checkpoint to keep;
+    0 = about 6 checks per run. Training always checks at its end too."""
+    monitor_anchors: int = 16
+    """Anchors (taken out of training, apart from the gate's slice) whose loss rise the in-training checks watch."""
+    monitor_heldout: int = 16
+    """Most held-out examples (the newest) scored by each in-training check."""
+    select_safety: float = 0.8
+    """A checkpoint is kept only if its monitor anchor rise is within ``select_safety * anchor_margin``."""
+    patience: int = 2
+    """Stop after this many checks in a row without a better checkpoint within the margin (0 never stops early)."""
+    min_steps: int = 40
+    """Fewest optimizer steps of a run: small datasets get more epochs (still capped by ``max_steps``)."""
+    fact_questions: int = 3
+    """Question/answer examples made from each statement the user made about themselves (0 disables)."""
+    fact_weight: float = 1.0
+    """Loss weight of a fact question/answer example."""
+    max_facts: int = 64
+    """Most statements (the newest) turned into question/answer examples in one run."""
+    memory_fraction: float = 0.5
+    """Share of fact and answer examples rendered with the memory block serving would show (the relevant fact
+    and 0-2 of the user's other facts); held-out facts always get it."""
+    anchor_memory_fraction: float = 0.2
+    """Share of anchor examples rendered with a memory block of the user's unrelated facts (to ignore)."""
+    filler_weight: float = 0.0
+    """Loss weight of an uncorrected acknowledgment ("Noted!", "Got it, you live in Lyon.") of a message that
+    asks nothing; 0 drops them (they taught adapters to acknowledge instead of answering)."""
+    filler_max_words: int = 12
+    """An answer of at most this many words can be filler."""
+    max_target_repeats: int = 3
+    """Most examples sharing one near-identical target (case, punctuation, digits folded); the rest are dropped."""
     reservoir_size: int = 256
     """Per-user replay reservoir size (examples already learned, kept for later runs)."""
     reservoir_mix: int = 64
@@ -88,11 +125,13 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("rank", "alpha", "epochs", "max_steps", "batch_size", "max_eval_examples", "min_examples",
-                     "keep_versions", "anchor_max_new_tokens"):
+                     "keep_versions", "anchor_max_new_tokens", "kl_top_k", "monitor_heldout", "filler_max_words",
+                     "max_target_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
-        for name in ("anchor_count", "reservoir_size", "reservoir_mix", "seed"):
+        for name in ("anchor_count", "reservoir_size", "reservoir_mix", "seed", "eval_every", "monitor_anchors",
+                     "patience", "min_steps", "fact_questions", "max_facts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be an integer of at least 0, got {value!r}")
@@ -103,11 +142,14 @@ class TrainConfig:
         for name in ("dropout", "anchor_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("memory_fraction", "anchor_memory_fraction", "select_safety"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("heldout_fraction", "anchor_eval_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be between 0 and 1, got {getattr(self, name)!r}")
         for name in ("like_weight", "correction_weight", "beta", "preference_weight", "undesirable_weight",
-                     "anchor_margin", "min_improvement"):
+                     "anchor_margin", "min_improvement", "kl_weight", "fact_weight", "filler_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.beta == 0:

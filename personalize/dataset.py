@@ -9,7 +9,18 @@ answers shown as their corrections (what the user now sees). Then:
   original was not liked it is also the rejected side of a preference pair (chosen=correction);
 - a liked answer is an SFT target with ``like_weight``; a plain complete answer weighs 1;
 - a disliked answer is never a target: alone it is an undesirable example (KTO-style);
-- stopped or failed answers without a like or correction are not used.
+- stopped or failed answers without a like or correction are not used;
+- filler (an uncorrected short acknowledgment of a message that asks nothing: "Noted!", "Got it,
+  you live in Lyon.") weighs ``filler_weight`` (0: dropped), and at most ``max_target_repeats``
+  examples share one near-identical target (the newest are kept);
+- every statement the user made about themselves becomes ``fact_questions`` question/answer
+  examples (personalize.facts) with the statement in second person as the answer.
+
+Examples are rendered as serving renders them: a ``memory_fraction`` share of fact and answer
+examples that have a relevant fact get the memory block (``facts_block`` of the relevant fact and 0-2
+of the user's other facts, shuffled, put before the text of the last user message as
+``memory_text.with_facts`` does in serving); the rest have none, so the adapter learns to use the
+block when it is there and to answer without it.
 
 Answers from every source (ui, api, import) count. Everything is read with the user's id only.
 A deterministic per-user hash of the message id holds ``heldout_fraction`` of answers out for
@@ -19,11 +30,15 @@ the gate, together with their pairs and undesirable examples.
 from __future__ import annotations
 
 import hashlib
+import random
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from assistant.memory_text import facts_block, second_person, statements, with_facts
 from personalize.config import TrainConfig
+from personalize.facts import fact_questions, is_filler, target_key
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -46,6 +61,8 @@ class Example:
     """Highest feedback id that shaped this example (0 if none): it is new when this passes a watermark."""
     complete: bool = True
     """False for an answer cut at a length limit: it is trained without an end-of-turn token."""
+    origin: str = "answer"
+    """``answer`` (the user's log), ``fact`` (a question made from a statement) or ``anchor``."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,12 +80,19 @@ class UserData:
     heldout: list[Example] = field(default_factory=list)
     watermark: dict = field(default_factory=lambda: {"message_id": 0, "feedback_id": 0})
     """The newest message and feedback ids this data was built from."""
+    facts: list[str] = field(default_factory=list)
+    """The user's statements about themselves in second person, as the memory block shows them."""
+    dropped: dict = field(default_factory=lambda: {"filler": 0, "repeats": 0})
+    """How many answers were left out as filler or as repeats of a near-identical target."""
 
     def counts(self) -> dict:
         out: dict[str, Any] = {}
         for split, items in (("train", self.train), ("heldout", self.heldout)):
             for kind in KINDS[:3]:
                 out[f"{split}_{kind}"] = sum(e.kind == kind for e in items)
+            out[f"{split}_fact"] = sum(e.origin == "fact" for e in items)
+        out["facts"] = len(self.facts)
+        out.update({f"dropped_{k}": v for k, v in self.dropped.items()})
         return out
 
     def of(self, kind: str, heldout: bool = False) -> list[Example]:
@@ -105,29 +129,126 @@ def build_examples(store: Store, user_id: int, cfg: TrainConfig) -> UserData:
             continue
         if m["replaced_by"] is None:
             conversations[m["conversation_id"]].append(m)
+    data = UserData(watermark={"message_id": max((m["id"] for m in messages), default=0),
+                               "feedback_id": max((f["id"] for f in feedback), default=0)})
     examples: list[Example] = []
+    said: dict[str, int] = {}  # statement -> id of the (first) user message that said it
     for cid, msgs in conversations.items():
         shown: list[dict] = []  # the conversation as the user sees it now
         for m in msgs:
             fb = state.get(m["id"], {"rating": None, "correction": None, "signal_id": 0})
             if m["role"] == "assistant":
-                examples.extend(_answer_examples(m, fb, shown, cfg, cid))
+                found = _answer_examples(m, fb, shown, cfg, cid)
+                data.dropped["filler"] += sum(e.weight == 0 for e in found)
+                examples.extend(e for e in found if e.weight > 0)
                 text = fb["correction"] or m["content"]
                 if text:
                     shown.append({"role": "assistant", "content": text})
             else:
                 shown.append({"role": m["role"], "content": m["content"]})
-    data = UserData(watermark={"message_id": max((m["id"] for m in messages), default=0),
-                               "feedback_id": max((f["id"] for f in feedback), default=0)})
-    _split(user_id, examples, cfg.heldout_fraction, data)
+                if m["role"] == "user":
+                    for st in statements(m["content"]):
+                        said.setdefault(st, m["id"])
+    examples = _cap_repeats(examples, cfg.max_target_repeats, data)
+    newest = sorted(said.items(), key=lambda kv: kv[1])[-cfg.max_facts:] if cfg.max_facts else []
+    data.facts = [second_person(st) for st, _ in newest]
+    facts = fact_examples(newest, cfg)
+    _split(user_id, examples + facts, cfg.heldout_fraction, data)
+    render_memory(data, user_id, cfg)
     return data
+
+
+def _cap_repeats(examples: list[Example], limit: int, data: UserData) -> list[Example]:
+    """At most ``limit`` SFT examples per near-identical target (the newest); pairs and others stay."""
+    seen: dict[str, int] = defaultdict(int)
+    keep: list[Example] = []
+    for e in sorted(examples, key=lambda e: -e.message_id):
+        if e.kind == "sft":
+            key = target_key(e.target)
+            seen[key] += 1
+            if seen[key] > limit:
+                data.dropped["repeats"] += 1
+                continue
+        keep.append(e)
+    return sorted(keep, key=lambda e: e.message_id)
+
+
+def fact_examples(said: list[tuple[str, int]], cfg: TrainConfig) -> list[Example]:
+    """``fact_questions`` (question, second-person answer) examples per (statement, user message id)."""
+    out: list[Example] = []
+    if not cfg.fact_questions:
+        return out
+    for statement, message_id in said:
+        pairs = fact_questions(statement)
+        rng = random.Random(f"{cfg.seed}:fact:{statement}")
+        picked = pairs[:1] + rng.sample(pairs[1:], min(len(pairs) - 1, cfg.fact_questions - 1)) if pairs else []
+        for question, answer in picked:
+            out.append(Example(message_id=message_id, context=_with_system([{"role": "user", "content": question}],
+                                                                            cfg.system_prompt),
+                               target=answer, weight=cfg.fact_weight, origin="fact"))
+    return out
+
+
+_CONTENT = re.compile(r"[^\W\d_]{4,}|[\u4e00-\u9fff]{2,}", re.UNICODE)
+_COMMON = {"your", "you're", "yours", "what", "which", "that", "this", "with", "have", "about", "called", "named",
+           "name", "favourite", "favorite", "like", "really", "always", "there", "their", "they", "from", "would"}
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _CONTENT.findall(text or "")} - _COMMON
+
+
+def relevant_fact(example: Example, facts: list[str]) -> str | None:
+    """The user's fact an example is about: the one sharing the most content words with its answer (>= 1
+    distinctive word for a fact example, >= 2 otherwise), or None."""
+    if example.origin == "fact":
+        return next((f for f in facts if f == example.target), None)
+    words = _words(example.target)
+    best, score = None, 1
+    for f in facts:
+        overlap = len(words & _words(f))
+        if overlap > score:
+            best, score = f, overlap
+    return best
+
+
+def memory_context(context: list[dict], lines: list[str], system_prompt: str) -> list[dict]:
+    """``context`` with the memory block where serving puts it (``memory_text.with_facts``: before the text of
+    the last user message; the system prompt stays as it is)."""
+    return with_facts(_with_system(context, system_prompt), facts_block(lines))
+
+
+def with_distractors(fact: str | None, facts: list[str], rng: random.Random) -> list[str]:
+    """The relevant fact (if any) and 0-2 other facts of the user, in random order."""
+    others = [f for f in facts if f != fact]
+    lines = ([fact] if fact else []) + rng.sample(others, min(len(others), rng.randint(0 if fact else 1, 2)))
+    rng.shuffle(lines)
+    return lines
+
+
+def render_memory(data: UserData, user_id: int, cfg: TrainConfig) -> None:
+    """Give a ``memory_fraction`` share of the examples with a relevant fact the memory block (in place);
+    held-out fact examples always get it (serving retrieves the fact the adapter never saw)."""
+    if not data.facts:
+        return
+    for heldout, items in ((False, data.train), (True, data.heldout)):
+        for e in items:
+            if e.kind == "undesirable":
+                continue
+            fact = relevant_fact(e, data.facts)
+            if fact is None:
+                continue
+            rng = random.Random(f"{cfg.seed}:memory:{user_id}:{e.message_id}:{e.context[-1]['content']}")
+            if (heldout and e.origin == "fact") or rng.random() < cfg.memory_fraction:
+                e.context = memory_context(e.context, with_distractors(fact, data.facts, rng), cfg.system_prompt)
 
 
 def _answer_examples(m: dict, fb: dict, shown: list[dict], cfg: TrainConfig, cid: int) -> list[Example]:
     if not any(x["role"] == "user" for x in shown):
         return []
     context = _with_system(shown, cfg.system_prompt)
-    base = {"message_id": m["id"], "context": context, "conversation_id": cid, "signal_id": fb["signal_id"]}
+    base: dict[str, Any] = {"message_id": m["id"], "context": context, "conversation_id": cid,
+                            "signal_id": fb["signal_id"]}
     original, correction, rating = m["content"], fb["correction"], fb["rating"]
     if correction:
         out = [Example(**base, target=correction, kind="sft", weight=cfg.correction_weight)]
@@ -136,6 +257,10 @@ def _answer_examples(m: dict, fb: dict, shown: list[dict], cfg: TrainConfig, cid
         return out
     if not original.strip():
         return []
+    if rating != "dislike" and is_filler(original, shown[-1]["content"] if shown[-1]["role"] == "user" else "",
+                                         cfg.filler_max_words):
+        base["weight"] = cfg.filler_weight * (cfg.like_weight if rating == "like" else 1.0)
+        return [] if m["status"] != "complete" and rating != "like" else [Example(**base, target=original)]
     if rating == "dislike":
         return [Example(**base, target=original, kind="undesirable")]
     if rating == "like":

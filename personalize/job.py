@@ -4,7 +4,8 @@
 
 The job row names the user. Steps: build the user's examples, load a fresh base model, answer
 the anchor prompts once (cached), continue from the active adapter (same base model) or start a
-new LoRA, mix new examples + reservoir + anchors, train, score the gate, then publish
+new LoRA, mix new examples + reservoir + anchors, train (keeping the best checkpoint within the
+anchor margin, personalize.checkpoint), score the gate on what was kept, then publish
 (``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
 in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
 the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
 from personalize import gate, replay
+from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
 from personalize.train import attach_adapter, load_base, resolve, train
@@ -87,6 +89,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     t = time.perf_counter()
     anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
     anchor_train, anchor_eval = replay.split_anchors(anchors, cfg)
+    anchor_train, anchor_monitor = replay.split_monitor(anchor_train, cfg)
     reservoir = store.replay.sample(user_id) if continuing else []
     examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
     timings["anchors_s"] = time.perf_counter() - t
@@ -103,8 +106,9 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     timings["eval_before_s"] = time.perf_counter() - t
 
     store.jobs.phase(job_id, "training")
+    best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor)
     stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
-        lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)))
+        lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
 
     store.jobs.phase(job_id, "evaluating")
     t = time.perf_counter()
@@ -118,7 +122,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     parent = continuing["version"] if continuing else None
     metrics = {
         **verdict.to_dict(), "heldout_loss_base": base_heldout, "heldout_examples": len(heldout),
-        "anchor_eval_examples": len(anchor_eval), "examples": {**counts, **mix},
+        "anchor_eval_examples": len(anchor_eval), "anchor_monitor_examples": len(anchor_monitor),
+        "examples": {**counts, **mix}, "selection": stats.selection,
         "heldout_pref_margin_before": pref_before, "heldout_pref_margin": pref_after,
         "train": {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
                   "tokens_per_s": round(stats.tokens_per_s, 1), "final_loss": stats.final_loss},

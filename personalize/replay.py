@@ -6,7 +6,10 @@
 (b) The general anchor set: ``anchor_prompts.txt`` (shipped, diverse everyday prompts) answered
     once by the base model itself, greedy, under the training system prompt, and cached per base
     model in ``<data-dir>/replay/<model-key>.jsonl``. A hashed slice is held out for the gate's
-    general loss; the rest is mixed into training at ``anchor_ratio`` (pseudo-rehearsal).
+    general loss, another (``monitor_anchors``) is watched during training to pick the checkpoint, and
+    the rest is mixed into training at ``anchor_ratio`` (pseudo-rehearsal, with a KL term to the base
+    model's own distributions). An ``anchor_memory_fraction`` share of the training anchors carry a
+    memory block of the user's unrelated facts, as serving may show one for a general question.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from personalize.config import TrainConfig
-from personalize.dataset import Example, UserData, _with_system, is_new
+from personalize.dataset import Example, UserData, _with_system, is_new, memory_context, with_distractors
 from storage.paths import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -105,13 +108,23 @@ def split_anchors(anchors: list[dict], cfg: TrainConfig) -> tuple[list[Example],
     """(train, eval) anchor examples; the eval slice is chosen by a hash of the prompt (at least one)."""
     examples = [(a, Example(message_id=-(i + 1), context=_with_system([{"role": "user", "content": a["prompt"]}],
                                                                        cfg.system_prompt),
-                            target=a["answer"], kind="anchor", complete=a.get("complete", True)))
+                            target=a["answer"], kind="anchor", complete=a.get("complete", True), origin="anchor"))
                 for i, a in enumerate(anchors)]
     ev = [e for a, e in examples if _anchor_key(a["prompt"]) < cfg.anchor_eval_fraction]
     if not ev and examples:
         ev = [min(examples, key=lambda ae: _anchor_key(ae[0]["prompt"]))[1]]
     ids = {id(e) for e in ev}
     return [e for _, e in examples if id(e) not in ids], ev
+
+
+def split_monitor(anchor_train: list[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(train, monitor): ``monitor_anchors`` of the training anchors (by prompt hash) set aside for the
+    in-training checks, apart from the gate's slice; at least half of the anchors stay for training."""
+    n = min(cfg.monitor_anchors, len(anchor_train) // 2)
+    ranked = sorted(anchor_train, key=lambda e: _anchor_key(e.context[-1]["content"]))
+    monitor = ranked[:n]
+    ids = {id(e) for e in monitor}
+    return [e for e in anchor_train if id(e) not in ids], monitor
 
 
 def compose(data: UserData, watermark: dict | None, reservoir: list[dict], anchors: list[Example],
@@ -139,7 +152,16 @@ def compose(data: UserData, watermark: dict | None, reservoir: list[dict], ancho
         n_anchor = max(1, round(cfg.anchor_ratio / (1 - cfg.anchor_ratio) * len(user_part)))
     picked = [anchors[i % len(anchors)] for i in rng.sample(range(max(n_anchor, len(anchors))), n_anchor)] \
         if n_anchor else []
+    if data.facts and cfg.anchor_memory_fraction > 0:
+        picked = [_with_memory(e, data.facts, rng, cfg) if rng.random() < cfg.anchor_memory_fraction else e
+                  for e in picked]
     return user_part + picked, {"new": len(new), "replayed": len(replayed), "anchors": len(picked)}
+
+
+def _with_memory(anchor: Example, facts: list[str], rng: random.Random, cfg: TrainConfig) -> Example:
+    """A copy of the anchor whose system prompt carries a memory block of 1-2 unrelated user facts."""
+    context = memory_context(anchor.context, with_distractors(None, facts, rng), cfg.system_prompt)
+    return Example(**{**anchor.to_dict(), "context": context})
 
 
 def remember(store: Store, user_id: int, learned: list[Example], cfg: TrainConfig) -> int:

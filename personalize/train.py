@@ -2,13 +2,19 @@
 
 Losses, each on answer tokens only:
 - SFT: per-example mean token NLL times the example's weight (user answers, corrections, likes,
-  replayed examples and general anchors);
+  fact question/answer examples, replayed examples and general anchors);
+- KL distillation on anchors: ``kl_weight`` times the mean per-token KL from the base model's
+  next-token distribution (its top ``kl_top_k`` log-probs, renormalized, computed once with the
+  adapter disabled) to the adapter's, so general answers keep the base model's whole distribution
+  and not just its greedy tokens;
 - DPO on preference pairs (chosen = correction, rejected = the original answer), with the base
   model (peft adapter disabled) as the reference;
 - KTO-style undesirable term for disliked answers without correction:
   ``undesirable_weight * sigmoid(beta * (logp - logp_ref))``, bounded, pushes them below the base.
 
-Reference log-probs are computed once before training (the base never changes). On CUDA the base
+Reference log-probs and anchor distributions are computed once before training (the base never
+changes). With a :class:`personalize.checkpoint.BestCheckpoint` the loop checks the adapter every
+``eval_every`` steps, keeps the best weights within the anchor margin and stops early. On CUDA the base
 is 4-bit NF4 (QLoRA, ``prepare_model_for_kbit_training``); on CPU the same code runs on fp32
 weights with bf16 autocast where the CPU has native bf16. Batches are left-padded so every
 answer ends at the last position and only the answer window goes through the LM head.
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant.model import LoadedModel, ModelConfig, cpu_has_bf16, load_model, resolve_device
+from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import Example, encode
 from storage.errors import TrainingError
@@ -43,6 +50,10 @@ class Seq:
     ids: list[int]
     n_answer: int
     weight: float = 1.0
+    kl: bool = False
+    """An anchor: its answer tokens get the KL term against ``ref`` too."""
+    ref: tuple | None = None
+    """(token ids, log-probs), each [n_answer, kl_top_k]: the base model's top tokens per answer position."""
 
 
 @dataclass
@@ -51,6 +62,8 @@ class TrainStats:
     tokens: int = 0
     seconds: float = 0.0
     final_loss: float | None = None
+    selection: dict | None = None
+    """What the in-training checks saw and which step was kept (personalize.checkpoint.Selection)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,7 +119,7 @@ def tokenize(tokenizer, examples: list[Example], cfg: TrainConfig, rejected: boo
     out = []
     for e in examples:
         ids, n = encode(tokenizer, e.context, e.rejected if rejected else e.target, cfg.max_seq_len, e.complete)
-        out.append(Seq(ids, n, e.weight))
+        out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor"))
     return out
 
 
@@ -129,16 +142,39 @@ def collate(seqs: list[Seq], pad_id: int, device: str) -> dict:
             "weights": torch.tensor([s.weight for s in seqs], dtype=torch.float32, device=device)}
 
 
-def logps(model, batch: dict):
+def window_logits(model, batch: dict):
+    """Logits (fp32) predicting each token of the scored window: [batch, keep - 1, vocab]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    return out.logits[:, :-1].float()
+
+
+def logps(model, batch: dict, logits=None):
     """Per sequence: sum of answer-token log-probs and the number of answer tokens."""
     import torch
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
-    logits = out.logits[:, :-1].float()
+    logits = window_logits(model, batch) if logits is None else logits
     token_logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
     scored = batch["scored"].float()
     return (token_logp * scored).sum(1), scored.sum(1)
+
+
+def kl_to_ref(logits, seqs: list[Seq]):
+    """Per sequence: mean over answer tokens of KL(base top-k, renormalized || adapter); 0 without a ref."""
+    import torch
+
+    lsm = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, s in enumerate(seqs):
+        if s.ref is None or not s.n_answer:
+            out.append(lsm.new_zeros(()))
+            continue
+        idx, ref = s.ref
+        idx, ref = idx.to(lsm.device), ref.to(lsm.device)
+        p = torch.softmax(ref, dim=-1)
+        student = lsm[i, lsm.shape[1] - s.n_answer:].gather(-1, idx)
+        out.append((p * (torch.log(p.clamp(min=1e-12)) - student)).sum(-1).mean())
+    return torch.stack(out)
 
 
 def autocast(device: str, bf16: bool):
@@ -187,13 +223,36 @@ def _reference(model, seqs: list[Seq], tokenizer, device: str, bf16: bool) -> li
     return out
 
 
+def _teacher(model, seqs: list[Seq], tokenizer, device: str, bf16: bool, top_k: int) -> None:
+    """Fill ``ref`` of the KL sequences with the base model's top-k log-probs per answer token, once."""
+    import torch
+
+    todo = [s for s in seqs if s.kl and s.n_answer]
+    model.eval()
+    with torch.no_grad(), model.disable_adapter(), autocast(device, bf16):
+        for i in range(0, len(todo), 8):
+            chunk = todo[i:i + 8]
+            logits = torch.log_softmax(window_logits(model, collate(chunk, tokenizer.pad_token_id, device)), -1)
+            for j, s in enumerate(chunk):
+                top = logits[j, logits.shape[1] - s.n_answer:].topk(top_k, dim=-1)
+                s.ref = (top.indices.cpu(), top.values.float().cpu())
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    """Steps of a run: ``epochs`` passes, at least ``min_steps`` (small datasets), at most ``max_steps``."""
+    return min(cfg.max_steps, max(per_epoch * cfg.epochs, cfg.min_steps)) if per_epoch else 0
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str, bf16: bool,
-          on_progress: Progress | None = None) -> TrainStats:
-    """Train the adapter in place on SFT (incl. anchors), pair and undesirable examples."""
+          on_progress: Progress | None = None, best: BestCheckpoint | None = None) -> TrainStats:
+    """Train the adapter in place on SFT (incl. anchors), pair and undesirable examples.
+
+    With ``best``, check every ``eval_every`` steps and at the end, stop early when it says so, and
+    leave the kept checkpoint's weights in the model."""
     import torch
 
     rng = random.Random(cfg.seed)
@@ -204,6 +263,8 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
     sft_seqs = tokenize(tokenizer, sft, cfg)
     chosen, rejected = tokenize(tokenizer, pairs, cfg), tokenize(tokenizer, pairs, cfg, rejected=True)
     und_seqs = tokenize(tokenizer, undesirable, cfg)
+    if cfg.kl_weight > 0:
+        _teacher(model, sft_seqs, tokenizer, device, bf16, cfg.kl_top_k)
     ref_c = _reference(model, chosen, tokenizer, device, bf16)
     ref_r = _reference(model, rejected, tokenizer, device, bf16)
     ref_u = _reference(model, und_seqs, tokenizer, device, bf16)
@@ -222,7 +283,8 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
 
     per_epoch = math.ceil(len(sft_seqs) / cfg.batch_size) + math.ceil(len(pair_items) / half) + \
         math.ceil(len(und_items) / cfg.batch_size)
-    total = min(cfg.max_steps, per_epoch * cfg.epochs)
+    total = total_steps(cfg, per_epoch)
+    every = cfg.eval_every or max(1, math.ceil(total / 6))
     stats = TrainStats()
     if total == 0:
         raise TrainingError("Nothing to train on: the run has no examples. Chat more or import history first.")
@@ -236,9 +298,10 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
     model.train()
     started = time.perf_counter()
     step = 0
-    while step < total:
+    going = True
+    while step < total and going:
         for kind, batch in epoch_batches():
-            if step >= total:
+            if step >= total or not going:
                 break
             with autocast(device, bf16):
                 loss, ntok = _batch_loss(model, kind, batch, tokenizer.pad_token_id, device, cfg)
@@ -255,7 +318,15 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
             stats.final_loss = float(loss.item())
             if on_progress:
                 on_progress(step, total, stats.final_loss)
+            if best is not None and (step % every == 0 or step == total):
+                going = best.check(step)
+                model.train()
     stats.steps = step
+    if best is not None:
+        if not best.selection.checks or best.selection.checks[-1].step != step:
+            best.check(step)
+        best.selection.stopped_early = step < total
+        stats.selection = best.restore().to_dict()
     stats.seconds = time.perf_counter() - started
     model.eval()
     return stats
@@ -267,8 +338,12 @@ def _batch_loss(model, kind: str, batch: list, pad_id: int, device: str, cfg: Tr
 
     if kind == "sft":
         b = collate(batch, pad_id, device)
-        lp, n = logps(model, b)
-        return (b["weights"] * (-lp / n.clamp(min=1))).sum() / len(batch), int(b["attention_mask"].sum())
+        logits = window_logits(model, b)
+        lp, n = logps(model, b, logits)
+        loss = (b["weights"] * (-lp / n.clamp(min=1))).sum() / len(batch)
+        if cfg.kl_weight > 0 and any(s.ref is not None for s in batch):
+            loss = loss + cfg.kl_weight * kl_to_ref(logits, batch).sum() / len(batch)
+        return loss, int(b["attention_mask"].sum())
     if kind == "pair":
         b = collate([c for c, *_ in batch] + [r for _, r, *_ in batch], pad_id, device)
         lp, _ = logps(model, b)

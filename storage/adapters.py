@@ -15,20 +15,20 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import InputError, NotFound, StorageError
-from storage.paths import atomic_write_bytes, publish_dir, remove_tree
+from storage.common import row_or_not_found, utcnow
+from storage.errors import CLI, InputError, NotFound, StorageError
+from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remove_tree
 
 if TYPE_CHECKING:
     from storage.db import Store
 
 STATUSES = ("published", "rejected", "pruned")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
-STAGING_PREFIX = ".staging-j"
 
 
 def staging_dir(store: Store, user_id: int, job_id: int) -> Path:
     """Where a job writes its adapter before publish; removed when the job ends or is found stale."""
-    return store.data_dir.adapters(user_id) / f"{STAGING_PREFIX}{int(job_id)}"
+    return store.data_dir.staging(user_id, job_id)
 
 
 def _row(row: dict, root: Path, active: int | None) -> dict:
@@ -65,12 +65,11 @@ class Adapters:
         return None if version is None else self.get(user_id, version)
 
     def get(self, user_id: int, version: Any) -> dict:
-        rows = list(self.store.db.query(
-            "SELECT * FROM adapter_versions WHERE user_id = ? AND version = ?", [user_id, _version(version)]))
-        if not rows:
-            raise NotFound(f"Adapter version {version!r} does not exist for this user. List them with: "
-                           "python launch.py adapters NAME")
-        return _row(rows[0], self.store.data_dir.root, self.active_version(user_id))
+        row = row_or_not_found(self.store.db, "SELECT * FROM adapter_versions WHERE user_id = ? AND version = ?",
+                               [user_id, _version(version)],
+                               f"Adapter version {version!r} does not exist for this user. List them with: "
+                               f"{CLI} adapters NAME")
+        return _row(row, self.store.data_dir.root, self.active_version(user_id))
 
     def list(self, user_id: int) -> list[dict]:
         """All versions of the user, newest first, with metrics and an ``active`` flag."""
@@ -89,8 +88,6 @@ class Adapters:
         a complete ``v<N>`` folder without a row, which is swept as an orphan (never served).
         Then prunes to the last ``keep`` published versions when ``keep`` is given.
         """
-        from storage.db import utcnow
-
         staging = Path(staging)
         if not staging.is_dir() or not any(staging.iterdir()):
             raise StorageError(f"{staging} is missing or empty; the adapter was not saved. Run the job again.")
@@ -120,8 +117,6 @@ class Adapters:
     def reject(self, user_id: int, *, base_model: str, metrics: dict, gate_reason: str,
                parent_version: int | None, job_id: int | None) -> int:
         """Record a candidate that failed the gate (metrics and reason, no folder); returns its number."""
-        from storage.db import utcnow
-
         with self.store.write() as db:
             version = self.next_version(user_id)
             db["adapter_versions"].insert({
@@ -132,13 +127,11 @@ class Adapters:
 
     def set_active(self, user_id: int, version: Any | None) -> None:
         """Point the user at a published version whose folder exists, or at the base model (None)."""
-        from storage.db import utcnow
-
         if version is not None:
             row = self.get(user_id, version)
             if row["status"] != "published":
                 raise InputError(f"Version {row['version']} is {row['status']}; only published versions can be "
-                                 "made active. List them with: python launch.py adapters NAME")
+                                 f"made active. List them with: {CLI} adapters NAME")
             if not row["path"] or not (Path(row["path"]) / "adapter_config.json").is_file():
                 raise NotFound(f"The folder of version {row['version']} is missing ({row['path']}); roll back to "
                                "another version or train a new one.")

@@ -6,14 +6,14 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import InputError, NotFound
+from storage.common import ROLES, as_int, row_or_not_found, utcnow
+from storage.errors import InputError
 
 if TYPE_CHECKING:
     from storage.db import Store
 
 MAX_MESSAGE_CHARS = 1_000_000
 MAX_TITLE_CHARS = 80
-ROLES = ("system", "user", "assistant")
 FEEDBACK_KINDS = ("like", "dislike", "clear", "correction")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates (not valid UTF-8)
 
@@ -54,8 +54,6 @@ class Chats:
 
     # conversations ---------------------------------------------------------------------------
     def create_conversation(self, user_id: int, title: str = "", source: str = "ui") -> int:
-        from storage.db import utcnow
-
         now = utcnow()
         with self.store.write() as db:
             table = db["conversations"].insert(
@@ -65,14 +63,9 @@ class Chats:
             return table.last_pk
 
     def conversation(self, user_id: int, conversation_id: Any) -> dict:
-        rows = list(
-            self.store.db.query(
-                "SELECT * FROM conversations WHERE id = ? AND user_id = ?", [_int(conversation_id), user_id]
-            )
-        )
-        if not rows:
-            raise NotFound(f"Conversation {conversation_id!r} does not exist (or is not yours).")
-        return rows[0]
+        return row_or_not_found(self.store.db, "SELECT * FROM conversations WHERE id = ? AND user_id = ?",
+                                [as_int(conversation_id), user_id],
+                                f"Conversation {conversation_id!r} does not exist (or is not yours).")
 
     def conversations(self, user_id: int, limit: int = 200) -> list[dict]:
         return list(
@@ -97,8 +90,6 @@ class Chats:
     # messages --------------------------------------------------------------------------------
     def add_message(self, user_id: int, conversation_id: Any, role: str, content: Any, **meta: Any) -> int:
         """Insert and commit one message; returns its id. ``meta`` fills the optional columns."""
-        from storage.db import utcnow
-
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}.")
         # An assistant answer may legitimately be empty (stopped before the first token): stored as is.
@@ -119,12 +110,9 @@ class Chats:
         return pk
 
     def message(self, user_id: int, message_id: Any) -> dict:
-        rows = list(
-            self.store.db.query("SELECT * FROM messages WHERE id = ? AND user_id = ?", [_int(message_id), user_id])
-        )
-        if not rows:
-            raise NotFound(f"Message {message_id!r} does not exist (or is not yours).")
-        return _message(rows[0])
+        return _message(row_or_not_found(self.store.db, "SELECT * FROM messages WHERE id = ? AND user_id = ?",
+                                         [as_int(message_id), user_id],
+                                         f"Message {message_id!r} does not exist (or is not yours)."))
 
     def messages(self, user_id: int, conversation_id: Any, include_replaced: bool = False) -> list[dict]:
         conv = self.conversation(user_id, conversation_id)
@@ -169,8 +157,6 @@ class Chats:
     # feedback --------------------------------------------------------------------------------
     def add_feedback(self, user_id: int, message_id: Any, kind: str, correction: Any = None,
                      source: str = "ui") -> int:
-        from storage.db import utcnow
-
         if kind not in FEEDBACK_KINDS:
             raise InputError(f"feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}.")
         msg = self.message(user_id, message_id)
@@ -228,13 +214,4 @@ class Chats:
         return list(self.store.db.query("SELECT * FROM feedback WHERE user_id = ? ORDER BY id", [user_id]))
 
 
-def _int(value: Any) -> int:
-    try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise TypeError
-        number = int(value)
-        if not 0 < number < 2**63:  # SQLite integers are 64-bit; ids are positive
-            raise ValueError
-        return number
-    except (TypeError, ValueError, OverflowError):
-        raise NotFound(f"{value!r} is not a valid id.") from None
+_int = as_int  # the old private name, still imported by storage/memories.py; use storage.common.as_int

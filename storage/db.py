@@ -1,4 +1,9 @@
-"""Opening the database: WAL, durable commits, one connection per thread, migrations applied."""
+"""Opening the database: WAL, durable commits, one connection per thread, migrations applied.
+
+``Store`` holds one repository per table group (users, chats, memories, adapters, jobs, replay). The
+repositories import ``Store`` only for type checking and share ``storage.common``, so this module is
+the only one that imports them all and there is no import circle.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,23 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlite_utils import Database
 
+from storage.adapters import Adapters
+from storage.chats import Chats
+from storage.common import utcnow
 from storage.errors import StorageError
+from storage.jobs import Jobs
+from storage.memories import Memories
 from storage.migrations import migrations
 from storage.paths import DataDir
+from storage.replay import Replay
+from storage.sessions import Sessions
+from storage.users import Users
 
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+__all__ = ["Store", "utcnow"]  # utcnow lives in storage.common; re-exported for older imports
 
 
 class Store:
@@ -41,14 +51,6 @@ class Store:
                 f"Cannot open the database {self.path}: {e}. If the file is damaged, move it aside and restore a "
                 "backup (or start with an empty --data-dir)."
             ) from e
-        from storage.adapters import Adapters
-        from storage.chats import Chats
-        from storage.jobs import Jobs
-        from storage.memories import Memories
-        from storage.replay import Replay
-        from storage.sessions import Sessions
-        from storage.users import Users
-
         self.users = Users(self)
         self.chats = Chats(self)
         self.memories = Memories(self)

@@ -3,6 +3,9 @@
 Lives in ``storage`` because every other package already depends on it; it imports nothing.
 """
 
+CLI = ".venv/bin/python launch.py"
+"""How a person runs Attune's command line (as README.md writes it); error hints use it."""
+
 
 class AttuneError(Exception):
     """Base class: an error a person can act on. ``str(err)`` is shown to users as is."""

@@ -12,7 +12,9 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import InputError, NotFound
+from storage.common import as_int, row_or_not_found, utcnow
+from storage.errors import CLI, InputError
+from storage.paths import remove_tree
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -23,7 +25,7 @@ TRIGGERS = ("manual", "scheduler", "ui", "cli", "api")
 QUEUED_GRACE_SECONDS = 120.0
 """A queued job with no process yet is stale only after this long (its worker may still be starting)."""
 STALE_ERROR = ("The training process stopped before finishing (killed, crashed or the server restarted); no version "
-               "was published. It is retried when new data arrives, or run now: python launch.py train NAME")
+               f"was published. It is retried when new data arrives, or run now: {CLI} train NAME")
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -58,8 +60,6 @@ class Jobs:
 
     def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:
         """Queue a job; refused while the user has another open job whose process is alive."""
-        from storage.db import utcnow
-
         if trigger not in TRIGGERS:
             raise InputError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}.")
         with self.store.write() as db:
@@ -81,15 +81,11 @@ class Jobs:
 
     def load(self, job_id: Any) -> dict:
         """One job by id, for the worker process that was handed this id (not for user-facing reads)."""
-        rows = list(self.store.db.query("SELECT * FROM jobs WHERE id = ?", [_int(job_id)]))
-        if not rows:
-            raise NotFound(f"Job {job_id!r} does not exist.")
-        return _job(rows[0])
+        return _job(row_or_not_found(self.store.db, "SELECT * FROM jobs WHERE id = ?", [as_int(job_id, "job id")],
+                                     f"Job {job_id!r} does not exist."))
 
     def claim(self, job_id: int, pid: int) -> dict:
         """queued -> running, by the worker that will do it; anything else means another worker has it."""
-        from storage.db import utcnow
-
         with self.store.write() as db:
             cur = db.execute("UPDATE jobs SET status = 'running', pid = ?, started_at = ? "
                              "WHERE id = ? AND status = 'queued'", [pid, utcnow(), job_id])
@@ -100,8 +96,6 @@ class Jobs:
 
     def progress(self, job_id: int, step: int, total: int, loss: float | None, **extra: Any) -> None:
         """Record the current step and append ``{"step", "loss"}`` to the loss curve."""
-        from storage.db import utcnow
-
         point = {"step": int(step), "loss": None if loss is None else round(float(loss), 5)}
         state = {**point, "total": int(total), "updated_at": utcnow(), **extra}
         with self.store.write() as db:
@@ -116,8 +110,6 @@ class Jobs:
                        "WHERE id = ? AND status = 'running'", [phase, job_id])
 
     def finish(self, job_id: int, status: str, result: dict | None = None, error: str | None = None) -> None:
-        from storage.db import utcnow
-
         if status not in DONE:
             raise InputError(f"status must be one of {', '.join(DONE)}, got {status!r}.")
         with self.store.write() as db:
@@ -125,10 +117,9 @@ class Jobs:
                        [status, json.dumps(result or {}), error, utcnow(), job_id])
 
     def get(self, user_id: int, job_id: Any) -> dict:
-        rows = list(self.store.db.query("SELECT * FROM jobs WHERE id = ? AND user_id = ?", [_int(job_id), user_id]))
-        if not rows:
-            raise NotFound(f"Job {job_id!r} does not exist (or is not yours).")
-        return _job(rows[0])
+        return _job(row_or_not_found(self.store.db, "SELECT * FROM jobs WHERE id = ? AND user_id = ?",
+                                     [as_int(job_id, "job id"), user_id],
+                                     f"Job {job_id!r} does not exist (or is not yours)."))
 
     def list(self, user_id: int, limit: int = 50) -> list[dict]:
         """The user's jobs, newest first (status, progress, loss curve, result or error)."""
@@ -151,10 +142,6 @@ class Jobs:
         Their staging folders are removed; published versions and the active pointer are untouched.
         ``only`` restricts this to one job (a runner cleaning up after the process it killed).
         """
-        from storage.adapters import staging_dir
-        from storage.db import utcnow
-        from storage.paths import remove_tree
-
         cutoff = _cutoff(grace_seconds)
         stale = [row for row in self.store.db.query("SELECT * FROM jobs WHERE status IN ('queued', 'running') "
                                                     "ORDER BY id") if _stale(row, cutoff) and only in (None, row["id"])]
@@ -163,7 +150,7 @@ class Jobs:
                 db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status IN "
                            "('queued', 'running')",
                            [utcnow(), STALE_ERROR, row["id"]])
-            remove_tree(staging_dir(self.store, row["user_id"], row["id"]))
+            remove_tree(self.store.data_dir.staging(row["user_id"], row["id"]))
         return [r["id"] for r in stale]
 
     def events_since(self, user_id: int, since: str | None) -> int:
@@ -187,11 +174,3 @@ def _stale(row: dict, cutoff: str) -> bool:
         return row["created_at"] <= cutoff
     return not pid_alive(row["pid"])
 
-
-def _int(value: Any) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return int(value)
-    except (TypeError, ValueError):
-        raise NotFound(f"{value!r} is not a valid job id.") from None

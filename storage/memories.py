@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from storage.chats import _int, clean_text
+from storage.chats import clean_text
+from storage.common import as_int as _int
+from storage.common import utcnow
 from storage.errors import InputError, NotFound
 
 if TYPE_CHECKING:
@@ -101,8 +103,6 @@ class Memories:
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
             created_at: str | None = None, policy: int = 1) -> int:
         """Insert and commit one memory; returns its id (never reused, even after deletion)."""
-        from storage.db import utcnow
-
         if kind not in KINDS:
             raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
         text = clean_text(text, what="memory", limit=MAX_MEMORY_CHARS)
@@ -125,8 +125,6 @@ class Memories:
     def delete(self, user_id: int, memory_id: Any) -> Memory:
         """The user deletes one memory: NotFound if it is not theirs. That text of its message never becomes
         memory again (other statements of the same message stay). Returns the deleted row."""
-        from storage.db import utcnow
-
         memory = self.get(user_id, memory_id)
         with self.store.write() as db:
             db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", [memory.id, user_id])
@@ -137,8 +135,6 @@ class Memories:
 
     def delete_all(self, user_id: int) -> int:
         """The user forgets every memory; none of their messages so far becomes memory again. Returns the count."""
-        from storage.db import utcnow
-
         with self.store.write() as db:
             db.execute("INSERT OR IGNORE INTO memory_exclusions (user_id, message_id, created_at) "
                        "SELECT user_id, id, ? FROM messages WHERE user_id = ?", [utcnow(), user_id])

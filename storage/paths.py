@@ -12,6 +12,8 @@ from storage.errors import StorageError
 
 ENV_VAR = "ATTUNE_DATA_DIR"
 DEFAULT_DIR = Path.home() / ".attune"
+STAGING_PREFIX = ".staging-j"
+"""A training job's adapter folder before publish: ``adapters/u<id>/.staging-j<job>``."""
 
 
 def default_data_dir() -> Path:
@@ -53,8 +55,18 @@ class DataDir:
     def adapters(self, user_id: int) -> Path:
         return self.root / "adapters" / _uid(user_id)
 
+    def staging(self, user_id: int, job_id: int) -> Path:
+        """Where job ``job_id`` writes its adapter before publish (never a version until renamed)."""
+        return self.adapters(user_id) / f"{STAGING_PREFIX}{int(job_id)}"
+
     def memory_index(self, user_id: int) -> Path:
         return self.root / "memory" / f"{_uid(user_id)}.faiss"
+
+    def user_files(self, user_id: int) -> list[Path]:
+        """Every file and folder under the data dir that belongs to one user (adapters, memory index and
+        its sidecars), whatever wrote them: what forgetting the user deletes."""
+        memory = sorted((self.root / "memory").glob(f"{_uid(user_id)}.*"))
+        return [self.adapters(user_id), *memory]
 
 
 def _uid(user_id: int) -> str:

@@ -14,6 +14,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING
 
+from storage.common import utcnow
+
 if TYPE_CHECKING:
     from storage.db import Store
 
@@ -35,8 +37,6 @@ class Replay:
 
         Returns the reservoir's size afterwards. One transaction.
         """
-        from storage.db import utcnow
-
         if size < 0:
             raise ValueError(f"size: must be >= 0, got {size}")
         with self.store.write() as db:

@@ -1,4 +1,9 @@
-"""Import of conversation histories (JSONL), export of all of a user's data, and forgetting a user."""
+"""Import of conversation histories (JSONL), export of all of a user's data, and deleting a user's rows
+and files.
+
+Forgetting a user as a whole (stopping their training process, dropping their loaded memory index,
+then deleting) is a use case above storage: ``assistant.account.forget_user``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage.chats import clean_text
+from storage.common import ROLES, utcnow
 from storage.errors import InputError
 from storage.paths import remove_tree
 
@@ -52,7 +58,7 @@ def _conversation(obj: Any, where: str) -> list[dict]:
         if not isinstance(m, dict):
             raise InputError(f"{at}: each message must be an object with role and content.")
         role = m.get("role")
-        if role not in ("system", "user", "assistant"):
+        if role not in ROLES:
             raise InputError(f"{at}: role must be system, user or assistant, got {role!r}.")
         try:
             content = clean_text(m.get("content"), what="content")
@@ -74,8 +80,6 @@ def _conversation(obj: Any, where: str) -> list[dict]:
 
 def import_history(store: Store, user_id: int, path: Path) -> dict:
     """Add every conversation of the file for the user in one transaction (all or nothing)."""
-    from storage.db import utcnow
-
     conversations = parse_history(path)
     counts = {"conversations": 0, "messages": 0, "feedback": 0}
     with store.write() as db:
@@ -120,37 +124,17 @@ def export_user(store: Store, user_id: int) -> dict:
     }
 
 
-def forget_user(store: Store, user_id: int) -> None:
-    """Stop the user's training job, delete their rows (cascading to all their data), files and
-    vectors, then VACUUM so nothing of theirs is left in free pages or the WAL."""
+def delete_user(store: Store, user_id: int) -> None:
+    """Delete the user's rows (cascading to all their data) and every file of theirs under the data dir,
+    then VACUUM so nothing of theirs is left in free pages or the WAL.
+
+    Rows and files only: stop the user's training process first (``assistant.account.forget_user``
+    does), or a job may re-create files after this returns.
+    """
     store.users.by_id(user_id)
-    _stop_jobs(store, user_id)
     with store.write() as db:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
-    index = store.data_dir.memory_index(user_id)
-    for path in (store.data_dir.adapters(user_id), index, index.with_suffix(".json")):
+    for path in store.data_dir.user_files(user_id):
         remove_tree(path)
-    remove_tree(store.data_dir.adapters(user_id))  # a job stopped mid-publish may have re-created it
     store.db.execute("VACUUM")
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def _stop_jobs(store: Store, user_id: int, timeout: float = 20.0) -> None:
-    """SIGTERM the user's running job processes and wait for them: no job may train on forgotten data."""
-    import os
-    import signal
-    import time
-
-    from storage.jobs import pid_alive
-
-    pids = [r["pid"] for r in store.db.query(
-        "SELECT pid FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') AND pid IS NOT NULL", [user_id])]
-    for pid in pids:
-        if pid != os.getpid() and pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(pid != os.getpid() and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids:
-        if pid != os.getpid() and pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)

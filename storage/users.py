@@ -9,7 +9,8 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from storage.errors import AuthError, InputError, NotFound
+from storage.common import row_or_not_found, utcnow
+from storage.errors import CLI, AuthError, InputError, NotFound
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -72,8 +73,6 @@ class Users:
         self.store = store
 
     def create(self, name: str, password: str) -> User:
-        from storage.db import utcnow
-
         name, password = validate_name(name), validate_password(password)
         with self.store.write() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
@@ -82,16 +81,12 @@ class Users:
         return self.by_name(name)
 
     def by_name(self, name: str) -> User:
-        rows = list(self.store.db.query("SELECT * FROM users WHERE name = ?", [str(name).strip()]))
-        if not rows:
-            raise NotFound(f"No user named {name!r}. Create one with: python launch.py users add NAME")
-        return _user(rows[0])
+        return _user(row_or_not_found(self.store.db, "SELECT * FROM users WHERE name = ?", [str(name).strip()],
+                                      f"No user named {name!r}. Create one with: {CLI} users add NAME"))
 
     def by_id(self, user_id: int) -> User:
-        rows = list(self.store.db.query("SELECT * FROM users WHERE id = ?", [user_id]))
-        if not rows:
-            raise NotFound(f"No user with id {user_id}.")
-        return _user(rows[0])
+        return _user(row_or_not_found(self.store.db, "SELECT * FROM users WHERE id = ?", [user_id],
+                                      f"No user with id {user_id}. List users with: {CLI} users list"))
 
     def list(self) -> list[User]:
         return [_user(r) for r in self.store.db.query("SELECT * FROM users ORDER BY id")]
@@ -121,8 +116,6 @@ class Users:
 
     def new_api_key(self, user_id: int, name: str = "") -> str:
         """Create a key and return it; only its scrypt hash is kept, so it is shown once."""
-        from storage.db import utcnow
-
         self.by_id(user_id)
         name = " ".join(str(name or "").split())
         if len(name) > MAX_KEY_NAME:
@@ -140,8 +133,6 @@ class Users:
             "ORDER BY id DESC", [user_id]))
 
     def revoke_api_key(self, user_id: int, key_id: str) -> None:
-        from storage.db import utcnow
-
         key_id = str(key_id or "").strip()
         if key_id.startswith(f"{KEY_PREFIX}-"):  # the whole key pasted: its id is the second part
             key_id = key_id.split("-", 2)[1]
@@ -159,12 +150,12 @@ class Users:
     def by_api_key(self, key: str) -> User:
         parts = str(key or "").strip().split("-", 2)
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
-            raise AuthError("Invalid API key. Create one with: python launch.py users key NAME")
+            raise AuthError(f"Invalid API key. Create one with: {CLI} users key NAME")
         rows = list(
             self.store.db.query(
                 "SELECT * FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", [parts[1]]
             )
         )
         if not rows or not verify_secret(parts[2], rows[0]["secret_hash"]):
-            raise AuthError("Invalid API key. Create one with: python launch.py users key NAME")
+            raise AuthError(f"Invalid API key. Create one with: {CLI} users key NAME")
         return self.by_id(rows[0]["user_id"])

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama model + byte-level BPE tokenizer built locally (no network),
-a Store on tmp_path, and the real embedded model converted once per test session."""
+a scripted fake backend (tests/fakes.py) for tests where the model is not the point, a Store on
+tmp_path, and the real embedded model converted once per test session."""
 
 from __future__ import annotations
 
@@ -103,6 +104,24 @@ def engine(store, tiny_loaded):
 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
     return ChatEngine(store, TransformersBackend(tiny_loaded), cfg)
+
+
+@pytest.fixture
+def fake():
+    """A scripted chat backend (tests/fakes.py): ``fake.enqueue(["Hello", " world"])``."""
+    from fakes import FakeBackend
+
+    return FakeBackend()
+
+
+@pytest.fixture
+def fake_engine(store, fake):
+    """ChatEngine on the scripted backend: for tests about turns, prompts and storage, not the model."""
+    from assistant.backend import GenerationSettings
+    from assistant.engine import ChatConfig, ChatEngine
+
+    cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
+    return ChatEngine(store, fake, cfg)
 
 
 @pytest.fixture

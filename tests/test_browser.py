@@ -415,6 +415,7 @@ def test_signals_stop_the_server_in_seconds_with_everything_saved(browser, tmp_p
         expect(page.locator("#stop-btn")).to_be_visible(timeout=15_000)
         wait_for(lambda: len(db_rows(srv, "SELECT * FROM messages WHERE role = 'user'")) == 1, what="the question")
         time.sleep(1)
+        streaming = page.locator("#stop-btn").is_visible()  # a random tiny model may reach EOS early
         started = time.monotonic()
         os.kill(srv.proc.pid, getattr(signal, sig))
         srv.proc.wait(timeout=15)
@@ -429,5 +430,5 @@ def test_signals_stop_the_server_in_seconds_with_everything_saved(browser, tmp_p
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     answers = con.execute("SELECT status FROM messages WHERE role = 'assistant'").fetchall()
     con.close()
-    assert answers == [("stopped",)]
+    assert answers == [("stopped",)] if streaming else answers == [("complete",)]
     assert list((data / "memory").glob("u*.faiss")), "the memory index was not saved"

@@ -83,3 +83,51 @@ def test_serve_refuses_bad_personalizer_schedule(tmp_path, flag, value, field):
 def test_public_address_without_accounts_refuses_to_start(tmp_path):
     r = cli("serve", "--host", "0.0.0.0", "--port", "0", data_dir=tmp_path, timeout=60)
     assert r.returncode == 2 and "Refusing to listen on 0.0.0.0 with no accounts" in r.stderr
+
+
+def test_help_version_and_a_missing_action(tmp_path):
+    r = cli("--help", data_dir=tmp_path)
+    assert r.returncode == 0 and "With no command, Attune serves" in r.stdout
+    serve = cli("serve", "--help", data_dir=tmp_path).stdout
+    for flag, default in (("--host", "127.0.0.1"), ("--port", "7860"), ("--quant", "auto"), ("--device", "auto"),
+                          ("--train-after", "8")):
+        assert flag in serve and f"(default: {default})" in serve
+    assert "--model" not in cli("users", "list", "--help", data_dir=tmp_path).stdout  # does nothing there
+    assert "--dtype" in cli("train", "--help", data_dir=tmp_path).stdout
+    assert cli("--version", data_dir=tmp_path).stdout.startswith("attune ")
+    r = cli("users", data_dir=tmp_path)
+    assert r.returncode == 2 and "say what to do: users add NAME, key NAME or list" in r.stderr
+
+
+def test_adapters_without_versions_says_how_one_appears(tmp_path):
+    cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    r = cli("adapters", "alice", data_dir=tmp_path)
+    assert r.returncode == 0 and "no adapter versions yet" in r.stdout and "train alice" in r.stdout
+
+
+def test_export_into_a_closed_pipe_is_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    cli("users", "add", "alice", data_dir=tmp_path, stdin="correct horse\n")
+    f = tmp_path / "h.jsonl"
+    f.write_text((json.dumps(HISTORY) + "\n") * 300)
+    cli("import", "alice", str(f), data_dir=tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "export", "alice", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.read(10)
+    proc.stdout.close()  # like `| head -c 10`
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 1 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_serve_exits_0_after_a_clean_sigterm(tmp_path, tiny_model_dir):
+    from helpers import Server
+
+    srv = Server(tmp_path, "--model", str(tiny_model_dir), "--quant", "none", "--no-personalizer", "--no-memory")
+    srv.stop()
+    log = srv.log_path.read_text()
+    assert srv.proc.returncode == 0, log
+    assert "Traceback" not in log and "attune: stopped" in log

@@ -1,10 +1,13 @@
-"""assistant/: ChatEngine with the tiny random model — turns stored, context budget, stop, retry."""
+"""assistant/: ChatEngine. Where the model is the point (streaming, determinism, stop, incremental decoding)
+with the tiny random Llama; everything else (turns stored, prompts, context budget, retry, corrections,
+scoping) with the scripted FakeBackend of tests/fakes.py, so the assertions are exact."""
 
 import threading
 
 import pytest
 
 from assistant.backend import GenerationSettings
+from fakes import activate_version
 from storage import InputError, NotFound
 
 
@@ -57,67 +60,135 @@ def test_stop_keeps_the_partial_answer(engine, store, alice):
     assert store.chats.message(alice.id, turn.assistant_message_id)["status"] == "stopped"
 
 
-def test_long_conversation_drops_oldest_turns(engine, store, alice):
+# --- the scripted backend: the engine's own behaviour, asserted exactly ------------------------------
+
+
+def test_scripted_answer_is_streamed_and_stored_exactly(fake_engine, fake, store, alice):
+    fake.enqueue(["Hello", " world", "!"])
+    turns = [(t.text, t.assistant_message_id) for t in fake_engine.send(alice.id, None, "Hi there")]
+    assert turns[0] == ("", None)  # the user's message is committed before the first piece
+    assert [text for text, _ in turns[1:-1]] == ["Hello", "Hello world", "Hello world!"]
+    last = run(fake_engine.send(alice.id, None, "again"))  # nothing queued: the default answer
+    answer = store.chats.message(alice.id, turns[-1][1])
+    assert answer["content"] == "Hello world!" and answer["status"] == "complete"
+    assert answer["model"] == "fake-model" and answer["completion_tokens"] == 3
+    assert answer["prompt_tokens"] == len(fake.calls[0].prompt_ids) and answer["adapter_version"] is None
+    assert answer["gen_settings"]["max_new_tokens"] == 16 and answer["gen_settings"]["finish_reason"] == "stop"
+    assert last.text == "I am a scripted answer."
+
+
+def test_prompt_has_system_prompt_history_and_ends_ready_for_the_answer(fake_engine, fake, alice):
+    fake.enqueue(["Nice name!"])
+    first = run(fake_engine.send(alice.id, None, "My dog is called Biscuit."))
+    run(fake_engine.send(alice.id, first.conversation_id, "What is his name?"))
+    assert fake.prompts[1] == (
+        "<|im_start|>system\nYou are Attune, a helpful personal assistant. Answer clearly and concisely.<|im_end|>\n"
+        "<|im_start|>user\nMy dog is called Biscuit.<|im_end|>\n<|im_start|>assistant\nNice name!<|im_end|>\n"
+        "<|im_start|>user\nWhat is his name?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_adapter_switches_reach_the_backend(fake_engine, fake, store, alice):
+    activate_version(store, alice.id, 3)
+    on = run(fake_engine.send(alice.id, None, "hi"))
+    off = run(fake_engine.send(alice.id, None, "hi", use_adapter=False))
+    store.users.set_personalization(alice.id, False)
+    personal_off = run(fake_engine.send(alice.id, None, "hi"))
+    ref = fake.calls[0].adapter  # a reference to the active version, never the user's id
+    assert ref.version == 3 and ref.name.startswith(f"u{alice.id}-v3-") and ref.path.endswith(f"u{alice.id}/v3")
+    assert [c.adapter for c in fake.calls[1:]] == [None, None]
+    assert (on.adapter_version, off.adapter_version, personal_off.adapter_version) == (3, None, None)
+    assert store.chats.message(alice.id, on.assistant_message_id)["adapter_version"] == 3
+
+
+def test_answer_limit_and_stop_end_the_answer(fake_engine, fake, store, alice):
+    fake.enqueue(["one", " two", " three", " four"])
+    short = run(fake_engine.send(alice.id, None, "count", GenerationSettings(max_new_tokens=2, temperature=0)))
+    assert short.text == "one two" and short.stats.finish_reason == "length" and short.status == "complete"
+    stop = threading.Event()
+    fake.enqueue(["a", "b", "c", "d"])
+    for turn in fake_engine.send(alice.id, None, "go", stop=stop):
+        if turn.text == "ab":
+            stop.set()
+    assert turn.text == "ab" and turn.status == "stopped"
+    assert store.chats.message(alice.id, turn.assistant_message_id)["content"] == "ab"
+
+
+def test_a_backend_error_is_stored_as_an_error_answer(fake_engine, fake, store, alice):
+    fake.fail(RuntimeError("out of memory"))
+    turn = run(fake_engine.send(alice.id, None, "hi"))
+    assert turn.status == "error" and "RuntimeError: out of memory" in turn.error
+    assert store.chats.message(alice.id, turn.assistant_message_id)["status"] == "error"
+
+
+def test_long_conversation_drops_oldest_turns(fake_engine, fake, store, alice):
     cid = store.chats.create_conversation(alice.id)
     for i in range(60):
         store.chats.add_message(alice.id, cid, "user", f"Message number {i} about my dog Biscuit and SQLite.")
         store.chats.add_message(alice.id, cid, "assistant", "Noted, that is very interesting indeed.")
-    turn = run(engine.send(alice.id, cid, "And the latest question?"))
+    turn = run(fake_engine.send(alice.id, cid, "And the latest question?"))
     assert turn.status == "complete" and turn.dropped_turns > 0 and not turn.truncated
-    assert turn.stats.prompt_tokens <= engine.budget - 16
+    assert turn.stats.prompt_tokens <= fake_engine.budget - 16
+    prompt = fake.prompts[-1]
+    assert "Message number 59 " in prompt and "Message number 0 " not in prompt
+    assert prompt.endswith("<|im_start|>user\nAnd the latest question?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.index("<|im_start|>system") == 0  # the system prompt is never dropped
 
 
-def test_200kb_message_is_stored_whole_and_truncated_for_the_model(engine, store, alice):
+def test_200kb_message_is_stored_whole_and_truncated_for_the_model(fake_engine, fake, store, alice):
     text = "start " + "lorem ipsum dolor " * 11_500 + " end"
     assert len(text) > 200_000
-    turn = run(engine.send(alice.id, None, text))
+    turn = run(fake_engine.send(alice.id, None, text))
     assert turn.status == "complete" and turn.truncated
     assert store.chats.message(alice.id, turn.user_message_id)["content"] == text
-    ids, plan = engine.build_prompt(alice.id, turn.conversation_id, 16)
-    prompt = engine.backend.tokenizer.decode(ids)
-    assert "characters omitted" in prompt and "start" in prompt and "end" in prompt
+    prompt = fake.prompts[-1]
+    assert len(fake.calls[-1].prompt_ids) <= fake_engine.budget - 16
+    assert "characters omitted" in prompt and "user\nstart lorem" in prompt and "dolor  end<|im_end|>" in prompt
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"])
-def test_empty_message_is_refused_and_nothing_stored(engine, store, alice, text):
+def test_empty_message_is_refused_and_nothing_stored(fake_engine, fake, store, alice, text):
     with pytest.raises(InputError, match="empty"):
-        run(engine.send(alice.id, None, text))
-    assert store.chats.conversations(alice.id) == []
+        run(fake_engine.send(alice.id, None, text))
+    assert store.chats.conversations(alice.id) == [] and fake.calls == []
 
 
-def test_control_characters_and_emoji(engine, store, alice):
+def test_control_characters_and_emoji(fake_engine, fake, store, alice):
     text = "Hi 🎉🐶 \x07\x1b[2J \u202e reversed 中文 \ud800"
-    turn = run(engine.send(alice.id, None, text))
+    turn = run(fake_engine.send(alice.id, None, text))
     assert turn.status == "complete"
-    assert store.chats.message(alice.id, turn.user_message_id)["content"] == text.replace("\ud800", "\ufffd")
+    stored = text.replace("\ud800", "\ufffd")
+    assert store.chats.message(alice.id, turn.user_message_id)["content"] == stored
+    assert f"user\n{stored}<|im_end|>" in fake.prompts[-1]
 
 
-def test_retry_replaces_the_answer_but_keeps_it_in_the_log(engine, store, alice):
-    first = run(engine.send(alice.id, None, "Hello"))
-    again = run(engine.retry(alice.id, first.conversation_id, GenerationSettings(max_new_tokens=8, temperature=1.0,
-                                                                                    seed=7)))
+def test_retry_replaces_the_answer_but_keeps_it_in_the_log(fake_engine, fake, store, alice):
+    fake.enqueue(["A husky."]).enqueue(["A French bulldog."])
+    first = run(fake_engine.send(alice.id, None, "Which breed suits flats?"))
+    again = run(fake_engine.retry(alice.id, first.conversation_id))
     visible = store.chats.messages(alice.id, first.conversation_id)
     everything = store.chats.messages(alice.id, first.conversation_id, include_replaced=True)
     assert [m["id"] for m in visible] == [first.user_message_id, again.assistant_message_id]
-    assert len(everything) == 3
+    assert [m["content"] for m in everything] == ["Which breed suits flats?", "A husky.", "A French bulldog."]
     assert store.chats.message(alice.id, first.assistant_message_id)["replaced_by"] == again.assistant_message_id
+    assert "A husky." not in fake.prompts[1]  # the retried answer is not shown to the model
 
 
-def test_correction_replaces_the_answer_in_later_prompts(engine, store, alice):
-    first = run(engine.send(alice.id, None, "Which breed suits flats?"))
+def test_correction_replaces_the_answer_in_later_prompts(fake_engine, fake, store, alice):
+    fake.enqueue(["A husky."])
+    first = run(fake_engine.send(alice.id, None, "Which breed suits flats?"))
     store.chats.add_feedback(alice.id, first.assistant_message_id, "correction", "A French bulldog.")
-    store.chats.add_message(alice.id, first.conversation_id, "user", "Why?")
-    ids, _ = engine.build_prompt(alice.id, first.conversation_id, 16)
-    prompt = engine.backend.tokenizer.decode(ids)
-    assert "A French bulldog." in prompt and first.text not in prompt.split("Which breed suits flats?")[1][:0] + ""
+    run(fake_engine.send(alice.id, first.conversation_id, "Why?"))
+    prompt = fake.prompts[-1]
+    assert "assistant\nA French bulldog.<|im_end|>" in prompt and "husky" not in prompt
 
 
-def test_other_users_conversation_is_not_reachable(engine, alice, bob):
-    turn = run(engine.send(alice.id, None, "private"))
+def test_other_users_conversation_is_not_reachable(fake_engine, fake, alice, bob):
+    turn = run(fake_engine.send(alice.id, None, "private"))
     with pytest.raises(NotFound):
-        run(engine.send(bob.id, turn.conversation_id, "let me in"))
+        run(fake_engine.send(bob.id, turn.conversation_id, "let me in"))
     with pytest.raises(NotFound):
-        run(engine.retry(bob.id, turn.conversation_id))
+        run(fake_engine.retry(bob.id, turn.conversation_id))
+    assert len(fake.calls) == 1 and "private" in fake.calls[0].prompt  # only alice's turn reached the backend
 
 
 def test_bad_generation_settings_name_the_field():

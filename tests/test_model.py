@@ -77,3 +77,16 @@ def test_missing_local_folder(tmp_path):
 def test_model_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
+
+
+def test_progress_reports_a_long_phase_while_it_runs(capsys):
+    import time
+
+    from assistant.model import progress
+
+    with progress("de-quantizing the weights", 2, 3, every_s=0.05):
+        time.sleep(0.18)
+    lines = capsys.readouterr().out.splitlines()  # not a TTY: one line per tick, no carriage returns
+    assert lines[0] == "attune: [2/3] de-quantizing the weights..."
+    assert len(lines) >= 4 and all(line.endswith(" s") for line in lines[1:-1])
+    assert lines[-1].startswith("attune: [2/3] de-quantizing the weights: done in ")

@@ -13,8 +13,10 @@ import pytest
 from assistant.model import ModelConfig
 from helpers import wait_for
 from personalize.api import list_versions, rollback, train_now
+from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
-from personalize.dataset import build_examples, encode
+from personalize.dataset import Example, build_examples, encode
+from personalize.facts import fact_questions, is_filler
 from personalize.gate import decide
 from personalize.runner import JobRunner
 from personalize.scheduler import Scheduler, SchedulerConfig
@@ -80,6 +82,9 @@ def test_job_publishes_a_version_and_points_active_at_it(store, alice_history, m
     assert result["published"] and result["version"] == 1, result["reason"]
     m = result["metrics"]
     assert m["heldout_loss"] < m["heldout_loss_before"] and m["passed"]
+    sel = m["selection"]
+    assert sel["checks"] and sel["chosen_step"] in [c["step"] for c in sel["checks"] if c["kept"]]
+    assert m["anchor_monitor_examples"] > 0
     assert m["examples"]["train_pair"] > 0 and m["examples"]["train_undesirable"] > 0 and m["examples"]["anchors"] > 0
     assert store.adapters.active_version(alice_history.id) == 1
     v1 = store.data_dir.adapters(alice_history.id) / "v1"
@@ -89,7 +94,7 @@ def test_job_publishes_a_version_and_points_active_at_it(store, alice_history, m
     assert version_dirs(store, alice_history.id) == ["v1"]  # no staging left behind
     job = store.jobs.get(alice_history.id, result["job_id"])
     assert job["status"] == "published" and job["pid"] == os.getpid()
-    assert len(job["losses"]) == m["train"]["steps"] and job["progress"]["step"] == job["progress"]["total"]
+    assert len(job["losses"]) == m["train"]["steps"]
     assert store.replay.count(alice_history.id) > 0
     assert list_versions(store, alice_history.id)[0]["active"]
     # the anchor set is cached per base model, generated once
@@ -149,7 +154,8 @@ def test_job_process_publishes_like_the_scheduler_runs_it(store, alice_history, 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_a_killed_job_leaves_no_version(store, alice_history, tiny_model_dir, how):
-    runner = JobRunner(store, ModelConfig(model=str(tiny_model_dir)), tiny_cfg(epochs=1000, max_steps=100000))
+    runner = JobRunner(store, ModelConfig(model=str(tiny_model_dir)),
+                       tiny_cfg(epochs=1000, max_steps=100000, patience=0, eval_every=1000))
     job_id = runner.start(alice_history.id)
 
     def training() -> bool:
@@ -229,6 +235,122 @@ def test_encode_masks_the_answer_and_keeps_the_end_of_long_contexts(tiny_loaded)
     ids, n = encode(tok, long_ctx, "Nice name!", 64)
     assert len(ids) == 64 and tok.decode(ids[-n:]) == "Nice name!<|im_end|>"
     assert tok.decode(ids[:-n]).endswith("language. <|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_statements_become_questions_with_second_person_answers():
+    qs = dict(fact_questions("My dog is called Biscuit."))
+    assert {"What is my dog's name?", "What did I name my dog?"} <= set(qs)
+    assert set(qs.values()) == {"Your dog is called Biscuit."}
+    assert "Where do I live?" in dict(fact_questions("I live in Lyon, it rains a lot here."))
+    assert "What do I do for a living?" in dict(fact_questions("I work as a ferry captain."))
+    assert "What am I allergic to?" in dict(fact_questions("I'm allergic to almonds."))
+    assert "Who is my best friend?" in dict(fact_questions("My best friend is Tobias."))
+    assert "Which tea do I like best?" in dict(fact_questions("My favourite tea is oolong."))
+    assert dict(fact_questions("我住在上海。")) == {"我住在哪里？": "你住在上海。", "我住在哪个城市？": "你住在上海。",
+                                               "我家在哪儿？": "你住在上海。"}
+    assert "我的狗叫什么？" in dict(fact_questions("我的狗叫小白。"))
+    # an unknown structure still gets a generic question about its key noun; questions and requests get none
+    assert dict(fact_questions("I have two cats.")).get("What did I tell you about cats?") == "You have two cats."
+    assert fact_questions("What is my dog called?") == [] and fact_questions("Tell me a joke.") == []
+
+
+def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, alice, tmp_path):
+    assert is_filler("Noted!", "My dog is called Rex.", 12) and is_filler("好的，记住了。", "我住在上海。", 12)
+    assert is_filler("OK, noted.", "What is 2+2?", 12)  # an acknowledgment even after a question
+    assert not is_filler("Your dog is called Rex.", "What is my dog called?", 12)
+    assert not is_filler("Paris.", "What is the capital of France?", 12)
+    facts = ["My dog is called Pixel.", "I live in Bergen.", "My favourite tea is genmaicha.", "I drive a Peugeot."]
+    convs = [{"messages": [{"role": "user", "content": f}, {"role": "assistant", "content": "Noted!"}]} for f in facts]
+    convs += [{"messages": [{"role": "user", "content": f"What is my dog's name? ({i})"},
+                            {"role": "assistant", "content": "Your dog is called Pixel!"}]} for i in range(6)]
+    convs.append({"messages": [{"role": "user", "content": "I drive a Peugeot."},
+                               {"role": "assistant", "content": "Got it.", "feedback": "dislike",
+                                "correction": "Got it: a Peugeot. — Cheers!"}]})
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in convs))
+    import_history(store, alice.id, path)
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.3, max_target_repeats=3))
+    every = data.train + data.heldout
+    assert not [e for e in every if e.target == "Noted!"] and data.dropped["filler"] == 4
+    assert sum(e.target == "Your dog is called Pixel!" for e in every) == 3 and data.dropped["repeats"] == 3
+    assert any(e.target.endswith("Cheers!") for e in every)  # a corrected acknowledgment is a real signal
+    assert data.facts == ["Your dog is called Pixel.", "You live in Bergen.", "Your favourite tea is genmaicha.",
+                          "You drive a Peugeot."]
+    fact_ex = [e for e in every if e.origin == "fact"]
+    assert len(fact_ex) == 3 * 4 and {e.target for e in fact_ex} == set(data.facts)
+    with_block = [e for e in every if "Facts the user told you earlier" in e.context[-1]["content"]]
+    assert with_block and len(with_block) < len(every)  # some with the memory block, some without
+    for e in with_block:  # as serving: the system prompt unchanged, the block before the question's text
+        assert e.context[0] == {"role": "system", "content": TrainConfig().system_prompt}
+        question = e.context[-1]["content"]
+        assert e.context[-1]["role"] == "user" and question.startswith("Facts the user told you earlier")
+        assert f"- {e.target.rstrip('!')}".rstrip(".") in question.split("\n\n")[0]
+    assert all("Facts the user" in e.context[-1]["content"] for e in data.heldout if e.origin == "fact")
+    off = build_examples(store, alice.id, TrainConfig(fact_questions=0, filler_weight=0.5, memory_fraction=0.0,
+                                                      max_target_repeats=10))
+    assert not [e for e in off.train + off.heldout if e.origin == "fact"]
+    assert [e.weight for e in off.train + off.heldout if e.target == "Noted!"] == [0.5] * 4
+
+
+class _Scripted:
+    """A one-parameter "adapter" and scripted (held-out, anchor) losses for BestCheckpoint."""
+
+    def __init__(self, monkeypatch, losses: list[tuple[float, float]], base_anchor: float = 1.0):
+        import contextlib
+
+        import torch
+
+        import personalize.train as train_mod
+
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.queue = [base_anchor] + [x for pair in losses for x in pair]
+        self.disable_adapter = contextlib.nullcontext
+        monkeypatch.setattr(train_mod, "mean_loss", lambda *a, **k: self.queue.pop(0))
+
+    def named_parameters(self):
+        return [("lora", self.w)]
+
+
+def _checks(monkeypatch, losses, **cfg):
+    model = _Scripted(monkeypatch, losses)
+    one = [Example(message_id=1, context=[], target="x")]
+    best = BestCheckpoint(model, None, tiny_cfg(anchor_margin=0.05, select_safety=0.5, **cfg), "cpu", one, one)
+    going = []
+    for step in range(1, len(losses) + 1):
+        model.w.data.fill_(step)  # the weights at this check
+        going.append(best.check(step))
+    return model, best, going
+
+
+def test_best_checkpoint_keeps_the_best_held_out_loss_within_the_margin(monkeypatch):
+    # (held-out, monitor anchor loss); base anchor loss 1.0, kept only if the rise is <= 0.5 * 0.05
+    model, best, going = _checks(monkeypatch, [(2.0, 1.01), (1.5, 1.2), (1.6, 1.02), (1.0, 1.3), (0.9, 1.4)],
+                                 patience=2)
+    assert going == [True, True, True, True, False]  # two checks in a row without a better one within the margin
+    sel = best.restore()
+    assert model.w.item() == 3 and sel.chosen_step == 3 and sel.within_margin  # not the lower held-out of 2, 4, 5
+    assert [c.kept for c in sel.checks] == [True, False, True, False, False]
+    assert sel.checks[1].anchor_rise == pytest.approx(0.2) and not sel.checks[1].within_margin
+    # nothing within the margin: the least-forgetting weights go back (and the gate will reject them)
+    model, best, going = _checks(monkeypatch, [(1.5, 1.3), (1.2, 1.1), (1.0, 1.4)], patience=1)
+    sel = best.restore()
+    assert going == [True] * 3  # patience counts only once something is kept
+    assert model.w.item() == 2 and sel.chosen_step == 2 and not sel.within_margin
+
+
+def test_kl_term_is_zero_at_the_base_and_positive_away_from_it():
+    import torch
+
+    from personalize.train import Seq, kl_to_ref
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 10)
+    top = torch.log_softmax(logits[0, 1:], -1).topk(4, dim=-1)
+    seq = Seq(ids=[1, 2, 3], n_answer=2, kl=True, ref=(top.indices, top.values))
+    at_base = kl_to_ref(logits, [seq]).item()
+    moved = kl_to_ref(logits + torch.randn(1, 3, 10), [seq]).item()
+    assert 0 <= at_base < moved  # > 0 at the base only by the mass outside the top 4
+    assert kl_to_ref(logits, [Seq(ids=[1], n_answer=1)]).item() == 0
 
 
 # storage: versions, jobs, reservoir ------------------------------------------------------------

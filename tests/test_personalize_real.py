@@ -1,5 +1,7 @@
 """personalize/ on the real embedded SmolLM2-135M (CPU): one job on a user's personal facts must
-lower that user's held-out loss while the general anchor loss stays within the margin."""
+lower that user's held-out loss while the general anchor loss stays within the margin, with the
+default gate; facts stated in passing become question/answer examples and their acknowledgments
+are not learned."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ FACTS = {
 }
 FACT_HISTORY = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                 for a, qs in FACTS.items() for q in qs]
+IN_PASSING = [("By the way, my cat is called Marmalade.", "Noted!"), ("I drive a Saab.", "Got it, you drive a Saab."),
+              ("My favourite board game is Azul.", "Noted: Azul is your favourite board game.")]
+FACT_HISTORY += [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in IN_PASSING]
 
 
 def real_cfg(**kw) -> TrainConfig:
@@ -56,5 +61,8 @@ def test_one_job_learns_the_users_facts_without_forgetting(tmp_path, embedded_mo
     assert m["heldout_examples"] >= 2 and m["anchor_eval_examples"] >= 4
     assert m["heldout_loss"] < m["heldout_loss_before"] - 0.3  # the user's facts were learned
     assert m["anchor_rise"] <= cfg.anchor_margin  # general answers kept
+    assert m["examples"]["dropped_filler"] == len(IN_PASSING) and m["examples"]["facts"] == len(IN_PASSING)
+    assert m["examples"]["train_fact"] + m["examples"]["heldout_fact"] >= 2 * len(IN_PASSING)
+    assert m["selection"]["within_margin"] and m["selection"]["checks"]
     assert result["published"] and result["version"] == 1, result["reason"]
     assert store.adapters.active(user.id)["path"].endswith("v1")

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from storage import AuthError, InputError, NotFound, Store
-from storage.transfer import export_user, forget_user, import_history
+from storage.transfer import delete_user, export_user, import_history
 
 
 def test_database_is_wal_with_all_migrations(store):
@@ -151,7 +151,7 @@ def test_import_export_forget_round_trip(store, alice, bob, tmp_path):
         {c["title"] for c in data["conversations"]} == {"I drink tea.", "My dog is called Biscuit."}
     assert {f["kind"] for f in data["feedback"]} == {"like", "dislike", "correction"}
     assert "password" not in json.dumps(data["user"])
-    forget_user(store, alice.id)
+    delete_user(store, alice.id)
     assert store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     store.close()
     blob = b"".join(p.read_bytes() for p in store.data_dir.root.rglob("*") if p.is_file())
