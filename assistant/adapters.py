@@ -1,20 +1,30 @@
 """Per-user LoRA adapters on one shared base model: lazy loading, an LRU under a count budget, and
 hot reload (a newly published version is picked up on the user's next turn, no restart).
 
+ChatEngine resolves the user's active version on every turn (:func:`resolve_adapter`, through
+``storage``) and hands the engine an :class:`AdapterRef`, like vLLM's ``LoRARequest``. Engines know
+adapter names and folders, never users; :class:`AdapterRegistry` (the transformers engine's adapter
+cache) runs no SQL.
+
 A generation pins the adapter it started with, so a version published mid-answer never changes an
 answer in flight and a pinned adapter is never evicted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from storage.db import Store
 from storage.errors import CLI, ModelError
+
+if TYPE_CHECKING:
+    from storage.db import Store
 
 log = logging.getLogger("attune.adapters")
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
@@ -33,26 +43,38 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class ActiveAdapter:
-    user_id: int
-    version: int
+class AdapterRef:
+    """One published adapter version as an engine sees it: engines get this, never a user id."""
+
     name: str
+    """Unique engine-side name ``u<user>-v<N>-<tag>``; engines cache adapters under it (never reused)."""
+    version: int
+    """The version number, reported back with the answer."""
+    path: str
+    """The peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
 
 
-def active_version(store: Store, user_id: int) -> int | None:
-    """The user's active published version, or None (base model)."""
-    row = store.db.execute(
-        "SELECT a.version FROM active_adapters a JOIN adapter_versions v "
-        "ON v.user_id = a.user_id AND v.version = a.version AND v.status = 'published' "
-        "WHERE a.user_id = ?", [user_id]).fetchone()
-    return row[0] if row and row[0] is not None else None
+def adapter_name(user_id: int, version: int, created_at: str) -> str:
+    """``u<user>-v<N>-<6 hex of the creation time>``. User ids can be reused after ``forget``; with the
+    tag a cached adapter (vLLM keeps them by name) can never answer for another user's version."""
+    tag = hashlib.sha1(str(created_at).encode()).hexdigest()[:6]
+    return f"u{int(user_id)}-v{int(version)}-{tag}"
+
+
+def resolve_adapter(store: Store, user_id: int) -> AdapterRef | None:
+    """The user's active published version as a reference, or None (the base model)."""
+    row = store.adapters.active(user_id)
+    if row is None or row["status"] != "published" or not row["path"]:
+        return None
+    return AdapterRef(adapter_name(user_id, row["version"], row["created_at"]), row["version"], row["path"])
 
 
 class AdapterRegistry:
-    def __init__(self, model, store: Store, config: AdapterConfig | None = None):
+    """peft adapters loaded into one in-process model, keyed by :attr:`AdapterRef.name`."""
+
+    def __init__(self, model, config: AdapterConfig | None = None):
         self.base = model
         self.model = model  # becomes a PeftModel once the first adapter is loaded
-        self.store = store
         self.config = config or AdapterConfig()
         self._loaded: OrderedDict[str, float] = OrderedDict()  # name -> load seconds
         self._pins: dict[str, int] = {}
@@ -63,38 +85,34 @@ class AdapterRegistry:
     def is_peft(self) -> bool:
         return self.model is not self.base
 
-    def acquire(self, user_id: int, use_adapter: bool = True) -> ActiveAdapter | None:
-        """Pin and return the user's active adapter (loading it if needed), or None for the base model."""
-        if not use_adapter:
+    def acquire(self, ref: AdapterRef | None) -> AdapterRef | None:
+        """Pin ``ref`` for one generation (loading it if needed); None is the base model."""
+        if ref is None:
             return None
-        version = active_version(self.store, user_id)
-        if version is None:
-            return None
-        name = f"u{user_id}_v{version}"
         with self._lock:
-            if name not in self._loaded:
-                self._load(user_id, version, name)
-            self._loaded.move_to_end(name)
-            self._pins[name] = self._pins.get(name, 0) + 1
-        return ActiveAdapter(user_id, version, name)
+            if ref.name not in self._loaded:
+                self._load(ref)
+            self._loaded.move_to_end(ref.name)
+            self._pins[ref.name] = self._pins.get(ref.name, 0) + 1
+        return ref
 
-    def release(self, adapter: ActiveAdapter | None) -> None:
-        if adapter is None:
+    def release(self, ref: AdapterRef | None) -> None:
+        if ref is None:
             return
         with self._lock:
-            self._pins[adapter.name] -= 1
-            if not self._pins[adapter.name]:
-                del self._pins[adapter.name]
+            self._pins[ref.name] -= 1
+            if not self._pins[ref.name]:
+                del self._pins[ref.name]
             self._evict()
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
 
-    def _load(self, user_id: int, version: int, name: str) -> None:
-        path = self.store.data_dir.adapters(user_id) / f"v{version}"
+    def _load(self, ref: AdapterRef) -> None:
+        path, name = Path(ref.path), ref.name
         if not (path / "adapter_config.json").is_file():
-            raise ModelError(f"Adapter v{version} of user {user_id} is missing at {path}; roll back with "
+            raise ModelError(f"Adapter v{ref.version} is missing at {path}; roll back with "
                              f"`{CLI} adapters NAME --rollback VERSION`.")
         from peft import PeftModel
 
@@ -105,7 +123,8 @@ class AdapterRegistry:
             else:
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except Exception as e:
-            raise ModelError(f"Could not load adapter v{version} of user {user_id} from {path}: {e}") from e
+            raise ModelError(f"Could not load adapter v{ref.version} from {path}: {e}. Roll back with "
+                             f"`{CLI} adapters NAME --rollback VERSION`.") from e
         self.model.eval()
         seconds = time.perf_counter() - started
         self.load_seconds.append(seconds)

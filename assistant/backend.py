@@ -1,5 +1,7 @@
-"""The chat backend seam: token ids in, streamed text out. One implementation today (transformers,
-in process); the seam exists so the same adapters can later be served by vLLM."""
+"""The chat backend seam: token ids and an adapter reference in, streamed text out. Two engines
+implement it: transformers in this process (here) and a vLLM server (``assistant.vllm_backend``).
+Engines never see a user: ChatEngine resolves the user's active adapter version and passes an
+``AdapterRef`` (or None for the base model)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from storage.errors import InputError
+
+if TYPE_CHECKING:
+    from assistant.adapters import AdapterRef
 
 
 @dataclass
@@ -80,9 +86,9 @@ class ChatBackend(ABC):
 
     @abstractmethod
     def stream(self, prompt_ids: list[int], settings: GenerationSettings, stop: threading.Event,
-               stats: StreamStats, user_id: int | None = None, use_adapter: bool = True) -> Iterator[str]:
-        """Yield text pieces as they are decoded with the user's active adapter (unless ``use_adapter``
-        is false); fill ``stats`` (incl. the adapter version used); end early when ``stop`` is set."""
+               stats: StreamStats, adapter: AdapterRef | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded with ``adapter`` (None: the base model); fill ``stats``
+        (incl. ``adapter_version``); end early when ``stop`` is set."""
 
     def cancel_all(self) -> None:  # noqa: B027 (optional hook)
         """Stop every answer being generated now (on shutdown)."""
@@ -113,8 +119,7 @@ class _Request:
     settings: GenerationSettings
     stop: threading.Event
     stats: StreamStats
-    user_id: int | None
-    use_adapter: bool
+    adapter: AdapterRef | None
     started: float = field(default_factory=time.monotonic)
     pieces: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
@@ -148,7 +153,7 @@ class TransformersBackend(ChatBackend):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
-        self.registry = registry or AdapterRegistry(loaded.model, None)
+        self.registry = registry or AdapterRegistry(loaded.model)
         self.batch = batch or BatchConfig()
         limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
         self.context_tokens = min(context_tokens or limit, limit)
@@ -161,8 +166,8 @@ class TransformersBackend(ChatBackend):
         self._active: dict[int, _Request] = {}  # requests being streamed, so shutdown can stop them
         self.batch_sizes: list[int] = []
 
-    def stream(self, prompt_ids, settings, stop, stats, user_id: int | None = None, use_adapter: bool = True):
-        req = _Request(list(prompt_ids), settings, stop, stats, user_id, use_adapter)
+    def stream(self, prompt_ids, settings, stop, stats, adapter: AdapterRef | None = None):
+        req = _Request(list(prompt_ids), settings, stop, stats, adapter)
         stats.prompt_tokens = len(req.prompt_ids)
         self._ensure_worker()
         self._active[id(req)] = req
@@ -228,10 +233,7 @@ class TransformersBackend(ChatBackend):
         ready = []
         for req in group:
             try:
-                if req.user_id is not None and self.registry.store is not None:
-                    adapter = self.registry.acquire(req.user_id, req.use_adapter)
-                else:
-                    adapter = None
+                adapter = self.registry.acquire(req.adapter)
                 req.stats.adapter_version = adapter.version if adapter else None
                 adapters.append(adapter)
                 ready.append(req)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from assistant.adapters import resolve_adapter
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
 from assistant.memory_text import with_facts
 from storage.chats import clean_text
@@ -273,8 +274,9 @@ class ChatEngine:
         turn.truncated, turn.dropped_turns = plan.truncated, plan.dropped_turns
         self._inflight[id(turn)] = (user_id, turn, settings, source)
         try:
-            for piece in self.backend.stream(ids, settings, stop, turn.stats, user_id=user_id,
-                                             use_adapter=use_adapter and personalized):
+            # The active version is read on every turn: a newly published one answers the next turn.
+            adapter = resolve_adapter(self.store, user_id) if use_adapter and personalized else None
+            for piece in self.backend.stream(ids, settings, stop, turn.stats, adapter):
                 turn.adapter_version = turn.stats.adapter_version
                 turn.text += piece
                 yield turn

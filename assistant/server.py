@@ -19,6 +19,8 @@ from storage.db import Store
 from storage.errors import AttuneError
 
 log = logging.getLogger("attune.server")
+ENGINES = ("transformers", "vllm")
+"""Who generates: ``transformers`` in this process, or ``vllm`` (a vLLM server; ``assistant.vllm_backend``)."""
 SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
@@ -100,28 +102,44 @@ class _Guard:
         await self.asgi(scope, receive, send)
 
 
-def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
-          memory_cfg=None, train_cfg=None, schedule_cfg=None) -> None:
-    """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
-    ``train_cfg`` / ``schedule_cfg`` configure the background personalizer (defaults when None)."""
+def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None):
+    """The engine behind ChatEngine: transformers in this process, or vLLM when ``vllm_cfg`` is given
+    (a ``VLLMConfig``: a running server's URL, or one started from the vLLM venv)."""
     from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
+    if vllm_cfg is not None:
+        from assistant.model import EMBEDDED, resolve_model_dir
+        from assistant.vllm_backend import VLLMBackend
+
+        name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else model_cfg.model
+        backend = VLLMBackend(vllm_cfg, resolve_model_dir(model_cfg.model, store.data_dir), store.data_dir, name,
+                              chat_cfg.context_tokens)
+        print(f"attune: model {name} served by vLLM at {backend.url}", flush=True)
+        return backend
+    loaded = load_model(model_cfg, store.data_dir)
+    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}, {loaded.dtype}) ready in "
+          f"{loaded.load_seconds:.1f} s", flush=True)
+    return TransformersBackend(loaded, chat_cfg.context_tokens, AdapterRegistry(loaded.model))
+
+
+def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
+          memory_cfg=None, train_cfg=None, schedule_cfg=None, vllm_cfg=None) -> None:
+    """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
+    ``train_cfg`` / ``schedule_cfg`` configure the background personalizer (defaults when None); ``vllm_cfg``
+    (a ``VLLMConfig``) hands generation to vLLM instead of this process."""
     allow_signup = check_exposure(store, server_cfg)
     if not is_loopback(server_cfg.host):
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
                     "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
-    loaded = load_model(model_cfg, store.data_dir)
-    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}, {loaded.dtype}) ready in "
-          f"{loaded.load_seconds:.1f} s", flush=True)
-    registry = AdapterRegistry(loaded.model, store)
+    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg)
     memory = None
     if memory_cfg is not None:
         from assistant.memory import MemoryService
 
         memory = MemoryService(store, memory_cfg)
         memory.warm_up()  # load the embedder now, not on the first message
-    engine = ChatEngine(store, TransformersBackend(loaded, chat_cfg.context_tokens, registry), chat_cfg, memory)
+    engine = ChatEngine(store, backend, chat_cfg, memory)
     runner = scheduler = None
     if server_cfg.personalizer:
         from personalize.config import TrainConfig

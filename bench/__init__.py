@@ -4,7 +4,7 @@
 rewrites BENCHMARKS.md. Numbers are never typed in by hand.
 """
 
-from bench import load, memory_bench, memory_quality, quality, quant, serving, training
+from bench import load, memory_bench, memory_quality, quality, quant, serving, training, vllm_engine
 
 # name -> (section title, renderer); the runner imports each module's run() by name.
 SECTIONS = {
@@ -16,4 +16,6 @@ SECTIONS = {
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
+    "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
+                    vllm_engine.render),
 }

@@ -103,7 +103,7 @@ def _formats(backend, tokenizer, users: list[int], facts: dict, tokens: int) -> 
         def one(item):
             ids = tokenizer.apply_chat_template(item[0], add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            return "".join(backend.stream(ids, settings, threading.Event(), StreamStats(), use_adapter=False))
+            return "".join(backend.stream(ids, settings, threading.Event(), StreamStats()))
 
         with ThreadPoolExecutor(max_workers=BATCH) as pool:
             texts = list(pool.map(one, items))
@@ -173,7 +173,7 @@ def run(quick: bool = False) -> dict:
                          for k in ("statement", "liked", "correction", "fact")} for uid in users}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(ModelConfig(model="embedded", quant="auto", device=device), data)
-    backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model, store), BatchConfig(max_batch=BATCH,
+    backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model), BatchConfig(max_batch=BATCH,
                                                                                                   window_ms=50))
     engine = _probe_engine()(store, backend, ChatConfig(defaults=GenerationSettings(temperature=0.0)), memory)
     probes = [(uid, f["probe"]) for uid in users for f in facts[uid]]

@@ -157,7 +157,7 @@ def run(quick: bool = False) -> dict:
     train_s = time.perf_counter() - t
 
     loaded = load_model(ModelConfig(model="embedded", quant=SERVE_QUANT, device=device), data)
-    backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model, store),
+    backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model),
                                   BatchConfig(max_batch=BATCH, window_ms=50))
     memory = MemoryService(store, MemoryConfig())
     for uid in users:

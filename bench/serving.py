@@ -32,19 +32,20 @@ def _publish(store, user_id: int, version: int, model_path: Path, seed: int) -> 
     path = store.data_dir.adapters(user_id) / f"v{version}"
     peft.save_pretrained(path)
     with store.write() as db:
-        db["adapter_versions"].insert({"user_id": user_id, "version": version, "path": f"v{version}",
-                                       "base_model": "bench", "status": "published", "created_at": utcnow()})
+        db["adapter_versions"].insert({"user_id": user_id, "version": version,
+                                       "path": str(path.relative_to(store.data_dir.root)), "base_model": "bench",
+                                       "status": "published", "created_at": utcnow()})
         db["active_adapters"].upsert({"user_id": user_id, "version": version, "updated_at": utcnow()},
                                      pk="user_id")
 
 
-def _one(backend, ids, tokens, user_id=None):
+def _one(backend, ids, tokens, adapter=None):
     from assistant.backend import GenerationSettings, StreamStats
 
     stats = StreamStats()
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     started = time.perf_counter()
-    for _ in backend.stream(ids, settings, threading.Event(), stats, user_id=user_id):
+    for _ in backend.stream(ids, settings, threading.Event(), stats, adapter):
         pass
     total = time.perf_counter() - started
     decode = (stats.completion_tokens - 1) / max(total - stats.ttft_ms / 1000, 1e-9)
@@ -52,15 +53,16 @@ def _one(backend, ids, tokens, user_id=None):
             "adapter": stats.adapter_version}
 
 
-def _concurrent(backend, ids, tokens, users) -> dict:
-    results, barrier = {}, threading.Barrier(len(users))
+def _concurrent(backend, ids, tokens, adapters) -> dict:
+    """One request per adapter reference, all at once."""
+    results, barrier = {}, threading.Barrier(len(adapters))
 
-    def go(u):
+    def go(i):
         barrier.wait()
-        results[u] = _one(backend, ids, tokens, u)
+        results[i] = _one(backend, ids, tokens, adapters[i])
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=go, args=(u,)) for u in users]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(adapters))]
     for t in threads:
         t.start()
     for t in threads:
@@ -74,7 +76,7 @@ def _concurrent(backend, ids, tokens, users) -> dict:
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.adapters import AdapterRegistry
+    from assistant.adapters import AdapterRegistry, resolve_adapter
     from assistant.backend import BatchConfig, TransformersBackend
     from assistant.model import ModelConfig, load_model
     from bench.common import models_dir
@@ -90,7 +92,11 @@ def run(quick: bool = False) -> dict:
     users = [store.users.create(f"user{i}", "correct horse").id for i in range(9)]
     for i, u in enumerate(users[1:], 1):
         _publish(store, u, 1, loaded.path, seed=i)
-    registry = AdapterRegistry(loaded.model, store)
+    registry = AdapterRegistry(loaded.model)
+
+    def ref(user_id):  # what ChatEngine does on every turn: the user's active version, read from SQLite
+        return resolve_adapter(store, user_id)
+
     batched = TransformersBackend(loaded, 2048, registry, BatchConfig(max_batch=8, window_ms=20))
     ids = batched.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                                 tokenize=True)
@@ -100,13 +106,13 @@ def run(quick: bool = False) -> dict:
 
     # Adapters: cold load (first use), warm switch (already loaded).
     started = time.perf_counter()
-    adapter = registry.acquire(users[1])
+    adapter = registry.acquire(ref(users[1]))
     out["adapter_cold_load_ms"] = (time.perf_counter() - started) * 1000
     registry.release(adapter)
     warm = []
     for _ in range(20):
         started = time.perf_counter()
-        adapter = registry.acquire(users[1])
+        adapter = registry.acquire(ref(users[1]))
         warm.append((time.perf_counter() - started) * 1000)
         registry.release(adapter)
     out["adapter_warm_switch_ms"] = statistics.median(warm)
@@ -116,39 +122,39 @@ def run(quick: bool = False) -> dict:
         runs = [fn() for _ in range(repeats)]
         return {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "decode_tok_s", "total_s")}
 
-    out["base"] = median_of(lambda: _one(batched, ids, tokens, users[0]))
-    out["adapter"] = median_of(lambda: _one(batched, ids, tokens, users[1]))
+    out["base"] = median_of(lambda: _one(batched, ids, tokens, ref(users[0])))
+    out["adapter"] = median_of(lambda: _one(batched, ids, tokens, ref(users[1])))
 
     # Publish-to-first-use: a new version lands in SQLite; the next request loads it and answers.
     _publish(store, users[1], 2, loaded.path, seed=99)
     started = time.perf_counter()
-    first = _one(batched, ids, 1, users[1])
+    first = _one(batched, ids, 1, ref(users[1]))
     out["publish_to_first_token_ms"] = (time.perf_counter() - started) * 1000
     assert first["adapter"] == 2
 
     serial = TransformersBackend(loaded, 2048, registry, BatchConfig(max_batch=1, window_ms=0))
     out["concurrency"] = []
     for n in (1, 4) if quick else (1, 4, 8):
-        group = users[1:n + 1] if n > 1 else users[1:2]
+        group = [ref(u) for u in (users[1:n + 1] if n > 1 else users[1:2])]
         _concurrent(batched, ids, 4, group)  # warm-up: cold adapter loads are measured above, not here
         out["concurrency"].append({"users": n, "batched": _concurrent(batched, ids, tokens, group),
                                    "serialized": _concurrent(serial, ids, tokens, group)})
     # Last: merging touches the shared base weights (restored exactly afterwards, but measured after the rest).
-    out["adapter_merged"] = _merged(registry, users[1], lambda: median_of(lambda: _one(batched, ids, tokens,
-                                                                                         users[1])))
+    out["adapter_merged"] = _merged(registry, ref(users[1]), lambda: median_of(lambda: _one(batched, ids, tokens,
+                                                                                              ref(users[1]))))
     batched.close()
     serial.close()
     out["llama_cpp"] = _llama_cpp(tokens) if not quick else None
     return out
 
 
-def _merged(registry, user_id: int, measure) -> dict:
+def _merged(registry, ref, measure) -> dict:
     """A lone user's adapter merged into the base weights (no LoRA matmuls per layer): its speed, and
     whether unmerging gives the base weights back exactly (other users share them)."""
     import torch
 
     model = registry.model
-    adapter = registry.acquire(user_id)
+    adapter = registry.acquire(ref)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     try:
         model.merge_adapter(adapter_names=[adapter.name])

@@ -8,7 +8,7 @@
     turn = run(ChatEngine(store, fake).send(alice.id, None, "Hi"))
     assert turn.text == "Hello world"
     assert "Hi" in fake.calls[-1].prompt       # what the engine sent, decoded
-    assert fake.calls[-1].user_id == alice.id  # and for whom, with or without the adapter
+    assert fake.calls[-1].adapter is None      # and with which adapter (engines never see users)
 
 Each piece counts as one token, so ``max_new_tokens`` cuts a script short (finish reason ``length``)
 and a set ``stop`` event ends it (``cancelled``), like the real backend. No torch, no weights.
@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from assistant.adapters import AdapterRef
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
 
 DEFAULT_ANSWER = ("I am", " a scripted", " answer.")
@@ -57,22 +58,23 @@ class FakeCall:
     prompt: str
     """The prompt decoded back to text (ChatML)."""
     settings: GenerationSettings
-    user_id: int | None
-    use_adapter: bool
-    adapter_version: int | None
-    """The version this call was "answered" with (from ``FakeBackend.adapters``), None for the base model."""
+    adapter: AdapterRef | None
+    """The adapter reference ChatEngine resolved for this turn; None for the base model."""
+
+    @property
+    def adapter_version(self) -> int | None:
+        return self.adapter.version if self.adapter else None
 
 
 class FakeBackend(ChatBackend):
     """A scripted, thread-safe chat backend. ``enqueue`` scripts answers (used first in, first out);
     with nothing queued, it answers ``DEFAULT_ANSWER``. ``fail`` scripts an error instead of an answer.
-    ``adapters`` maps user id -> the adapter version to report for that user (none: the base model)."""
+    Adapters come as references resolved by ChatEngine: give a user one with :func:`activate_version`."""
 
     def __init__(self, name: str = "fake-model", context_tokens: int = 4096):
         self.name = name
         self.context_tokens = context_tokens
         self.tokenizer = CharTokenizer()
-        self.adapters: dict[int, int] = {}
         self.calls: list[FakeCall] = []
         self._script: deque[list[str] | BaseException] = deque()
         self._lock = threading.Lock()
@@ -95,12 +97,11 @@ class FakeBackend(ChatBackend):
         return [c.prompt for c in self.calls]
 
     def stream(self, prompt_ids: list[int], settings: GenerationSettings, stop: threading.Event,
-               stats: StreamStats, user_id: int | None = None, use_adapter: bool = True) -> Iterator[str]:
+               stats: StreamStats, adapter: AdapterRef | None = None) -> Iterator[str]:
         started = time.monotonic()
-        version = self.adapters.get(user_id) if use_adapter and user_id is not None else None
+        version = adapter.version if adapter else None
         with self._lock:
-            self.calls.append(FakeCall(list(prompt_ids), self.tokenizer.decode(prompt_ids), settings, user_id,
-                                       use_adapter, version))
+            self.calls.append(FakeCall(list(prompt_ids), self.tokenizer.decode(prompt_ids), settings, adapter))
             script = self._script.popleft() if self._script else list(DEFAULT_ANSWER)
         stats.prompt_tokens, stats.adapter_version = len(prompt_ids), version
         try:
@@ -121,3 +122,17 @@ class FakeBackend(ChatBackend):
                 stats.finish_reason = "cancelled"
         finally:
             stats.latency_ms = max((time.monotonic() - started) * 1000, 0.001)
+
+
+def activate_version(store, user_id: int, version: int) -> None:
+    """Record a published adapter version and make it the user's active one, as training leaves it
+    (rows only: the fake backend loads no weights)."""
+    from storage.common import utcnow
+
+    path = store.data_dir.adapters(user_id) / f"v{version}"
+    with store.write() as db:
+        db["adapter_versions"].insert({"user_id": user_id, "version": version, "base_model": "fake",
+                                       "path": str(path.relative_to(store.data_dir.root)), "status": "published",
+                                       "created_at": utcnow()})
+        db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) ON CONFLICT(user_id) "
+                   "DO UPDATE SET version = excluded.version", [user_id, version, utcnow()])

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from assistant.adapters import AdapterConfig, AdapterRegistry
+from assistant.adapters import AdapterConfig, AdapterRegistry, resolve_adapter
 from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
 from assistant.engine import ChatConfig, ChatEngine
 from assistant.model import ModelConfig, load_model
@@ -40,7 +40,7 @@ def serving(store, tiny_model_dir, tmp_path):
     def make(max_batch=8, max_loaded=16):
         loaded = load_model(ModelConfig(model=str(tiny_model_dir), quant="none", device="cpu", dtype="float32"),
                             DataDir(tmp_path / "m").ensure())
-        registry = AdapterRegistry(loaded.model, store, AdapterConfig(max_loaded=max_loaded))
+        registry = AdapterRegistry(loaded.model, AdapterConfig(max_loaded=max_loaded))
         backend = TransformersBackend(loaded, 512, registry, BatchConfig(max_batch=max_batch, window_ms=200))
         return ChatEngine(store, backend, ChatConfig(context_tokens=512, defaults=GREEDY))
     return make
@@ -80,7 +80,7 @@ def test_lru_keeps_the_loaded_count_bounded(serving, store, tiny_model_dir):
     for i, u in enumerate(users):
         publish_random_adapter(store, tiny_model_dir, u.id, 1, seed=10 + i)
         assert answer(engine, u, "Hi").adapter_version == 1
-    assert engine.backend.registry.loaded() == [f"u{users[1].id}_v1", f"u{users[2].id}_v1"]
+    assert engine.backend.registry.loaded() == [resolve_adapter(store, u.id).name for u in users[1:]]
 
 
 def test_mixed_adapter_batch_matches_each_user_alone(serving, store, tiny_model_dir):

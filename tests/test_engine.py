@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from assistant.backend import GenerationSettings
+from fakes import activate_version
 from storage import InputError, NotFound
 
 
@@ -87,12 +88,14 @@ def test_prompt_has_system_prompt_history_and_ends_ready_for_the_answer(fake_eng
 
 
 def test_adapter_switches_reach_the_backend(fake_engine, fake, store, alice):
-    fake.adapters[alice.id] = 3
+    activate_version(store, alice.id, 3)
     on = run(fake_engine.send(alice.id, None, "hi"))
     off = run(fake_engine.send(alice.id, None, "hi", use_adapter=False))
     store.users.set_personalization(alice.id, False)
     personal_off = run(fake_engine.send(alice.id, None, "hi"))
-    assert [(c.user_id, c.use_adapter) for c in fake.calls] == [(alice.id, True), (alice.id, False), (alice.id, False)]
+    ref = fake.calls[0].adapter  # a reference to the active version, never the user's id
+    assert ref.version == 3 and ref.name.startswith(f"u{alice.id}-v3-") and ref.path.endswith(f"u{alice.id}/v3")
+    assert [c.adapter for c in fake.calls[1:]] == [None, None]
     assert (on.adapter_version, off.adapter_version, personal_off.adapter_version) == (3, None, None)
     assert store.chats.message(alice.id, on.assistant_message_id)["adapter_version"] == 3
 
@@ -185,7 +188,7 @@ def test_other_users_conversation_is_not_reachable(fake_engine, fake, alice, bob
         run(fake_engine.send(bob.id, turn.conversation_id, "let me in"))
     with pytest.raises(NotFound):
         run(fake_engine.retry(bob.id, turn.conversation_id))
-    assert [c.user_id for c in fake.calls] == [alice.id]
+    assert len(fake.calls) == 1 and "private" in fake.calls[0].prompt  # only alice's turn reached the backend
 
 
 def test_bad_generation_settings_name_the_field():

@@ -43,7 +43,7 @@ def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_
         assert loaded.quant == "nf4" and loaded.model.get_memory_footprint() < 250e6  # ~166 MB vs ~538 MB
     store = Store(dd)
     alice, bob = store.users.create("alice", "correct horse"), store.users.create("bob", "battery staple")
-    engine = ChatEngine(store, TransformersBackend(loaded, registry=AdapterRegistry(loaded.model, store)))
+    engine = ChatEngine(store, TransformersBackend(loaded, registry=AdapterRegistry(loaded.model)))
     before = ask(engine, alice, "What is the capital of France?")
     assert "Paris" in before.text
     assert store.chats.message(alice.id, before.assistant_message_id)["model"] == "SmolLM2-135M-Instruct"
