@@ -34,7 +34,8 @@ _QUESTION_START = re.compile(
 _IMPERATIVE_START = re.compile(
     r"^(?:please\s+)?(?:tell|give|write|explain|show|help|list|translate|summari[sz]e|make|create|generate|"
     r"describe|find|suggest|recommend|compare|answer|say|draft|plan|calculate|compute|fix|check|rewrite|"
-    r"let's|let us)\b",
+    r"remind|teach|send|book|add|set|buy|read|guess|imagine|convert|define|name|try|look|search|sort|edit|"
+    r"correct|continue|repeat|recap|summarize|let's|let us)\b",
     re.IGNORECASE,
 )
 _REQUEST = re.compile(

@@ -430,6 +430,7 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
     ("btw, I work as a nurse", ["I work as a nurse."]),
     ("Quick one before I forget: my son is Elio.", ["My son is Elio."]),
     ("Tell me about my horoscope.", []),
+    ("Remind me what my dog is called.", []),
     ("Can you help me plan my trip?", []),
     ("I want you to write a poem about cats.", []),
     ("What is the capital of France?", []),
