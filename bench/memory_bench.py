@@ -264,7 +264,8 @@ def run(quick: bool = False) -> dict:
         "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "note": f"One user; {len(real)} real MiniLM note embeddings, larger sets filled with noisy mixtures of "
                 "them; queries are real MiniLM embeddings of paraphrased questions; FAISS search on 1 OpenMP "
-                f"thread; retrieve = query embedding (torch {threads} threads, as served) + search + SQLite re-read + the current conversation left out, as served.",
+                f"thread; retrieve = query embedding (torch {threads} threads, as served) + search + SQLite re-read "
+                "+ leaving out the current conversation's memories (as served).",
     }
 
 
