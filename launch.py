@@ -218,15 +218,17 @@ def serve(store, args: argparse.Namespace) -> None:
     from assistant.model import ModelConfig
     from assistant.server import ServerConfig, serve
     from assistant.vllm_backend import VLLMConfig
-    from personalize.scheduler import SchedulerConfig
+    from personalize.scheduler import SchedulerConfig, start_background
 
     if args.url and args.engine != "vllm":
         raise ValueError("--vllm-url: only used with --engine vllm")
-    serve(store, config_from(args, ModelConfig),
-          config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
+    model_cfg, schedule_cfg = config_from(args, ModelConfig), config_from(args, SchedulerConfig)
+    train_cfg = train_config(args.train_set)  # a bad --train-set fails here, before the model loads
+    serve(store, model_cfg, config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
-          train_config(args.train_set), config_from(args, SchedulerConfig),
-          config_from(args, VLLMConfig) if args.engine == "vllm" else None)
+          start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
+          train_after=schedule_cfg.min_new_events,
+          vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None)
 
 
 def train(store, args: argparse.Namespace) -> None:

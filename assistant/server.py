@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -124,9 +125,12 @@ def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vl
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
-          memory_cfg=None, train_cfg=None, schedule_cfg=None, vllm_cfg=None) -> None:
+          memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
+          vllm_cfg=None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
-    ``train_cfg`` / ``schedule_cfg`` configure the background personalizer (defaults when None); ``vllm_cfg``
+    ``start_personalizer`` starts the background personalizer and returns its (job runner, scheduler): the
+    caller composes it (``launch.py``), serving never imports ``personalize``; it runs only when
+    ``server_cfg.personalizer``. ``train_after`` is the scheduler's trigger, shown in the UI. ``vllm_cfg``
     (a ``VLLMConfig``) hands generation to vLLM instead of this process."""
     allow_signup = check_exposure(store, server_cfg)
     if not is_loopback(server_cfg.host):
@@ -141,15 +145,9 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         memory.warm_up()  # load the embedder now, not on the first message
     engine = ChatEngine(store, backend, chat_cfg, memory)
     runner = scheduler = None
-    if server_cfg.personalizer:
-        from personalize.config import TrainConfig
-        from personalize.runner import JobRunner
-        from personalize.scheduler import Scheduler
-
-        runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
-        scheduler = Scheduler(store, runner, schedule_cfg)
-        scheduler.start()  # marks jobs whose process died as failed, then polls
-    app = build_app(engine, allow_signup, runner, (schedule_cfg.min_new_events if schedule_cfg else None) or 8)
+    if server_cfg.personalizer and start_personalizer is not None:
+        runner, scheduler = start_personalizer()
+    app = build_app(engine, allow_signup, runner, train_after or 8)
     store.sessions.purge()  # expired and revoked sessions
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",

@@ -109,3 +109,16 @@ class Scheduler:
     @property
     def running(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
+
+
+def start_background(store: Store, model_cfg, train_cfg=None, schedule_cfg: SchedulerConfig | None = None,
+                     ) -> tuple[JobRunner, Scheduler]:
+    """The background personalizer for a server: a job runner (training processes) and its scheduler,
+    started. The composition of serving and learning happens in ``launch.py``, which hands this to
+    ``assistant.server.serve``; serving itself never imports ``personalize``."""
+    from personalize.config import TrainConfig
+
+    runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
+    scheduler = Scheduler(store, runner, schedule_cfg)
+    scheduler.start()  # marks jobs whose process died as failed, then polls
+    return runner, scheduler

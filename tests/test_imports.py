@@ -20,14 +20,8 @@ TOP_LEVEL = ("launch",)
 STORAGE_MUST_NOT = ("assistant", "personalize", "bench", "launch", "gradio", "torch", "faiss", "transformers",
                     "peft", "trl", "bitsandbytes", "sentence_transformers", "fastapi", "uvicorn")
 
-ALLOWED = {
-    # assistant/server.py composes serving and the background personalizer (JobRunner, Scheduler, TrainConfig);
-    # the composition belongs above both packages (launch.py or a top-level module). Owned by another engineer.
-    ("assistant.server", "personalize.config"),
-    ("assistant.server", "personalize.runner"),
-    ("assistant.server", "personalize.scheduler"),
-}
-"""(importer, imported) edges that break a rule today; remove an entry when its import is gone."""
+ALLOWED: set[tuple[str, str]] = set()
+"""(importer, imported) edges that break a rule today (none left); add one only with its reason and fix."""
 
 CYCLE_EDGES = {
     # bench/__init__.py imports every section module and bench/report.py imports SECTIONS back from the
