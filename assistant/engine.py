@@ -174,15 +174,11 @@ class ChatEngine:
 
     def _remember(self, user_id: int, turn: Turn) -> None:
         """The finished turn becomes memory (the memory service decides what is kept)."""
-        if self.memory is not None and turn.assistant_message_id and turn.status == "complete" and \
-                self._source(user_id, turn) != "compare":  # Compare runs never become memory
+        if self.memory is not None and turn.assistant_message_id and turn.status == "complete":
             try:
                 self.memory.remember_turn(user_id, turn.assistant_message_id)
             except AttuneError as e:  # the answer is stored; memory can be rebuilt from SQLite later
                 log.warning("could not remember message %s: %s", turn.assistant_message_id, e)
-
-    def _source(self, user_id: int, turn: Turn) -> str:
-        return self.store.chats.message(user_id, turn.assistant_message_id)["source"]
 
     def recall(self, user_id: int, query: str, conversation_id: int | None = None) -> list:
         """The user's memories relevant to ``query``, none from ``conversation_id`` (empty without memory)."""

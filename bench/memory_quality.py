@@ -18,6 +18,7 @@ talk). Their histories are imported and turned into memory by ``MemoryService.ba
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +43,7 @@ def _calibrate(memory, store, users: list[int], facts: dict, general: list[str])
 
     rows = []
     for threshold in THRESHOLDS:
-        svc = MemoryService(store, type(memory.config)(**{**memory.config.__dict__, "min_score": threshold}),
-                            memory.embedder)
+        svc = MemoryService(store, dataclasses.replace(memory.config, min_score=threshold), memory.embedder)
         found = relevant = retrieved = 0
         for uid in users:
             for f in facts[uid]:
@@ -63,7 +63,7 @@ def _calibrate(memory, store, users: list[int], facts: dict, general: list[str])
 
 def _format_prompt(fmt: str, fact: str, distractors: list[str], probe: str) -> list[dict]:
     from assistant.engine import DEFAULT_SYSTEM_PROMPT
-    from assistant.memory_text import facts_block, second_person
+    from assistant.memory_text import facts_block, second_person, with_facts
 
     items = [fact, *distractors]
     random.Random(probe).shuffle(items)
@@ -74,10 +74,9 @@ def _format_prompt(fmt: str, fact: str, distractors: list[str], probe: str) -> l
     elif fmt == "turn_dump":
         block = "<memories>\nNotes from this user's earlier conversations with you.\n" + "\n".join(
             f"- User: {x}\n  Assistant: Noted!" for x in items) + "\n</memories>"
-    else:
-        block = facts_block([second_person(x) for x in items])
-        return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": f"{block}\n\n{probe}"}]
+    else:  # what serving does (the default)
+        return with_facts([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": probe}],
+                          facts_block([second_person(x) for x in items]))
     return [{"role": "system", "content": f"{DEFAULT_SYSTEM_PROMPT}\n\n{block}"}, {"role": "user", "content": probe}]
 
 

@@ -472,3 +472,6 @@ def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_wor
     assert [m["content"] for m in store.chats.messages(alice.id, cid)] == ["What is my dog called?"]
     plain, _ = engine.build_prompt(alice.id, cid, 4)
     assert BLOCK_HEADER not in tiny_loaded.tokenizer.decode(plain)
+    for _ in engine.send(alice.id, None, "My cat is called Miso.", source="compare"):
+        pass
+    assert [m.text for m in memory.list(alice.id)] == ["My dog is called Biscuit."]  # a Compare run is no memory
