@@ -151,6 +151,15 @@ EN = {
     "job_failed": "failed",
     "job_step": "step {step}/{total}",
     "job_loss": "loss {loss}",
+    "why_published": "Better for you (held-out loss {before} → {after}) and general answers kept (change {rise}).",
+    "why_not_improved": "It did not fit your conversations better than {baseline} (held-out loss {before} → "
+                        "{after}), so {baseline} stays. More varied conversations, ratings or corrections help.",
+    "why_general_worse": "It answered general questions worse than the base model (change {rise}, allowed "
+                         "{margin}), so {baseline} stays. It will try again as you chat more.",
+    "why_not_enough": "Not enough to learn from yet: chat more, rate or correct answers, then train again.",
+    "why_nothing_new": "Nothing new since the version in use; it stays.",
+    "why_failed": "The training job stopped with an error: {detail}",
+    "baseline_base": "the base model",
     "retrain_started": "Training job #{id} started; this page follows its progress.",
     "rollback_enter": "Enter a version number from the table, or 'base'.",
     "now_serving_base": "Now serving the base model (from your next message).",
@@ -336,6 +345,15 @@ ZH = {
     "job_failed": "失败",
     "job_step": "第 {step}/{total} 步",
     "job_loss": "损失 {loss}",
+    "why_published": "对你更合适（留出集损失 {before} → {after}），通用回答保持不变（变化 {rise}）。",
+    "why_not_improved": "它并没有比{baseline}更贴合你的对话（留出集损失 {before} → {after}），因此继续使用{baseline}。"
+                        "更多样的对话、评价或更正会有帮助。",
+    "why_general_worse": "它回答通用问题比基础模型差（变化 {rise}，允许 {margin}），因此继续使用{baseline}。"
+                         "随着你继续聊天，它会再次尝试。",
+    "why_not_enough": "可供学习的内容还不够：多聊一些、给回答评价或更正，然后再训练。",
+    "why_nothing_new": "自当前版本以来没有新内容，继续使用当前版本。",
+    "why_failed": "训练任务出错停止：{detail}",
+    "baseline_base": "基础模型",
     "retrain_started": "训练任务 #{id} 已开始；本页会跟踪它的进度。",
     "rollback_enter": "请输入表格中的版本号，或输入 base。",
     "now_serving_base": "现在使用基础模型（从你的下一条消息开始）。",

@@ -34,8 +34,37 @@ def _job_line(lang: str, job: dict) -> str:
         line += " · " + tr(lang, "job_step", step=p.get("step", 0), total=p.get("total", "?"))
         if p.get("loss") is not None:
             line += " · " + tr(lang, "job_loss", loss=f"{p['loss']:.4f}")
-    reason = (job.get("result") or {}).get("reason") or job.get("error") or ""
-    return f"{line} {reason}".strip()
+    return f"{line} {reason_text(lang, job.get('result') or {}, job.get('error'))}".strip()
+
+
+def _code(m: dict) -> str:
+    """What a gate verdict said, from its numbers (versions recorded before verdicts carried a code)."""
+    if m.get("code"):
+        return m["code"]
+    if m.get("passed"):
+        return "published"
+    margin = (m.get("config") or {}).get("anchor_margin")
+    rise = m.get("anchor_rise")
+    return "general_worse" if rise is not None and margin is not None and rise > margin else "not_improved"
+
+
+def reason_text(lang: str, result: dict, error: str | None = None, parent: int | None = None) -> str:
+    """Why a job or version ended as it did, in ``lang`` (personalize records its reasons in English)."""
+    m = result.get("metrics") or {}
+    code = result.get("code") or ("failed" if error else _code(m) if "passed" in m else "")
+    if not code:
+        return result.get("reason") or error or ""
+    if code == "failed":
+        return tr(lang, "why_failed", detail=result.get("reason") or error or "?")
+    if code in ("not_enough", "nothing_new"):
+        return tr(lang, f"why_{code}")
+    parent = m.get("continued_from") if parent is None else parent
+    baseline = f"v{parent}" if parent else tr(lang, "baseline_base")
+    rise = m.get("anchor_rise")
+    margin = (m.get("config") or {}).get("anchor_margin")
+    return tr(lang, f"why_{code}", before=_f(m.get("heldout_loss_before")), after=_f(m.get("heldout_loss")),
+              rise="—" if rise is None else f"{rise:+.4f}", margin="—" if margin is None else f"{margin:.4f}",
+              baseline=baseline)
 
 
 def snapshot(ui: ChatUI, user_id: int, lang: str):
@@ -62,7 +91,8 @@ def snapshot(ui: ChatUI, user_id: int, lang: str):
         gate = m.get("gate", m)
         rows.append([v["version"], v["status"], "✔" if v["active"] else "", (v["created_at"] or "")[:16],
                      _f(gate.get("heldout_loss")), _f(gate.get("heldout_loss_before")), _f(gate.get("anchor_rise")),
-                     v.get("gate_reason") or ""])
+                     reason_text(lang, {"metrics": {**m, **gate}}, parent=v.get("parent_version") or 0)
+                     if "passed" in gate else v.get("gate_reason") or ""])
     losses = (job or {}).get("losses") or []
     points = [(p["step"], p["loss"]) for p in losses if p.get("loss") is not None]
     curve = pd.DataFrame({"step": pd.Series([s for s, _ in points], dtype="int64"),  # empty until a job logs

@@ -28,6 +28,9 @@ class GateResult:
     anchor_loss: float | None
     anchor_loss_base: float | None
     anchor_rise: float | None
+    code: str = ""
+    """``published``, ``not_improved`` or ``general_worse``: what the reason says, for a UI to word it in the
+    user's language (the reason itself is English, for logs and the CLI)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +55,9 @@ def decide(heldout_before: float, heldout_after: float, anchor_base: float | Non
     else:
         reason = (f"Rejected: general answers would get worse ({general}, over the margin); {held}. Kept {baseline}. "
                   "Raise anchor_ratio or lower lr/epochs.")
-    return GateResult(improved and general_ok, reason, heldout_after, heldout_before, anchor_after, anchor_base, rise)
+    code = "published" if improved and general_ok else "not_improved" if not improved else "general_worse"
+    return GateResult(improved and general_ok, reason, heldout_after, heldout_before, anchor_after, anchor_base, rise,
+                      code)
 
 
 def heldout_loss(model, tokenizer, heldout: list[Example], cfg: TrainConfig, device: str) -> float | None:

@@ -49,8 +49,9 @@ def base_model_id(model_path: Path) -> str:
     return f"{Path(model_path).name}-{h.hexdigest()[:10]}"
 
 
-def _skip(store: Store, job_id: int, reason: str, metrics: dict) -> dict:
-    result = {"published": False, "version": None, "reason": reason, "metrics": metrics, "job_id": job_id}
+def _skip(store: Store, job_id: int, code: str, reason: str, metrics: dict) -> dict:
+    result = {"published": False, "version": None, "code": code, "reason": reason, "metrics": metrics,
+              "job_id": job_id}
     store.jobs.finish(job_id, "rejected", result)
     return result
 
@@ -68,7 +69,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     user_train = [e for e in data.train if e.kind in ("sft", "pair", "undesirable")]
     counts = data.counts()
     if len(user_train) < cfg.min_examples or not data.of("sft", heldout=True):
-        return _skip(store, job_id, f"Not enough examples yet ({len(user_train)} to train on, "
+        return _skip(store, job_id, "not_enough", f"Not enough examples yet ({len(user_train)} to train on, "
                      f"{len(data.heldout)} held out; need {cfg.min_examples} and 1): chat more, give feedback or "
                      "import history, then train again.", counts)
 
@@ -80,7 +81,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         (Path(active["path"]) / "adapter_config.json").is_file() else None
     watermark = continuing["metrics"].get("watermark") if continuing else None
     if continuing and not any(is_new(e, watermark) for e in user_train):
-        return _skip(store, job_id, f"Nothing new to learn since v{continuing['version']}; keeping it.", counts)
+        return _skip(store, job_id, "nothing_new", f"Nothing new to learn since v{continuing['version']}; keeping it.",
+                     counts)
     device, quant, bf16 = resolve(cfg, model_cfg)
     loaded = load_base(model_cfg, cfg, store.data_dir)
     timings["load_s"] = time.perf_counter() - t
@@ -150,7 +152,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         version = store.adapters.reject(user_id, base_model=base_id, metrics=metrics, gate_reason=verdict.reason,
                                         parent_version=parent, job_id=job_id)
     result = {"published": verdict.passed, "version": version if verdict.passed else None,
-              "candidate_version": version, "reason": verdict.reason, "metrics": metrics, "job_id": job_id}
+              "candidate_version": version, "code": verdict.code, "reason": verdict.reason, "metrics": metrics,
+              "job_id": job_id}
     store.jobs.finish(job_id, "published" if verdict.passed else "rejected", result)
     return result
 
@@ -163,8 +166,8 @@ def execute(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         return run_job(store, job_id, model_cfg, cfg, on_progress)
     except BaseException as e:
         message = str(e) if isinstance(e, AttuneError) else _describe(e)
-        store.jobs.finish(job_id, "failed", {"published": False, "version": None, "reason": message,
-                                             "job_id": job_id}, error=message)
+        store.jobs.finish(job_id, "failed", {"published": False, "version": None, "code": "failed",
+                                             "reason": message, "job_id": job_id}, error=message)
         remove_tree(staging_dir(store, job["user_id"], job_id))
         if isinstance(e, AttuneError):
             raise

@@ -64,3 +64,29 @@ def test_errors_a_web_user_can_cause_are_translated():
     assert tr_error("zh-CN", InputError("The message is empty; type something first.")) == "消息为空；请先输入内容。"
     assert tr_error("en", InputError("The message is empty; type something first.")).startswith("The message")
     assert tr("zh-CN", "info_adapter", v=3) == "你的适配器 v3"
+
+
+def test_job_and_gate_reasons_are_worded_in_the_users_language():
+    """personalize records its reasons in English; My assistant words them from the verdict's code and numbers."""
+    from assistant.ui_personal import reason_text
+
+    numbers = {"passed": False, "heldout_loss_before": 2.5, "heldout_loss": 2.6, "anchor_rise": 0.12,
+               "config": {"anchor_margin": 0.05}, "continued_from": None}
+    cases = {
+        "published": {"code": "published", "metrics": {**numbers, "passed": True, "heldout_loss": 1.1}},
+        "not_improved": {"code": "not_improved", "metrics": numbers},
+        "general_worse": {"code": "general_worse", "metrics": numbers},
+        "not_enough": {"code": "not_enough", "reason": "Not enough examples yet", "metrics": {}},
+        "nothing_new": {"code": "nothing_new", "reason": "Nothing new since v2; keeping it.", "metrics": {}},
+        "legacy version row": {"metrics": numbers},  # recorded before verdicts carried a code
+    }
+    for name, result in cases.items():
+        zh, en = reason_text("zh-CN", result), reason_text("en", result)
+        assert re.search(r"[\u4e00-\u9fff]", zh) and not set(re.findall(r"[A-Za-z]{3,}", zh)) - KEEP_IN_LATIN, \
+            (name, zh)
+        assert zh != en and not re.search(r"[\u4e00-\u9fff]", en), (name, en)
+    assert "0.0500" in reason_text("en", cases["general_worse"]) and "+0.1200" in reason_text("zh-CN", cases[
+        "legacy version row"])
+    assert "v3" in reason_text("en", {"code": "not_improved", "metrics": {**numbers, "continued_from": 3}})
+    failed = reason_text("zh-CN", {"code": "failed", "reason": "The training loss became nan at step 3"})
+    assert failed.startswith("训练任务出错停止") and "nan" in failed
