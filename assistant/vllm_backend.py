@@ -25,8 +25,8 @@ from pathlib import Path
 
 from assistant.adapters import AdapterRef
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from assistant.errors import ModelError
 from assistant.vllm_adapters import ALLOWED_RANKS, check_vllm_adapter, write_zero_adapter
-from storage.errors import ModelError
 
 log = logging.getLogger("attune.vllm")
 ZERO = "attune-zero"

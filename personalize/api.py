@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from assistant.model import ModelConfig
 from personalize.config import TrainConfig
+from personalize.errors import TrainingError
 from storage.db import Store
-from storage.errors import TrainingError
 from storage.users import User
 
 RESULT_KEYS = ("published", "version", "reason", "metrics", "job_id")

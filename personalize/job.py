@@ -31,10 +31,11 @@ from personalize import gate, replay
 from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
+from personalize.errors import TrainingError
 from personalize.train import attach_adapter, load_base, resolve, train
 from storage.adapters import staging_dir
 from storage.db import Store
-from storage.errors import AttuneError, TrainingError
+from storage.errors import AttuneError
 from storage.paths import remove_tree
 
 log = logging.getLogger("attune.personalize")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from assistant.model import ModelConfig
 from personalize.config import TrainConfig
+from personalize.errors import TrainingError
 from storage.db import Store
-from storage.errors import TrainingError
 
 log = logging.getLogger("attune.personalize")
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -121,7 +121,7 @@ def test_gate_rejection_keeps_the_active_version(store, alice_history, model_cfg
 
 
 def test_a_failing_job_is_marked_failed_with_a_clear_error(store, alice_history):
-    from storage.errors import ModelError
+    from assistant.errors import ModelError
 
     with pytest.raises(ModelError, match="No model folder"):
         train_now(store, "alice", ModelConfig(model="/nonexistent/model"), tiny_cfg())
