@@ -9,7 +9,7 @@ anchor margin, personalize.checkpoint), score the gate on what was kept, then pu
 (``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
 in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
 the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:
-the staging folder is swept by the next job or by ``Jobs.fail_stale``.
+the staging folder is swept by the next job or by ``personalize.runner.fail_stale``.
 """
 
 from __future__ import annotations
