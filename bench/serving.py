@@ -229,7 +229,7 @@ def render(r: dict) -> str:
              f"{r.get('dtype', 'float32')} so that peft adapters apply; bitsandbytes 4-bit is slower on CPU, "
              "see the configuration search above)."
              if anchor else "llama.cpp anchor: not measured in this run (install the `anchor` extra, "
-             "`pip install llama-cpp-python`); DESIGN.md quotes about 85 tok/s decode on 2 threads here.")
+             "`pip install llama-cpp-python`, then `python -m bench --only serving`).")
     return "\n".join([
         f"Embedded SmolLM2-135M-Instruct, `--quant {r['quant']}` ({r.get('dtype', 'float32')}) on {r['device']}, "
         f"{r['prompt_tokens']}-token "
