@@ -73,6 +73,7 @@ def _concurrent(backend, ids, tokens, adapters) -> dict:
             "ttft_ms_p50": statistics.median(r["ttft_ms"] for r in results.values())}
 
 
+# Over 60 lines on purpose: one measurement script, its steps in run order, sharing one loaded model and users.
 def run(quick: bool = False) -> dict:
     import torch
 
