@@ -1,11 +1,11 @@
 """Attune's command line: parse flags, build configs, wire the parts, run one command. Nothing else.
 
-    python launch.py [serve]            start the UI (/) and the API (/v1); no command means serve
-    python launch.py users add|key|list
-    python launch.py import NAME FILE.jsonl
-    python launch.py train NAME | adapters NAME [--rollback V]
-    python launch.py memory rebuild NAME
-    python launch.py export NAME | forget NAME
+    .venv/bin/python launch.py [serve]            start the UI (/) and the API (/v1); no command means serve
+    .venv/bin/python launch.py users add|key|list
+    .venv/bin/python launch.py import NAME FILE.jsonl
+    .venv/bin/python launch.py train NAME | adapters NAME [--rollback V]
+    .venv/bin/python launch.py memory rebuild NAME
+    .venv/bin/python launch.py export NAME | forget NAME
 
 Flags that set a config field are derived from the config dataclasses (name, type, default, choices and
 the field's docstring as help), so a default has one home: the dataclass.

@@ -3,13 +3,16 @@
 Owns: finding, converting and loading the base model with its quantization (``model``), the
 per-user adapter registry with LRU and hot reload (``adapters``), the batching generation worker
 with peft mixed-adapter batches behind the chat-backend seam (``backend``), ChatEngine (prompt,
-memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam +
-per-user FAISS; ``embedder``, ``memory_index``, ``memory``), the Gradio UI (``ui``, ``ui_tabs``,
-``ui_personal``, ``i18n``), the OpenAI-compatible API (handlers in ``api``, wire shapes in ``protocol``),
-the HTTP server (``server``) and whole-account use cases above storage (``account``: forget or import a user).
+memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam,
+per-user FAISS, policy, the service; ``embedder``, ``memory_index``, ``memory_cache``, ``memory_policy``,
+``memory_text``, ``memory``), the Gradio UI (``ui``, ``ui_tabs``, ``ui_personal``, ``i18n``), the
+OpenAI-compatible API (handlers in ``api``, wire shapes in ``protocol``), the HTTP server (``server``),
+whole-account use cases above storage (``account``: forget or import a user), process liveness
+(``processes``) and serving's error (``errors``: ModelError).
 
-Must not know: how adapters are trained (it only reads published versions from ``storage`` and
-starts jobs through ``personalize.api``/``personalize.runner``). All state goes through ``storage``.
+Must not know: how adapters are trained (it only reads published versions from ``storage``; the job
+runner it may start jobs with is composed in ``launch.py`` and handed to it). All state goes through
+``storage``.
 """
 
 import logging

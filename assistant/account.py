@@ -3,7 +3,8 @@
 Forgetting touches three owners, in this order: the user's training process (a job must not train on,
 or publish from, data being deleted), the memory service (its loaded index and index files), and
 storage (rows, then every file of the user's under the data dir). Storage only deletes rows and
-files; this module knows about processes and memory. Knows nothing of torch or training code.
+files; this module knows about processes (liveness from ``assistant.processes``) and memory.
+Knows nothing of torch or training code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.jobs import pid_alive
+from assistant.processes import pid_alive
 from storage.transfer import delete_user, import_history
 
 if TYPE_CHECKING:
@@ -31,9 +32,8 @@ def stop_training(store: Store, user_id: int, timeout: float = STOP_TIMEOUT_S) -
     Returns the pids that were signalled. This process is never signalled (a foreground ``train``
     records its own pid).
     """
-    pids = [r["pid"] for r in store.db.query(
-        "SELECT pid FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') AND pid IS NOT NULL", [user_id])]
-    pids = [pid for pid in pids if pid != os.getpid() and pid_alive(pid)]
+    pids = [job["pid"] for job in store.jobs.open_jobs(user_id)]
+    pids = [pid for pid in pids if pid and pid != os.getpid() and pid_alive(pid)]
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

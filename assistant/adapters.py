@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.errors import CLI, ModelError
+from assistant.errors import ModelError
+from storage.errors import CLI
 
 if TYPE_CHECKING:
     from storage.db import Store

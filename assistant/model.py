@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
 from storage.paths import DataDir, publish_dir
 
 log = logging.getLogger("attune.model")

@@ -17,7 +17,7 @@ import uvicorn
 from assistant.engine import ChatConfig, ChatEngine
 from assistant.model import ModelConfig, load_model
 from storage.db import Store
-from storage.errors import AttuneError
+from storage.errors import CLI, AttuneError
 
 log = logging.getLogger("attune.server")
 ENGINES = ("transformers", "vllm")
@@ -61,7 +61,7 @@ def check_exposure(store: Store, cfg: ServerConfig) -> bool:
     if store.users.count() == 0 and not cfg.allow_signup:
         raise AttuneError(
             f"Refusing to listen on {cfg.host} with no accounts: anyone on the network could create one. "
-            "Create users first (python launch.py users add NAME), or pass --allow-signup deliberately.")
+            f"Create users first ({CLI} users add NAME), or pass --allow-signup deliberately.")
     return bool(cfg.allow_signup)
 
 

@@ -73,6 +73,7 @@ def theme():
                              font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
+# Over 60 lines on purpose: the page's components in reading order, then their wiring to ChatUI's handlers.
 def build_layout(ui: ChatUI) -> gr.Blocks:
     t = ui.i18n
     d = ui.engine.config.defaults

@@ -92,6 +92,7 @@ def run_compare(ui: ChatUI, request, question, temperature, max_new_tokens, top_
     yield text["base"] + footer["base"], text["personal"] + footer["personal"]
 
 
+# Over 60 lines on purpose: a Gradio tab is its components, handlers (closures over them) and wiring, in that order.
 def memory_tab(ui: ChatUI) -> None:
     """List, search and delete the user's memories; remember a fact; forget everything."""
     t = ui.i18n

@@ -18,7 +18,8 @@ import json
 import struct
 from pathlib import Path
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
+from storage.errors import CLI
 from storage.paths import publish_dir, remove_tree
 
 ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -76,7 +77,7 @@ def check_vllm_adapter(path: str | Path, served_model: str | None = None, versio
     if problems:
         which = f"Adapter v{version}" if version is not None else f"The adapter in {path}"
         raise ModelError(f"{which} cannot be served by vLLM: {'; '.join(problems)}. Roll back with "
-                         "`python launch.py adapters NAME --rollback VERSION`, or serve with --engine transformers.")
+                         f"`{CLI} adapters NAME --rollback VERSION`, or serve with --engine transformers.")
 
 
 def _safetensors_keys(path: Path) -> list[str]:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from assistant.adapters import AdapterRef
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from assistant.errors import ModelError
 from assistant.vllm_adapters import ALLOWED_RANKS, check_vllm_adapter, write_zero_adapter
-from storage.errors import ModelError
+from storage.errors import CLI
 
 log = logging.getLogger("attune.vllm")
 ZERO = "attune-zero"
@@ -261,7 +262,7 @@ class VLLMBackend(ChatBackend):
         hint = (" Start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora."
                 if r.status_code in (404, 405) else "")
         raise ModelError(f"vLLM could not load adapter v{ref.version} from {ref.path}: {_message(r.text)}.{hint} "
-                         "Roll back with `python launch.py adapters NAME --rollback VERSION`.")
+                         f"Roll back with `{CLI} adapters NAME --rollback VERSION`.")
 
     def _unload(self, name: str) -> None:
         r = self.http.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name})

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from storage.errors import ModelError
+from assistant.errors import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from bench import SECTIONS
 from bench.common import in_fresh_process, run_section
-from bench.report import save, write
+from bench.report import save
+from bench.sections import SECTIONS, write
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,7 @@ def _setup(quick: bool):
     return data, store, memory, users, facts, kinds
 
 
+# Over 60 lines on purpose: one measurement script, its steps in run order, sharing one loaded model and users.
 def run(quick: bool = False) -> dict:
     import torch
 

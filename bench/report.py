@@ -1,4 +1,9 @@
-"""results.json (one section per benchmark, merged across runs) and BENCHMARKS.md rendered from it."""
+"""results.json (one section per benchmark, merged across runs, with the machine it ran on) and the
+Markdown table every section renders with.
+
+Must not know the sections: the list of them and BENCHMARKS.md rendered from results.json are in
+``bench.sections``, which imports every section module (and they import ``table`` from here).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
-REPORT = ROOT / "BENCHMARKS.md"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "faiss-cpu", "sentence-transformers", "gradio", "trl")
 
 
@@ -71,26 +75,3 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def render(results: dict) -> str:
-    from bench import SECTIONS
-
-    out = ["# Attune benchmarks", "",
-           "Written by `make bench` (`python -m bench`); every number below was measured by it on the machine",
-           "named in its section. Raw numbers: `bench/results.json`.", ""]
-    for name, (title, renderer) in SECTIONS.items():
-        if name not in results:
-            continue
-        r = results[name]
-        m = r["machine"]
-        out += [f"## {title}", "",
-                f"_Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory']}"
-                f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}), torch {m['packages'].get('torch')}, "
-                f"transformers {m['packages'].get('transformers')}, commit {m.get('commit')}._", "",
-                renderer(r), ""]
-    return "\n".join(out)
-
-
-def write(results: dict) -> None:
-    REPORT.write_text(render(results))

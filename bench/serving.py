@@ -73,6 +73,7 @@ def _concurrent(backend, ids, tokens, adapters) -> dict:
             "ttft_ms_p50": statistics.median(r["ttft_ms"] for r in results.values())}
 
 
+# Over 60 lines on purpose: one measurement script, its steps in run order, sharing one loaded model and users.
 def run(quick: bool = False) -> dict:
     import torch
 
@@ -229,7 +230,7 @@ def render(r: dict) -> str:
              f"{r.get('dtype', 'float32')} so that peft adapters apply; bitsandbytes 4-bit is slower on CPU, "
              "see the configuration search above)."
              if anchor else "llama.cpp anchor: not measured in this run (install the `anchor` extra, "
-             "`pip install llama-cpp-python`); DESIGN.md quotes about 85 tok/s decode on 2 threads here.")
+             "`pip install llama-cpp-python`, then `python -m bench --only serving`).")
     return "\n".join([
         f"Embedded SmolLM2-135M-Instruct, `--quant {r['quant']}` ({r.get('dtype', 'float32')}) on {r['device']}, "
         f"{r['prompt_tokens']}-token "

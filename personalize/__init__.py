@@ -4,7 +4,8 @@ Owns: the training dataset built from a user's conversations and feedback (corre
 answers, likes weigh more, dislikes are never targets but rejected sides and undesirable
 examples), replay (the per-user reservoir and the general anchor set answered by the base
 model), LoRA/QLoRA training with SFT + DPO + KTO-style losses, the evaluation gate, atomic
-publish of versions, the job worker process, the job runner and the background scheduler.
+publish of versions, the job worker process, the job runner, the background scheduler and
+``TrainingError`` (``errors``).
 
 Must not know: gradio, the HTTP server, ChatEngine or how adapters are served. It reads and
 writes only through ``storage`` (SQLite rows and data-dir paths) and loads the base model with

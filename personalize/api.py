@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 from assistant.model import ModelConfig
 from personalize.config import TrainConfig
+from personalize.errors import TrainingError
+from personalize.runner import JobRunner, queue_job
 from storage.db import Store
-from storage.errors import TrainingError
 from storage.users import User
 
 RESULT_KEYS = ("published", "version", "reason", "metrics", "job_id")
@@ -40,8 +41,6 @@ def train_now(store: Store, user: str | int | User, model_cfg: ModelConfig, trai
     u = resolve_user(store, user)
     cfg = train_cfg or TrainConfig()
     if subprocess:
-        from personalize.runner import JobRunner
-
         runner = JobRunner(store, model_cfg, cfg)
         job_id = runner.start(u.id, trigger="manual")
         try:
@@ -54,7 +53,7 @@ def train_now(store: Store, user: str | int | User, model_cfg: ModelConfig, trai
             raise TrainingError(job["error"] or f"Training job {job_id} ended as {job['status']}; see its log.")
         result = job["result"]
     else:
-        job_id = store.jobs.create(u.id, trigger="manual", pid=os.getpid())
+        job_id = queue_job(store, u.id, trigger="manual", pid=os.getpid())
         result = execute(store, job_id, model_cfg, cfg, on_progress)
     return {k: result.get(k) for k in RESULT_KEYS}
 

@@ -1,5 +1,6 @@
-"""Training examples from one user's log, with the feedback semantics of DESIGN.md, and their
-tokenization with the model's chat template.
+"""Training examples from one user's log, following what the user's feedback means (below: corrections
+replace answers, likes weigh more, dislikes are never targets), and their tokenization with the model's
+chat template.
 
 For every assistant answer still in its conversation (a retried answer, ``replaced_by`` set, is
 ignored) the context is the system prompt plus the messages before it, with earlier corrected

@@ -9,7 +9,7 @@ anchor margin, personalize.checkpoint), score the gate on what was kept, then pu
 (``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
 in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
 the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:
-the staging folder is swept by the next job or by ``Jobs.fail_stale``.
+the staging folder is swept by the next job or by ``personalize.runner.fail_stale``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
@@ -31,10 +32,11 @@ from personalize import gate, replay
 from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
+from personalize.errors import TrainingError
 from personalize.train import attach_adapter, load_base, resolve, train
 from storage.adapters import staging_dir
 from storage.db import Store
-from storage.errors import AttuneError, TrainingError
+from storage.errors import AttuneError
 from storage.paths import remove_tree
 
 log = logging.getLogger("attune.personalize")
@@ -56,13 +58,34 @@ def _skip(store: Store, job_id: int, code: str, reason: str, metrics: dict) -> d
     return result
 
 
+class _Phases:
+    """Names what the job is doing in its row and times it: ``with phases("training", "train_s"):``."""
+
+    def __init__(self, store: Store, job_id: int):
+        self.store, self.job_id = store, job_id
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str, timing: str | None = None) -> Iterator[None]:
+        self.store.jobs.phase(self.job_id, phase)
+        t = time.perf_counter()
+        yield
+        if timing:
+            self.timings[timing] = time.perf_counter() - t
+
+    def total(self) -> dict[str, float]:
+        """Every phase's seconds and the job's total so far, rounded."""
+        self.timings["total_s"] = round(time.perf_counter() - self.started, 2)
+        return {k: round(v, 2) for k, v in self.timings.items()}
+
+
+# Over 60 lines on purpose: the job's phases in order, each a `with phases(...)` block over the same model and data.
 def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
             on_progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Run a claimed (running) job to its end and record it; returns the JSON-able result."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    job = store.jobs.load(job_id)
-    user_id = job["user_id"]
+    phases = _Phases(store, job_id)
+    user_id = store.jobs.load(job_id)["user_id"]
     store.adapters.sweep(user_id, keep_staging={job_id})
     data = build_examples(store, user_id, cfg)
     active = store.adapters.active(user_id)
@@ -73,53 +96,45 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
                      f"{len(data.heldout)} held out; need {cfg.min_examples} and 1): chat more, give feedback or "
                      "import history, then train again.", counts)
 
-    store.jobs.phase(job_id, "loading model")
-    t = time.perf_counter()
-    base_id = base_model_id(resolve_model_dir(model_cfg.model, store.data_dir))
-    # Continue from the active adapter if it belongs to this base model and is on disk; else start afresh.
-    continuing = active if active and active.get("base_model") == base_id and active.get("path") and \
-        (Path(active["path"]) / "adapter_config.json").is_file() else None
-    watermark = continuing["metrics"].get("watermark") if continuing else None
-    if continuing and not any(is_new(e, watermark) for e in user_train):
-        return _skip(store, job_id, "nothing_new", f"Nothing new to learn since v{continuing['version']}; keeping it.",
-                     counts)
-    device, quant, bf16 = resolve(cfg, model_cfg)
-    loaded = load_base(model_cfg, cfg, store.data_dir)
-    timings["load_s"] = time.perf_counter() - t
+    with phases("loading model", "load_s"):
+        base_id = base_model_id(resolve_model_dir(model_cfg.model, store.data_dir))
+        # Continue from the active adapter if it belongs to this base model and is on disk; else start afresh.
+        continuing = active if active and active.get("base_model") == base_id and active.get("path") and \
+            (Path(active["path"]) / "adapter_config.json").is_file() else None
+        watermark = continuing["metrics"].get("watermark") if continuing else None
+        if continuing and not any(is_new(e, watermark) for e in user_train):
+            return _skip(store, job_id, "nothing_new",
+                         f"Nothing new to learn since v{continuing['version']}; keeping it.", counts)
+        device, quant, bf16 = resolve(cfg, model_cfg)
+        loaded = load_base(model_cfg, cfg, store.data_dir)
 
-    store.jobs.phase(job_id, "answering anchor prompts")
-    t = time.perf_counter()
-    anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
-    anchor_train, anchor_eval = replay.split_anchors(anchors, cfg)
-    anchor_train, anchor_monitor = replay.split_monitor(anchor_train, cfg)
-    reservoir = store.replay.sample(user_id) if continuing else []
-    examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
-    timings["anchors_s"] = time.perf_counter() - t
+    with phases("answering anchor prompts", "anchors_s"):
+        anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
+        anchor_train, anchor_eval = replay.split_anchors(anchors, cfg)
+        anchor_train, anchor_monitor = replay.split_monitor(anchor_train, cfg)
+        reservoir = store.replay.sample(user_id) if continuing else []
+        examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
 
-    store.jobs.phase(job_id, "scoring the current version")
-    t = time.perf_counter()
-    model = attach_adapter(loaded.model, cfg, quant, Path(continuing["path"]) if continuing else None)
-    tok = loaded.tokenizer
-    heldout = data.of("sft", heldout=True)[-cfg.max_eval_examples:]
-    base_heldout, base_anchor = gate.base_losses(model, tok, heldout, anchor_eval, cfg, device)
-    before = gate.heldout_loss(model, tok, heldout, cfg, device) if continuing else base_heldout
-    pairs = data.of("pair", heldout=True)[-cfg.max_eval_examples:]
-    pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
-    timings["eval_before_s"] = time.perf_counter() - t
+    with phases("scoring the current version", "eval_before_s"):
+        model = attach_adapter(loaded.model, cfg, quant, Path(continuing["path"]) if continuing else None)
+        tok = loaded.tokenizer
+        heldout = data.of("sft", heldout=True)[-cfg.max_eval_examples:]
+        base_heldout, base_anchor = gate.base_losses(model, tok, heldout, anchor_eval, cfg, device)
+        before = gate.heldout_loss(model, tok, heldout, cfg, device) if continuing else base_heldout
+        pairs = data.of("pair", heldout=True)[-cfg.max_eval_examples:]
+        pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
 
-    store.jobs.phase(job_id, "training")
-    best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor)
-    stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
-        lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
+    with phases("training"):
+        best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor)
+        stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
+            lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
 
-    store.jobs.phase(job_id, "evaluating")
-    t = time.perf_counter()
-    after = gate.heldout_loss(model, tok, heldout, cfg, device)
-    anchor_after = gate.heldout_loss(model, tok, anchor_eval, cfg, device)
-    baseline = f"v{continuing['version']}" if continuing else "base"
-    verdict = gate.decide(before, after, base_anchor, anchor_after, cfg, baseline)
-    pref_after = gate.preference_margin(model, tok, pairs, cfg, device)
-    timings["eval_after_s"] = time.perf_counter() - t
+    with phases("evaluating", "eval_after_s"):
+        after = gate.heldout_loss(model, tok, heldout, cfg, device)
+        anchor_after = gate.heldout_loss(model, tok, anchor_eval, cfg, device)
+        baseline = f"v{continuing['version']}" if continuing else "base"
+        verdict = gate.decide(before, after, base_anchor, anchor_after, cfg, baseline)
+        pref_after = gate.preference_margin(model, tok, pairs, cfg, device)
 
     parent = continuing["version"] if continuing else None
     metrics = {
@@ -132,25 +147,32 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         "watermark": data.watermark, "base_model": base_id, "device": device, "quant": quant, "bf16": bf16,
         "continued_from": parent, "config": cfg.to_dict(),
     }
-    store.jobs.phase(job_id, "publishing" if verdict.passed else "recording the rejection")
-    if verdict.passed:
-        staging = staging_dir(store, user_id, job_id)
-        remove_tree(staging)
-        try:
-            model.save_pretrained(str(staging))
-            timings["total_s"] = round(time.perf_counter() - started, 2)
-            metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
-            version = store.adapters.publish(user_id, staging, base_model=base_id, metrics=metrics,
-                                             gate_reason=verdict.reason, parent_version=parent, job_id=job_id,
-                                             keep=cfg.keep_versions)
-        finally:
+    new = [e for e in user_train if is_new(e, watermark)]
+    return _record(store, job_id, user_id, model, verdict, metrics, phases, new, cfg)
+
+
+def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateResult, metrics: dict,
+            phases: _Phases, new: list, cfg: TrainConfig) -> dict:
+    """Publish the trained adapter (then keep its new examples in the replay reservoir) or record the
+    rejection; finish the job row. Returns the job's result."""
+    base_id, parent = metrics["base_model"], metrics["continued_from"]
+    with phases("publishing" if verdict.passed else "recording the rejection"):
+        if verdict.passed:
+            staging = staging_dir(store, user_id, job_id)
             remove_tree(staging)
-        replay.remember(store, user_id, [e for e in user_train if is_new(e, watermark)], cfg)
-    else:
-        timings["total_s"] = round(time.perf_counter() - started, 2)
-        metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
-        version = store.adapters.reject(user_id, base_model=base_id, metrics=metrics, gate_reason=verdict.reason,
-                                        parent_version=parent, job_id=job_id)
+            try:
+                model.save_pretrained(str(staging))
+                metrics["timings"] = phases.total()
+                version = store.adapters.publish(user_id, staging, base_model=base_id, metrics=metrics,
+                                                 gate_reason=verdict.reason, parent_version=parent, job_id=job_id,
+                                                 keep=cfg.keep_versions)
+            finally:
+                remove_tree(staging)
+            replay.remember(store, user_id, new, cfg)
+        else:
+            metrics["timings"] = phases.total()
+            version = store.adapters.reject(user_id, base_model=base_id, metrics=metrics,
+                                            gate_reason=verdict.reason, parent_version=parent, job_id=job_id)
     result = {"published": verdict.passed, "version": version if verdict.passed else None,
               "candidate_version": version, "code": verdict.code, "reason": verdict.reason, "metrics": metrics,
               "job_id": job_id}

@@ -1,9 +1,11 @@
 """JobRunner: starts training jobs as separate processes (``python -m personalize.job``), one at
-a time per runner (one runner per device), and stops them on shutdown.
+a time per runner (one runner per device), and stops them on shutdown; and the rule for open jobs
+whose process is gone (:func:`fail_stale`, :func:`queue_job`).
 
 The job row is created here (queued, with the child's pid as soon as it exists); the child claims
 it, and from then on all state is in SQLite. Child output goes to the server's stderr, or to a
-file when ``RunnerConfig.log_path`` is set.
+file when ``RunnerConfig.log_path`` is set. Must not know serving (gradio, HTTP, ChatEngine); rows
+are read and written through ``storage.jobs``, process liveness comes from ``assistant.processes``.
 """
 
 from __future__ import annotations
@@ -15,15 +17,50 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from assistant.model import ModelConfig
+from assistant.processes import pid_alive
 from personalize.config import TrainConfig
+from personalize.errors import TrainingError
 from storage.db import Store
-from storage.errors import TrainingError
+from storage.errors import CLI
 
 log = logging.getLogger("attune.personalize")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+QUEUED_GRACE_SECONDS = 120.0
+"""A queued job with no process yet is stale only after this long (its worker may still be starting)."""
+STALE_ERROR = ("The training process stopped before finishing (killed, crashed or the server restarted); no version "
+               f"was published. It is retried when new data arrives, or run now: {CLI} train NAME")
+
+
+def is_stale(job: dict, grace_seconds: float = QUEUED_GRACE_SECONDS) -> bool:
+    """An open job is stale when its worker is gone, or it never got one within the grace period."""
+    if job["pid"] is None:
+        cutoff = (datetime.now(UTC) - timedelta(seconds=grace_seconds)).isoformat(timespec="milliseconds")
+        return job["created_at"] <= cutoff
+    return not pid_alive(job["pid"])
+
+
+def fail_stale(store: Store, grace_seconds: float = QUEUED_GRACE_SECONDS, only: int | None = None,
+               user_id: int | None = None) -> list[int]:
+    """Mark open jobs whose worker is gone as failed (at server start, before each scheduler pass); their
+    ids. Their staging folders are removed; published versions and the active pointer are untouched.
+    ``only`` restricts this to one job (a runner cleaning up after the process it killed), ``user_id`` to
+    one user's jobs."""
+    stale = [job["id"] for job in store.jobs.open_jobs(user_id)
+             if only in (None, job["id"]) and is_stale(job, grace_seconds)]
+    for job_id in stale:
+        store.jobs.fail_open(job_id, STALE_ERROR)
+    return stale
+
+
+def queue_job(store: Store, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:
+    """Queue a training job for the user: their open jobs whose process died are failed first, then the
+    job row is created (refused, InputError, while another of theirs is open and alive)."""
+    fail_stale(store, user_id=user_id)
+    return store.jobs.create(user_id, trigger, pid)
 
 
 @dataclass
@@ -75,7 +112,7 @@ class JobRunner:
         with self._lock:
             if self._running():
                 raise TrainingError(f"Another training job is running (job {self._job_id}); wait for it to finish.")
-            job_id = self.store.jobs.create(user_id, trigger)
+            job_id = queue_job(self.store, user_id, trigger)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
             nice = self.config.nice
@@ -133,4 +170,4 @@ class JobRunner:
                 proc.kill()
                 proc.wait()
         if self._job_id is not None:  # killed before it could record anything
-            self.store.jobs.fail_stale(grace_seconds=0, only=self._job_id)
+            fail_stale(self.store, grace_seconds=0, only=self._job_id)

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from personalize.runner import JobRunner
+from personalize.runner import JobRunner, fail_stale
 from storage.db import Store
 from storage.errors import AttuneError
 
@@ -72,7 +72,7 @@ class Scheduler:
         """Start a job for the first due user if the runner is free; returns the job id started."""
         if self.runner.busy():
             return None
-        self.store.jobs.fail_stale()  # e.g. a job process that died at start: it must not block its user
+        fail_stale(self.store)  # e.g. a job process that died at start: it must not block its user
         for user_id in self.due():
             try:
                 return self.runner.start(user_id, trigger="scheduler")
@@ -83,7 +83,7 @@ class Scheduler:
     def start(self) -> None:
         if self._thread and self._thread.is_alive():
             return
-        failed = self.store.jobs.fail_stale()
+        failed = fail_stale(self.store)
         if failed:
             log.warning("marked %d interrupted training job(s) as failed: %s", len(failed), failed)
         self._stop.clear()

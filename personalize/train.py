@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from assistant.model import LoadedModel, ModelConfig, cpu_has_bf16, load_model, resolve_device
 from personalize.config import TrainConfig
 from personalize.dataset import Example, encode
-from storage.errors import TrainingError
+from personalize.errors import TrainingError
 from storage.paths import DataDir
 
 if TYPE_CHECKING:  # the checkpoint module scores with this one's mean_loss

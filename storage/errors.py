@@ -1,6 +1,7 @@
-"""The one error hierarchy of Attune. Every message says what to do next.
+"""The root of Attune's error hierarchy and the errors of storage, input and auth. Every message says what to do next.
 
-Lives in ``storage`` because every other package already depends on it; it imports nothing.
+Lives in ``storage`` because every other package already depends on it; it imports nothing. Must not know
+models or training: ``ModelError`` lives in ``assistant.errors``, ``TrainingError`` in ``personalize.errors``.
 """
 
 CLI = ".venv/bin/python launch.py"
@@ -33,11 +34,3 @@ class NotFound(AttuneError):
 
 class StorageError(AttuneError):
     """The data dir or database cannot be used (permissions, disk full, corrupt file)."""
-
-
-class ModelError(AttuneError):
-    """A model or tokenizer cannot be found or loaded."""
-
-
-class TrainingError(AttuneError):
-    """A training job cannot run or failed."""

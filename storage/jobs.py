@@ -1,19 +1,21 @@
 """Training jobs: queued -> running (with the worker's pid) -> published | rejected | failed.
 
 A job row is the only state a training run has outside its process: progress and the loss curve
-are appended while it runs, the result (gate metrics, version) or the error when it ends. Jobs
-whose process died (crash, SIGKILL, reboot) are found by :meth:`Jobs.fail_stale`.
+are appended while it runs, the result (gate metrics, version) or the error when it ends.
+
+Rows and files only. Must not know processes or the scheduler's rules: whether a job's worker is
+still alive, when an open job counts as stale and when a user is due for training are decided in
+``personalize`` (``personalize.runner.fail_stale``, ``personalize.scheduler``), which read the plain
+queries here (:meth:`Jobs.open_jobs`, :meth:`Jobs.events_since`) and write back with :meth:`Jobs.fail_open`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from storage.common import as_int, row_or_not_found, utcnow
-from storage.errors import CLI, InputError
+from storage.errors import InputError
 from storage.paths import remove_tree
 
 if TYPE_CHECKING:
@@ -22,27 +24,6 @@ if TYPE_CHECKING:
 OPEN = ("queued", "running")
 DONE = ("published", "rejected", "failed")
 TRIGGERS = ("manual", "scheduler", "ui", "cli", "api")
-QUEUED_GRACE_SECONDS = 120.0
-"""A queued job with no process yet is stale only after this long (its worker may still be starting)."""
-STALE_ERROR = ("The training process stopped before finishing (killed, crashed or the server restarted); no version "
-               f"was published. It is retried when new data arrives, or run now: {CLI} train NAME")
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if a process with this pid runs (zombies, killed but not yet reaped, count as dead)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no procfs (macOS): trust kill()
 
 
 def _job(row: dict) -> dict:
@@ -59,18 +40,17 @@ class Jobs:
         self.store = store
 
     def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:
-        """Queue a job; refused while the user has another open job whose process is alive."""
+        """Queue a job; refused while the user has another open job (check and insert in one transaction).
+
+        Open jobs whose process died are failed first by the caller (``personalize.runner.queue_job``).
+        """
         if trigger not in TRIGGERS:
             raise InputError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}.")
         with self.store.write() as db:
-            cutoff = _cutoff(QUEUED_GRACE_SECONDS)
-            for row in db.query("SELECT * FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') "
-                                "ORDER BY id", [user_id]):
-                if not _stale(row, cutoff):
-                    raise InputError(f"A training job for this user is already {row['status']} (job {row['id']}); "
-                                     "wait for it to finish, then try again.")
-                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                           [utcnow(), STALE_ERROR, row["id"]])
+            for row in db.query("SELECT id, status FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') "
+                                "ORDER BY id LIMIT 1", [user_id]):
+                raise InputError(f"A training job for this user is already {row['status']} (job {row['id']}); "
+                                 "wait for it to finish, then try again.")
             return db["jobs"].insert({"user_id": user_id, "kind": "train", "trigger": trigger, "status": "queued",
                                       "pid": pid, "created_at": utcnow()}).last_pk
 
@@ -136,25 +116,30 @@ class Jobs:
         rows = list(self.store.db.query("SELECT * FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT 1", [user_id]))
         return _job(rows[0]) if rows else None
 
-    def fail_stale(self, grace_seconds: float = QUEUED_GRACE_SECONDS, only: int | None = None) -> list[int]:
-        """Mark open jobs whose worker is gone as failed (call at server start); returns their ids.
+    def open_jobs(self, user_id: int | None = None) -> list[dict]:
+        """Queued or running jobs, oldest first (each with its ``pid``, None before a worker got one, and
+        ``created_at``); of one user, or of everyone when ``user_id`` is None."""
+        where, params = ("AND user_id = ? ", [user_id]) if user_id is not None else ("", [])
+        return [_job(r) for r in self.store.db.query(
+            f"SELECT * FROM jobs WHERE status IN ('queued', 'running') {where}ORDER BY id", params)]
 
-        Their staging folders are removed; published versions and the active pointer are untouched.
-        ``only`` restricts this to one job (a runner cleaning up after the process it killed).
-        """
-        cutoff = _cutoff(grace_seconds)
-        stale = [row for row in self.store.db.query("SELECT * FROM jobs WHERE status IN ('queued', 'running') "
-                                                    "ORDER BY id") if _stale(row, cutoff) and only in (None, row["id"])]
-        for row in stale:
-            with self.store.write() as db:
-                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status IN "
-                           "('queued', 'running')",
-                           [utcnow(), STALE_ERROR, row["id"]])
-            remove_tree(self.store.data_dir.staging(row["user_id"], row["id"]))
-        return [r["id"] for r in stale]
+    def fail_open(self, job_id: int, error: str) -> bool:
+        """Mark a job that is still open as failed with ``error`` and remove its staging folder (published
+        versions and the active pointer are untouched). False, and nothing done, if it had already ended."""
+        with self.store.write() as db:
+            row = db.execute("SELECT user_id FROM jobs WHERE id = ? AND status IN ('queued', 'running')",
+                             [job_id]).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                       [utcnow(), error, job_id])
+        remove_tree(self.store.data_dir.staging(row[0], job_id))
+        return True
 
     def events_since(self, user_id: int, since: str | None) -> int:
-        """New training signal since ``since`` (ISO time): assistant answers plus feedback events."""
+        """How many assistant answers plus feedback events the user has after ``since`` (ISO time; None: ever).
+
+        A plain count: how many of them make a user due for training is the scheduler's rule."""
         since = since or ""
         answers = self.store.db.execute(
             "SELECT COUNT(*) FROM messages WHERE user_id = ? AND role = 'assistant' AND created_at > ?",
@@ -162,15 +147,4 @@ class Jobs:
         feedback = self.store.db.execute(
             "SELECT COUNT(*) FROM feedback WHERE user_id = ? AND created_at > ?", [user_id, since]).fetchone()[0]
         return int(answers) + int(feedback)
-
-
-def _cutoff(grace_seconds: float) -> str:
-    return (datetime.now(UTC) - timedelta(seconds=grace_seconds)).isoformat(timespec="milliseconds")
-
-
-def _stale(row: dict, cutoff: str) -> bool:
-    """An open job is stale when its worker is gone, or it never got one within the grace period."""
-    if row["pid"] is None:
-        return row["created_at"] <= cutoff
-    return not pid_alive(row["pid"])
 

@@ -43,7 +43,7 @@ class Memory:
     message_id: int | None
     created_at: str
     policy: int = 1
-    """The derivation policy the row was written under (see ``assistant.memory.POLICY``)."""
+    """The derivation policy the row was written under (see ``assistant.memory_policy.POLICY``)."""
 
 
 @dataclass(frozen=True)

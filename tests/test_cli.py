@@ -1,10 +1,15 @@
 """launch.py as a user runs it: users, keys, import/export/forget, and clear errors."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
 from helpers import cli
+from storage.errors import CLI
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HISTORY = {"messages": [{"role": "user", "content": "My dog is called Biscuit."},
                         {"role": "assistant", "content": "Nice name!", "feedback": "like"}]}
@@ -83,6 +88,24 @@ def test_serve_refuses_bad_personalizer_schedule(tmp_path, flag, value, field):
 def test_public_address_without_accounts_refuses_to_start(tmp_path):
     r = cli("serve", "--host", "0.0.0.0", "--port", "0", data_dir=tmp_path, timeout=60)
     assert r.returncode == 2 and "Refusing to listen on 0.0.0.0 with no accounts" in r.stderr
+    assert f"({CLI} users add NAME)" in r.stderr  # the command as README writes it
+
+
+def test_hints_name_the_cli_as_readme_does():
+    """Every message that tells a person to run launch.py says it as README.md does (``storage.errors.CLI``)."""
+    assert f"{CLI} users add NAME" in (ROOT / "README.md").read_text()
+    bare = []
+    packages = ("assistant", "personalize", "storage")
+    sources = [ROOT / "launch.py", *(p for d in packages for p in ROOT.glob(f"{d}/*.py"))]
+    for path in sources:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
+            n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and n.body and isinstance(
+            n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        bare += [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Constant) and
+                 isinstance(n.value, str) and id(n) not in docstrings and "python launch.py" in n.value and
+                 ".venv/bin/python launch.py" not in n.value]
+    assert not bare, f"hints that say `python launch.py` instead of {CLI!r}: {bare}"
 
 
 def test_help_version_and_a_missing_action(tmp_path):

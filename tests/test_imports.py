@@ -1,8 +1,9 @@
-"""Dependencies flow one way (DESIGN.md, "Packages"): read every module's imports with ``ast``, function-local
-ones included (``if TYPE_CHECKING:`` blocks excluded: they never run), and check that
+"""Dependencies flow one way (storage <- assistant <- personalize; each package docstring says what it owns).
+Read every module's imports with ``ast``, function-local ones included (``if TYPE_CHECKING:`` blocks
+excluded: they never run), and check that
 
 - ``storage/`` imports no model, UI or training code (assistant, personalize, gradio, torch, faiss, ...);
-- ``assistant/`` never imports ``personalize/`` (it asks for training by writing a job row);
+- ``assistant/`` never imports ``personalize/`` (``launch.py`` composes the two and hands serving a job runner);
 - no two modules import each other, directly or round a longer circle.
 
 Known violations in files another engineer owns are listed in ``ALLOWED``, each with why; the test fails on
@@ -23,12 +24,8 @@ STORAGE_MUST_NOT = ("assistant", "personalize", "bench", "launch", "gradio", "to
 ALLOWED: set[tuple[str, str]] = set()
 """(importer, imported) edges that break a rule today (none left); add one only with its reason and fix."""
 
-CYCLE_EDGES = {
-    # bench/__init__.py imports every section module and bench/report.py imports SECTIONS back from the
-    # package (function-local). Owned by another engineer: move SECTIONS into a module of its own.
-    ("bench.report", "bench"),
-}
-"""(importer, imported) edges that close an import circle today; the circle check ignores them."""
+CYCLE_EDGES: set[tuple[str, str]] = set()
+"""(importer, imported) edges that close an import circle today (none left); the circle check ignores them."""
 
 
 def _modules() -> dict[str, Path]:
@@ -137,7 +134,7 @@ def test_the_import_reader_sees_function_local_imports_and_skips_type_checking()
 
 def test_storage_and_assistant_import_only_downward():
     new = _rule_violations(_graph()) - ALLOWED
-    assert not new, "imports that break the one-way rule (DESIGN.md, Packages): " + ", ".join(
+    assert not new, "imports that break the one-way rule (see tests/test_imports.py): " + ", ".join(
         f"{a} -> {b}" for a, b in sorted(new))
 
 

@@ -28,6 +28,12 @@ def turn(store, user, question, answer, conversation_id=None, status="complete")
     return cid, store.chats.add_message(user.id, cid, "assistant", answer, status=status)
 
 
+def rate(store, memory, user, answer_id, kind, correction=None):
+    """Feedback as ChatEngine.feedback records it: written to SQLite, then memory follows it."""
+    store.chats.add_feedback(user.id, answer_id, kind, correction)
+    return memory.remember_turn(user.id, answer_id)
+
+
 @pytest.fixture
 def memory(store):
     service = make_service(store)
@@ -148,22 +154,22 @@ def test_retrieval_fits_the_budget(store, alice):
 def test_correction_replaces_the_answer(store, alice, memory):
     _, aid = turn(store, alice, "Which breed suits a small flat?", "A husky.")
     assert memory.remember_turn(alice.id, aid) is None  # an unrated answer is no fact
-    new = memory.on_feedback(alice.id, aid, "correction", "A French bulldog.")
+    new = rate(store, memory, alice, aid, "correction", "A French bulldog.")
     row = store.memories.get(alice.id, new)
     assert row.kind == "correction" and row.text == "A French bulldog."
-    memory.on_feedback(alice.id, aid, "dislike")  # a dislike of the wrong answer keeps the correction
+    rate(store, memory, alice, aid, "dislike")  # a dislike of the wrong answer keeps the correction
     assert [h.id for h in memory.retrieve(alice.id, "a french bulldog for a small flat")] == [new]
-    newer = memory.on_feedback(alice.id, aid, "correction", "A pug.")
+    newer = rate(store, memory, alice, aid, "correction", "A pug.")
     assert store.memories.get_many(alice.id, [new]) == {} and store.memories.get(alice.id, newer).text == "A pug."
 
 
 def test_dislike_is_never_stored_like_is(store, alice, memory):
     _, bad = turn(store, alice, "I am vegan. Suggest a dinner.", "A big juicy steak, obviously.")
-    memory.on_feedback(alice.id, bad, "like")
+    rate(store, memory, alice, bad, "like")
     assert sorted(m.kind for m in memory.list(alice.id)) == ["liked", "statement"]
-    memory.on_feedback(alice.id, bad, "dislike")
+    rate(store, memory, alice, bad, "dislike")
     assert [m.text for m in memory.list(alice.id)] == ["I am vegan."]  # the user's words stay, the answer goes
-    memory.on_feedback(alice.id, bad, "clear")
+    rate(store, memory, alice, bad, "clear")
     assert [m.text for m in memory.list(alice.id)] == ["I am vegan."]  # unrated: still no fact
 
 

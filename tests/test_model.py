@@ -4,9 +4,9 @@ import time
 
 import pytest
 
+from assistant.errors import ModelError
 from assistant.model import ModelConfig, cpu_has_bf16, load_model, resolve_model_dir
 from storage import DataDir
-from storage.errors import ModelError
 
 
 def ask(engine, user, text, **kw):

@@ -18,7 +18,7 @@ from personalize.config import TrainConfig
 from personalize.dataset import Example, build_examples, encode
 from personalize.facts import fact_questions, is_filler
 from personalize.gate import decide
-from personalize.runner import JobRunner
+from personalize.runner import JobRunner, fail_stale, queue_job
 from personalize.scheduler import Scheduler, SchedulerConfig
 from storage import InputError, NotFound
 from storage.adapters import staging_dir
@@ -121,7 +121,7 @@ def test_gate_rejection_keeps_the_active_version(store, alice_history, model_cfg
 
 
 def test_a_failing_job_is_marked_failed_with_a_clear_error(store, alice_history):
-    from storage.errors import ModelError
+    from assistant.errors import ModelError
 
     with pytest.raises(ModelError, match="No model folder"):
         train_now(store, "alice", ModelConfig(model="/nonexistent/model"), tiny_cfg())
@@ -173,7 +173,7 @@ def test_a_killed_job_leaves_no_version(store, alice_history, tiny_model_dir, ho
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait(30)
     assert store.jobs.get(alice_history.id, job_id)["status"] == "running"  # nobody recorded the kill yet
-    assert store.jobs.fail_stale() == [job_id]
+    assert fail_stale(store) == [job_id]
     job = store.jobs.get(alice_history.id, job_id)
     assert job["status"] == "failed" and "no version was published" in job["error"]
     assert store.adapters.active_version(alice_history.id) is None and not store.adapters.list(alice_history.id)
@@ -403,12 +403,20 @@ def test_jobs_lifecycle_progress_and_fail_stale(store, alice):
     job = store.jobs.get(alice.id, j)
     assert job["losses"] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
     assert job["progress"]["phase"] == "training" and job["progress"]["total"] == 2
-    assert store.jobs.fail_stale() == []  # our own pid is alive
+    assert fail_stale(store) == []  # our own pid is alive
     store.jobs.finish(j, "rejected", {"reason": "x"})
     dead = store.jobs.create(alice.id, pid=2**22 + 12345)  # no such process
-    assert store.jobs.fail_stale() == [dead] and store.jobs.get(alice.id, dead)["status"] == "failed"
+    with pytest.raises(InputError, match="already queued"):
+        store.jobs.create(alice.id)  # storage alone knows no processes: any open job blocks
+    _staged(store, alice.id, dead)
+    assert fail_stale(store) == [dead] and store.jobs.get(alice.id, dead)["status"] == "failed"
+    assert not staging_dir(store, alice.id, dead).exists()
+    dead = store.jobs.create(alice.id, pid=2**22 + 12345)
+    fresh = queue_job(store, alice.id)  # fails the user's dead job first
+    assert store.jobs.get(alice.id, dead)["status"] == "failed" and store.jobs.open_job(alice.id)["id"] == fresh
+    store.jobs.finish(fresh, "failed")
     orphan = store.jobs.create(alice.id)  # queued, never got a process: stale only after the grace period
-    assert store.jobs.fail_stale() == [] and store.jobs.fail_stale(grace_seconds=0) == [orphan]
+    assert fail_stale(store) == [] and fail_stale(store, grace_seconds=0) == [orphan]
     with pytest.raises(InputError, match="not queued"):
         store.jobs.claim(orphan, os.getpid())
 

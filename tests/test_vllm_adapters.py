@@ -8,13 +8,13 @@ import json
 
 import pytest
 
+from assistant.errors import ModelError
 from assistant.model import ModelConfig, resolve_model_dir
 from assistant.vllm_adapters import ALLOWED_RANKS, check_vllm_adapter, vllm_problems, write_zero_adapter
 from assistant.vllm_backend import VLLMConfig
 from assistant.vllm_server import VLLMServer
 from helpers import cli
 from personalize.config import TrainConfig
-from storage.errors import ModelError
 
 
 def lora(tiny_model_dir, path, **kw):

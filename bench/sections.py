@@ -1,0 +1,51 @@
+"""The sections of BENCHMARKS.md (name -> title and renderer, in page order) and the page rendered from
+bench/results.json.
+
+Owns which benchmarks exist and the page's layout. Must not know how any section measures (each
+module's ``run``, called by name through ``bench.common.run_section``) or how results.json is kept
+(``bench.report``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import load, memory_bench, memory_quality, quality, quant, serving, training, vllm_engine
+
+SECTIONS = {
+    "quant": ("Serving configuration search (chooses `--quant auto` and `--dtype auto`)", quant.render),
+    "serving": ("Serving: time to first token, decode speed, concurrent users, adapter switching", serving.render),
+    "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
+    "memory_quality": ("Memory quality: what is kept, what is retrieved, recall and general answers with memory on",
+                       memory_quality.render),
+    "load": ("Load: concurrent API chats while a training job runs", load.render),
+    "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
+    "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
+    "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
+                    vllm_engine.render),
+}
+"""name -> (section title, renderer), in the order of the page; ``python -m bench --only`` takes these names.
+The runner imports each module's ``run()`` by name."""
+
+REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def render(results: dict) -> str:
+    out = ["# Attune benchmarks", "",
+           "Written by `make bench` (`python -m bench`); every number below was measured by it on the machine",
+           "named in its section. Raw numbers: `bench/results.json`.", ""]
+    for name, (title, renderer) in SECTIONS.items():
+        if name not in results:
+            continue
+        r = results[name]
+        m = r["machine"]
+        out += [f"## {title}", "",
+                f"_Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory']}"
+                f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}), torch {m['packages'].get('torch')}, "
+                f"transformers {m['packages'].get('transformers')}, commit {m.get('commit')}._", "",
+                renderer(r), ""]
+    return "\n".join(out)
+
+
+def write(results: dict) -> None:
+    REPORT.write_text(render(results))
