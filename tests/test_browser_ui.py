@@ -241,12 +241,11 @@ def open_accordion(page, elem_id):
     page.locator(f"#{elem_id} .label-wrap").first.click()
 
 
-def test_account_keys_password_export_and_deleting_the_account(browser, server):
+def test_account_named_keys_and_password_change(browser, server):
     from playwright.sync_api import expect
 
     page = open_page(browser, server)
     sign_up(page, "yuri", "correct horse")
-    ask(page, server, "My favourite fruit is mango.", user="yuri")
     page.get_by_role("tab", name="Account").click()
     expect(page.locator("#base-url input, #base-url textarea")).to_have_value(server.base + "/v1", timeout=10_000)
 
@@ -273,34 +272,40 @@ def test_account_keys_password_export_and_deleting_the_account(browser, server):
     page.locator("#change-password-btn").click()
     expect(page.locator("#password-msg")).to_contain_text("Password changed", timeout=10_000)
 
-    # Export: a JSON download with the user's conversation.
-    open_accordion(page, "data-box")
-    with page.expect_download(timeout=30_000) as download:
-        page.locator("#export-link").click()
-    exported = open(download.value.path(), encoding="utf-8").read()
-    assert "My favourite fruit is mango." in exported and json.loads(exported)
-
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("User name").fill("yuri")
     page.get_by_label("Password").fill("correct horse")
     page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page.locator("#login-msg")).to_contain_text("Wrong user name or password", timeout=10_000)
     sign_in(page, "yuri", "purple monkey dishwasher")
+    page.context.close()
 
-    # Deleting the account asks first (tick box + password), then signs out and removes everything.
+
+def test_export_my_data_and_delete_my_account(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    sign_up(page, "yves", "purple monkey dishwasher")
+    ask(page, server, "My favourite fruit is mango.", user="yves")
     page.get_by_role("tab", name="Account").click()
     open_accordion(page, "data-box")
+    with page.expect_download(timeout=30_000) as download:  # a JSON file with the user's conversation
+        page.locator("#export-link").click()
+    exported = open(download.value.path(), encoding="utf-8").read()
+    assert "My favourite fruit is mango." in exported and json.loads(exported)
+
+    # Deleting the account asks first (tick box + password), then signs out and removes everything.
     page.locator("#delete-password input").fill("purple monkey dishwasher")
     page.get_by_role("button", name="Delete my account").click()
     expect(page.get_by_text("Tick the box and enter your password").first).to_be_visible(timeout=10_000)
-    assert db_rows(server, "SELECT id FROM users WHERE name = 'yuri'")
-    uid = db_rows(server, "SELECT id FROM users WHERE name = 'yuri'")[0]["id"]
+    assert db_rows(server, "SELECT id FROM users WHERE name = 'yves'")
+    uid = db_rows(server, "SELECT id FROM users WHERE name = 'yves'")[0]["id"]
     page.locator("#delete-sure input").check()
     page.get_by_role("button", name="Delete my account").click()
     expect(page.get_by_label("User name")).to_be_visible(timeout=15_000)
-    assert not db_rows(server, "SELECT id FROM users WHERE name = 'yuri'")
+    assert not db_rows(server, "SELECT id FROM users WHERE name = 'yves'")
     assert not db_rows(server, "SELECT id FROM messages WHERE user_id = ?", [uid])
-    page.get_by_label("User name").fill("yuri")
+    page.get_by_label("User name").fill("yves")
     page.get_by_label("Password").fill("purple monkey dishwasher")
     page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page.locator("#login-msg")).to_contain_text("Wrong user name or password", timeout=10_000)
