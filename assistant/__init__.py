@@ -5,7 +5,8 @@ per-user adapter registry with LRU and hot reload (``adapters``), the batching g
 with peft mixed-adapter batches behind the chat-backend seam (``backend``), ChatEngine (prompt,
 memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam,
 per-user FAISS, policy, the service; ``embedder``, ``memory_index``, ``memory_cache``, ``memory_policy``,
-``memory_text``, ``memory``), the Gradio UI (``ui``, ``ui_tabs``, ``ui_personal``, ``i18n``), the
+``memory_text``, ``memory``), the Gradio UI (``ui``, ``ui_layout``,
+``ui_render``, ``ui_tabs``, ``ui_memory``, ``ui_personal``, ``ui_account``, ``i18n``), the
 OpenAI-compatible API (handlers in ``api``, wire shapes in ``protocol``), the HTTP server (``server``),
 whole-account use cases above storage (``account``: forget or import a user), process liveness
 (``processes``) and serving's error (``errors``: ModelError).

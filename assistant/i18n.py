@@ -210,6 +210,13 @@ EN = {
     "err_key_name": "Key names are at most 60 characters.",
     "err_too_long": "The {what} is too long ({n} characters; the limit is {limit}). Split it into parts.",
     "err_generation": "Generation failed: {detail}. Try again, or shorten the conversation.",
+    # issue 16: the chat UI people share a computer with (answer versions, memory picking)
+    "answer_versions": "Answers to your last message (pick one to read it)",
+    "memory_click_hint": "Click a memory in the table to edit or delete it.",
+    "memory_picked": "**Memory {id}** · {kind} · {source} · {date}",
+    "memory_delete_confirm": "Delete memory {id} for good? Attune will never use it again:\n\n> {text}",
+    "memory_delete_yes": "Yes, delete this memory",
+    "memory_pick_first": "Click a memory in the table first.",
 }
 
 ZH = {
@@ -401,6 +408,13 @@ ZH = {
     "err_key_name": "密钥名称最多 60 个字符。",
     "err_too_long": "{what}太长（{n} 个字符；上限为 {limit}）。请拆分成几部分。",
     "err_generation": "生成失败：{detail}。请重试，或缩短对话。",
+    # issue 16: the chat UI people share a computer with (answer versions, memory picking)
+    "answer_versions": "对你上一条消息的各个回答（选择一个查看）",
+    "memory_click_hint": "点击表格中的一条记忆即可修改或删除它。",
+    "memory_picked": "**记忆 {id}** · {kind} · {source} · {date}",
+    "memory_delete_confirm": "永久删除记忆 {id}？Attune 将不再使用它：\n\n> {text}",
+    "memory_delete_yes": "是的，删除这条记忆",
+    "memory_pick_first": "请先点击表格中的一条记忆。",
 }
 
 WHAT_ZH = {"message": "消息", "correction": "更正", "content": "内容", "title": "标题", "fact": "事实"}

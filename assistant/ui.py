@@ -18,13 +18,13 @@ from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
 from assistant.i18n import lang_of, make_i18n, tr, tr_error
 from assistant.ui_layout import CSS, JS, theme
-from assistant.ui_render import render, short_title, strip_info
+from assistant.ui_render import Rendered, render, short_title, strip_info, version_choices
 from storage.errors import AttuneError, AuthError
 
 PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
 NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
 STALE_BUSY_S = 30.0  # a send whose answer never started (the tab closed in between) stops blocking
-SAME = (gr.update(),) * 6  # the six controls of ``ChatUI._controls``, unchanged
+SAME = (gr.update(),) * 7  # the seven controls of ``ChatUI._controls``, unchanged
 __all__ = ["CSS", "JS", "ChatUI", "UIConfig", "theme"]
 
 
@@ -71,21 +71,26 @@ class ChatUI:
             raise gr.Error(str(e)) from None
 
     # rendering -------------------------------------------------------------------------------
-    def _chatbot(self, uid: int, lang: str, cid: int | None, pending: bool = False):
-        r = render(self.store, self.engine.memory, lang, uid, cid)
+    def _chatbot(self, uid: int, lang: str, cid: int | None, pending: bool = False, version: int | None = None):
+        """(Chatbot update, message ids, Rendered); ``version`` picks which answer of the last turn shows."""
+        r = render(self.store, self.engine.memory, lang, uid, cid, version)
         chat = r.chat + ([{"role": "assistant", "content": "…"}] if pending else [])
-        return gr.update(value=chat, feedback_value=r.ratings), r.ids, r.last_cut
+        return gr.update(value=chat, feedback_value=r.ratings), r.ids, r
 
     def _conv_update(self, uid: int, cid: int | None, interactive: bool = True):
         choices = [(short_title(c["title"]), c["id"]) for c in self.store.chats.conversations(uid)
                    if c["source"] != "compare"]
         return gr.update(choices=choices, value=cid, interactive=interactive)
 
-    def _controls(self, busy: bool, can_continue: bool = False) -> tuple:
-        """Updates for [send, stop, continue, new, delete, rename]: Send turns into Stop while streaming."""
-        idle = not busy
-        return (gr.update(visible=idle), gr.update(visible=busy), gr.update(visible=idle and can_continue),
-                gr.update(interactive=idle), gr.update(interactive=idle), gr.update(interactive=idle))
+    def _controls(self, busy: bool, r: Rendered | None = None) -> tuple:
+        """Updates for [send, stop, continue, new, delete, rename, versions]: Send turns into Stop while
+        streaming; Continue shows for an answer cut at the token limit, and the versions selector ("1/2",
+        "2/2") when the last answer was answered again."""
+        idle, r = not busy, r or Rendered()
+        versions = gr.update(visible=idle and len(r.versions) > 1, choices=version_choices(r),
+                             value=r.version if idle else None)
+        return (gr.update(visible=idle), gr.update(visible=busy), gr.update(visible=idle and r.last_cut),
+                gr.update(interactive=idle), gr.update(interactive=idle), gr.update(interactive=idle), versions)
 
     # page load and conversations -------------------------------------------------------------
     @staticmethod
@@ -99,9 +104,9 @@ class ChatUI:
         user = self.store.users.by_id(uid)
         convs = [c for c in self.store.chats.conversations(uid) if c["source"] != "compare"]
         cid = convs[0]["id"] if convs else None
-        chatbot, ids, cut = self._chatbot(uid, lang, cid)
+        chatbot, ids, r = self._chatbot(uid, lang, cid)
         return (f"**{user.name}**", self._conv_update(uid, cid), chatbot, cid, ids, "",
-                *self._controls(False, cut), self._sidebar(width))
+                *self._controls(False, r), self._sidebar(width))
 
     def new_chat(self, width, request: gr.Request):
         uid, _ = self.user(request)
@@ -112,10 +117,20 @@ class ChatUI:
         uid, lang = self.user(request)
         self._stop_user(uid)  # never keep streaming into a conversation nobody is looking at
         try:
-            chatbot, ids, cut = self._chatbot(uid, lang, cid)
+            chatbot, ids, r = self._chatbot(uid, lang, cid)
         except AttuneError as e:
             return gr.update(), gr.update(), gr.update(), tr_error(lang, e), *self._controls(False), gr.update()
-        return chatbot, cid, ids, "", *self._controls(False, cut), self._sidebar(width)
+        return chatbot, cid, ids, "", *self._controls(False, r), self._sidebar(width)
+
+    def show_version(self, cid, version, request: gr.Request):
+        """The versions selector: show that answer of the last turn (its rating, correction and details
+        go with it). Outputs [chatbot, ids, notice, *controls]."""
+        uid, lang = self.user(request)
+        try:
+            chatbot, ids, r = self._chatbot(uid, lang, cid, version=version)
+        except AttuneError as e:
+            return gr.update(), gr.update(), tr_error(lang, e), *SAME
+        return chatbot, ids, "", *self._controls(False, r)
 
     def ask_delete(self, cid, request: gr.Request):
         uid, lang = self.user(request)
@@ -133,9 +148,9 @@ class ChatUI:
             if cid is not None:
                 self.store.chats.delete_conversation(uid, cid)
         except AttuneError as e:
-            return gr.update(visible=False), gr.update(), gr.update(), cid, gr.update(), tr_error(lang, e)
+            return gr.update(visible=False), gr.update(), gr.update(), cid, gr.update(), tr_error(lang, e), *SAME
         return (gr.update(visible=False), self._conv_update(uid, None), gr.update(value=[], feedback_value=[]),
-                None, [], tr(lang, "deleted"))
+                None, [], tr(lang, "deleted"), *self._controls(False))
 
     def rename_chat(self, cid, title, request: gr.Request):
         uid, lang = self.user(request)
@@ -251,13 +266,14 @@ class ChatUI:
         chatbot, ids, _ = self._chatbot(uid, lang, cid)
         yield chatbot, ids, notice
 
-    def idle(self, cid, request: gr.Request):
-        """Step 3: unlock the controls; Continue shows when the last answer hit the token limit."""
+    def idle(self, cid, version, request: gr.Request):
+        """Step 3: unlock the controls; Continue shows when the last answer hit the token limit, the versions
+        selector when it has earlier versions (still on the one picked, after a correction of it)."""
         uid, lang = self.user(request)
         with self._busy_lock:
             busy = uid in self._busy  # e.g. a refused send while another tab's answer streams
-        cut = render(self.store, self.engine.memory, lang, uid, cid).last_cut if cid is not None else False
-        return self._conv_update(uid, cid, interactive=not busy), *self._controls(busy, cut)
+        r = render(self.store, self.engine.memory, lang, uid, cid, version)
+        return self._conv_update(uid, cid, interactive=not busy), *self._controls(busy, r)
 
     def stop(self, request: gr.Request):
         uid, _ = self.user(request)
@@ -275,23 +291,27 @@ class ChatUI:
         except AttuneError as e:
             raise gr.Error(tr_error(lang, e)) from None
 
-    def edit(self, cid, ids, data: gr.EditData, request: gr.Request):
+    def edit(self, cid, ids, version, data: gr.EditData, request: gr.Request):
         """An edited answer is a correction; an edited question starts a new branch that is answered
         again (the old branch stays in the log). Outputs [chatbot, ids, notice, mode, *controls]."""
         uid, lang = self.user(request)
         idx = data.index if isinstance(data.index, int) else data.index[0]
         new, old = strip_info(data.value).strip(), strip_info(data.previous_value or "").strip()
+
+        def shown():  # the chat as it is now, on the answer version the user is looking at
+            return self._chatbot(uid, lang, cid, version=version)[:2]
+
         try:
             msg = self.store.chats.message(uid, ids[idx]) if 0 <= idx < len(ids) else None
             if msg is None:
-                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "no_longer_shown"), "", *SAME
+                return *shown(), tr(lang, "no_longer_shown"), "", *SAME
             if new == old:
-                return *self._chatbot(uid, lang, cid)[:2], "", "", *SAME
+                return *shown(), "", "", *SAME
             if msg["role"] == "assistant":
                 self.engine.feedback(uid, msg["id"], "correction", new)
-                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "correction_saved"), "", *SAME
+                return *shown(), tr(lang, "correction_saved"), "", *SAME
             if self._claim(uid) is None:
-                return *self._chatbot(uid, lang, cid)[:2], tr(lang, "busy"), "", *SAME
+                return *shown(), tr(lang, "busy"), "", *SAME
             try:
                 self.engine.edit_question(uid, cid, msg["id"], new)
             except AttuneError:
@@ -300,7 +320,7 @@ class ChatUI:
             chatbot, ids, _ = self._chatbot(uid, lang, cid, pending=True)
             return chatbot, ids, tr(lang, "question_edited"), "answer", *self._controls(True)
         except AttuneError as e:
-            return *self._chatbot(uid, lang, cid)[:2], "⚠️ " + tr_error(lang, e), "", *SAME
+            return *shown(), "⚠️ " + tr_error(lang, e), "", *SAME
 
     # layout ----------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from assistant.ui_account import account_tab
+from assistant.ui_memory import memory_tab
 from assistant.ui_personal import personal_tab
-from assistant.ui_tabs import compare_tab, memory_tab
+from assistant.ui_tabs import compare_tab
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
@@ -25,6 +26,7 @@ footer {display: none !important}
 #composer > .form, #msg {flex: 1 1 auto; min-width: 0}
 #composer button {min-width: 88px; max-width: 120px}
 #notice:empty, #notice p:empty {display: none}
+#versions {padding: 4px 8px}
 #hint {font-size: var(--text-sm); opacity: .75}
 .turn-info {margin-top: .6em; font-size: .85em; opacity: .8}
 .turn-info summary {cursor: pointer}
@@ -107,6 +109,7 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
             with gr.Tab(t("tab_chat"), id="chat"):
                 chatbot = gr.Chatbot(label=t("assistant"), show_label=False, elem_id="chatbot", editable="all",
                                      feedback_options=("Like", "Dislike"), render_markdown=True, buttons=["copy"])
+                versions = gr.Radio(choices=[], label=t("answer_versions"), visible=False, elem_id="versions")
                 notice = gr.Markdown("", elem_id="notice")
                 with gr.Row(elem_id="composer"):
                     box = gr.Textbox(label=t("message"), show_label=False, placeholder=t("placeholder"),
@@ -120,7 +123,7 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
             compare_tab(ui, sliders)
             account_tab(ui)
 
-        controls = [send_btn, stop_btn, continue_btn, new_btn, del_btn, rename_btn]
+        controls = [send_btn, stop_btn, continue_btn, new_btn, del_btn, rename_btn, versions]
         view = [chatbot, cid, ids, notice]
         demo.load(ui.load, [width], [who, conv_list, *view, *controls, sidebar], js=WIDTH_JS, **PRIVATE)
         demo.load(None, None, [width], js=WIDTH_JS)
@@ -129,21 +132,22 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
         chatbot.clear(ui.new_chat, [width], [conv_list, *view, *controls, sidebar], **PRIVATE)
         conv_list.input(ui.select_chat, [conv_list, width], [*view, *controls, sidebar], **PRIVATE)
         del_btn.click(ui.ask_delete, [cid], [confirm, confirm_text, notice], **PRIVATE)
-        yes_btn.click(ui.delete_chat, [cid], [confirm, conv_list, *view], **PRIVATE)
+        yes_btn.click(ui.delete_chat, [cid], [confirm, conv_list, *view, *controls], **PRIVATE)
         no_btn.click(lambda: gr.update(visible=False), None, [confirm], **PRIVATE)
         rename_btn.click(lambda: gr.update(visible=True, value=""), None, [rename_box], **PRIVATE)
         rename_box.submit(ui.rename_chat, [cid, rename_box], [conv_list, rename_box, notice], **PRIVATE)
 
         def then_stream(event):
             event.then(ui.respond, [cid, mode, *sliders], [chatbot, ids, notice], **STREAMING
-                       ).then(ui.idle, [cid], [conv_list, *controls], **PRIVATE)
+                       ).then(ui.idle, [cid, versions], [conv_list, *controls], **PRIVATE)
 
         then_stream(send_btn.click(ui.post, [cid, box], [box, chatbot, cid, ids, conv_list, notice, mode, *controls],
                                    **PRIVATE))
         then_stream(chatbot.retry(ui.begin("retry"), [cid], [conv_list, notice, mode, *controls], **PRIVATE))
         then_stream(continue_btn.click(ui.begin("continue"), [cid], [conv_list, notice, mode, *controls],
                                        **PRIVATE))
-        then_stream(chatbot.edit(ui.edit, [cid, ids], [chatbot, ids, notice, mode, *controls], **PRIVATE))
+        then_stream(chatbot.edit(ui.edit, [cid, ids, versions], [chatbot, ids, notice, mode, *controls], **PRIVATE))
+        versions.input(ui.show_version, [cid, versions], [chatbot, ids, notice, *controls], **PRIVATE)
         stop_btn.click(ui.stop, None, None, **STREAMING)
         chatbot.like(ui.like, [ids], None, **PRIVATE)
     return demo

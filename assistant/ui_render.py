@@ -23,6 +23,8 @@ class Rendered:
     ids: list[int] = field(default_factory=list)  # the message id behind each chat entry
     ratings: list[str | None] = field(default_factory=list)
     last_cut: bool = False  # the last answer stopped at the token limit (it can be continued)
+    versions: list[int] = field(default_factory=list)  # the last answer's versions (retries), oldest first
+    version: int | None = None  # which of them is shown (the newest unless one was picked)
 
 
 def strip_info(text: str) -> str:
@@ -39,7 +41,9 @@ def short_title(title: str) -> str:
     return (cut if len(cut) > TITLE_CHARS // 2 else title[:TITLE_CHARS]) + "…"
 
 
-def render(store, memory, lang: str, user_id: int, cid: int | None) -> Rendered:
+def render(store, memory, lang: str, user_id: int, cid: int | None, version: int | None = None) -> Rendered:
+    """The conversation as stored; ``version`` (a message id among the last answer's versions) shows that
+    earlier answer in place of the newest one, with its own rating, correction and details."""
     out = Rendered()
     if cid is None:
         return out
@@ -51,6 +55,14 @@ def render(store, memory, lang: str, user_id: int, cid: int | None) -> Rendered:
         if m["replaced_by"] is not None and m["role"] == "assistant":
             replaced_into.setdefault(m["replaced_by"], []).append(m)
     shown = [m for m in msgs if m["replaced_by"] is None and m["role"] != "system"]
+    picked = None
+    if shown and shown[-1]["role"] == "assistant":
+        earlier = _chain(replaced_into, shown[-1]["id"])
+        out.versions = [m["id"] for m in earlier] + [shown[-1]["id"]]
+        picked = next((m for m in earlier if m["id"] == version), None)
+        out.version = picked["id"] if picked else shown[-1]["id"]
+        if picked:
+            shown[-1] = picked
     used_ids = sorted({i for m in shown if m["role"] == "assistant" for i in m["memory_ids"]})
     memories = {}
     if memory is not None and used_ids:
@@ -59,14 +71,19 @@ def render(store, memory, lang: str, user_id: int, cid: int | None) -> Rendered:
         content = corrections.get(m["id"], m["content"])
         if m["role"] == "assistant":
             out.ratings.append({"like": "Like", "dislike": "Dislike"}.get(rated.get(m["id"])))
-            earlier = _chain(replaced_into, m["id"])
+            earlier = [] if m is picked else _chain(replaced_into, m["id"])
             content = (content or "…") + details(lang, m, memories, earlier, corrections)
         out.chat.append({"role": m["role"], "content": content or "…"})
         out.ids.append(m["id"])
     last = shown[-1] if shown else None
-    out.last_cut = bool(last and last["role"] == "assistant" and last["status"] == "complete"
+    out.last_cut = bool(not picked and last and last["role"] == "assistant" and last["status"] == "complete"
                         and last["gen_settings"].get("finish_reason") == "length")
     return out
+
+
+def version_choices(r: Rendered) -> list[tuple[str, int]]:
+    """The selector's choices for the last answer's versions: "1/2", "2/2", ..."""
+    return [(f"{n}/{len(r.versions)}", mid) for n, mid in enumerate(r.versions, 1)]
 
 
 def _chain(replaced_into: dict[int, list[dict]], answer_id: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Secondary tabs of the UI: Compare (base vs personalized, side by side) and Memory.
+"""The Compare tab of the UI: base vs personalized, side by side (the Memory tab is ``ui_memory``).
 
 Each builder adds its components inside the current ``gr.Tabs`` and wires its events; handlers take
 the signed-in user from the request's session, like the chat tab. Nothing is filled in until the
@@ -11,16 +11,14 @@ import threading
 from typing import TYPE_CHECKING
 
 import gradio as gr
-import pandas as pd
 
-from assistant.i18n import tr, tr_error
-from storage.errors import AttuneError, InputError
+from assistant.i18n import tr_error
+from storage.errors import AttuneError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
 PRIVATE = {"api_visibility": "private"}
-MEMORY_COLUMNS = ("mem_col_id", "mem_col_kind", "mem_col_text", "mem_col_source", "mem_col_date")
 
 
 def compare_tab(ui: ChatUI, controls: list) -> None:
@@ -90,91 +88,3 @@ def run_compare(ui: ChatUI, request, question, temperature, max_new_tokens, top_
         row = ui.store.chats.message(uid, turn.assistant_message_id) if turn and turn.assistant_message_id else None
         footer[s] = f"\n\n---\nℹ️ {summary(lang, row)}" if row else ""
     yield text["base"] + footer["base"], text["personal"] + footer["personal"]
-
-
-# Over 60 lines on purpose: a Gradio tab is its components, handlers (closures over them) and wiring, in that order.
-def memory_tab(ui: ChatUI) -> None:
-    """List, search and delete the user's memories; remember a fact; forget everything."""
-    t = ui.i18n
-    with gr.Tab(t("tab_memory"), id="memory") as tab:
-        gr.Markdown(t("memory_intro"))
-        with gr.Row():
-            query = gr.Textbox(label=t("search"), elem_id="memory-search", scale=4)
-            refresh = gr.Button(t("search"), elem_id="memory-search-btn", scale=1)
-        table = gr.Dataframe(headers=[t(c) for c in MEMORY_COLUMNS], datatype=["number", "str", "str", "str", "str"],
-                             interactive=False, elem_id="memory-table", wrap=True)
-        with gr.Row():
-            mid = gr.Number(value=None, label=t("memory_id"), precision=0, elem_id="memory-id")
-            delete = gr.Button(t("delete_memory"), variant="stop", elem_id="memory-delete")
-        with gr.Row():
-            new_text = gr.Textbox(label=t("edit_memory"), elem_id="memory-edit-text", scale=4)
-            edit = gr.Button(t("save_edit"), elem_id="memory-edit", scale=1)
-        with gr.Row():
-            fact = gr.Textbox(label=t("remember_fact"), elem_id="memory-fact", scale=4)
-            add = gr.Button(t("remember"), elem_id="memory-add", scale=1)
-        with gr.Row():
-            sure = gr.Checkbox(False, label=t("forget_sure"), elem_id="forget-sure")
-            forget = gr.Button(t("forget_all"), variant="stop", elem_id="memory-forget")
-        status = gr.Markdown("", elem_id="memory-status")
-
-    def rows(q, request: gr.Request):
-        uid, lang = ui.user(request)
-        data = []
-        if ui.engine.memory is not None:
-            memories = ui.engine.memory.list(uid, q or None, limit=200)
-            origin = ui.engine.memory.sources(uid, [m.id for m in memories])
-            data = [[m.id, tr(lang, f"mem_kind_{m.kind}"), m.text, origin.get(m.id, tr(lang, "mem_source_none")),
-                     m.created_at[:16].replace("T", " ")] for m in memories]
-        return pd.DataFrame(data, columns=[tr(lang, c) for c in MEMORY_COLUMNS])
-
-    def guarded(action):
-        def run(q, arg, request: gr.Request):
-            uid, lang = ui.user(request)
-            if ui.engine.memory is None:
-                return rows(q, request), "⚠️ " + tr(lang, "memory_off")
-            try:
-                message = action(uid, lang, arg)
-            except AttuneError as e:
-                message = "⚠️ " + tr_error(lang, e)
-            return rows(q, request), message
-        return run
-
-    def do_delete(uid, lang, memory_id):
-        if memory_id is None:
-            raise InputError(tr(lang, "memory_enter_id"))
-        ui.engine.memory.delete(uid, int(memory_id))
-        return tr(lang, "memory_deleted", id=int(memory_id))
-
-    def do_add(uid, lang, text):
-        return tr(lang, "remembered" if ui.engine.memory.remember_fact(uid, text) else "already_remembered")
-
-    def do_edit(q, memory_id, text, request: gr.Request):
-        uid, lang = ui.user(request)
-        if ui.engine.memory is None:
-            return rows(q, request), "⚠️ " + tr(lang, "memory_off")
-        try:
-            if memory_id is None:
-                raise InputError(tr(lang, "memory_enter_id_edit"))
-            ui.engine.memory.edit(uid, int(memory_id), text)
-            message = tr(lang, "memory_edited", id=int(memory_id))
-        except AttuneError as e:
-            message = "⚠️ " + tr_error(lang, e)
-        return rows(q, request), message
-
-    def do_forget(uid, lang, confirmed):
-        if not confirmed:
-            raise InputError(tr(lang, "forget_confirm"))
-        return tr(lang, "forgot", n=ui.engine.memory.forget_all(uid))
-
-    def pick(evt: gr.SelectData):  # clicking a row selects that memory for Delete / Save edit
-        row = evt.row_value or []
-        return (row[0], row[2]) if len(row) > 2 else (None, "")
-
-    table.select(pick, None, [mid, new_text], **PRIVATE)
-    tab.select(rows, [query], [table], **PRIVATE)
-    refresh.click(rows, [query], [table], **PRIVATE)
-    query.submit(rows, [query], [table], **PRIVATE)
-    delete.click(guarded(do_delete), [query, mid], [table, status], **PRIVATE)
-    add.click(guarded(do_add), [query, fact], [table, status], **PRIVATE)
-    edit.click(do_edit, [query, mid, new_text], [table, status], **PRIVATE)
-    forget.click(guarded(do_forget), [query, sure], [table, status], **PRIVATE)

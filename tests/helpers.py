@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -81,9 +82,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def open_page(browser, server, locale="en-US"):
-    """A fresh browser context on Attune's sign-in page; ``page.requests`` records every URL fetched."""
-    ctx = browser.new_context(locale=locale)
+def open_page(browser, server, locale="en-US", **context):
+    """A fresh browser context on Attune's sign-in page; ``page.requests`` records every URL fetched.
+    ``context`` goes to ``browser.new_context`` (e.g. ``viewport`` for a phone)."""
+    ctx = browser.new_context(locale=locale, **context)
     page = ctx.new_page()
     page.requests = []
     page.on("request", lambda r: page.requests.append(r.url))
@@ -113,3 +115,49 @@ def sign_in(page, name, password):
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in", exact=True).click()
     page.locator("#who").get_by_text(name).wait_for(timeout=15_000)
+
+
+# driving the chat tab -----------------------------------------------------------------------
+def bot(page):
+    return page.locator("#chatbot").get_by_test_id("bot")
+
+
+def send(page, text):
+    page.locator("#msg textarea").fill(text)
+    page.locator("#msg textarea").press("Enter")
+
+
+def n_answers(server, user=None):
+    sql, args = "SELECT * FROM messages WHERE role = 'assistant'", []
+    if user:
+        sql += " AND user_id = (SELECT id FROM users WHERE name = ?)"
+        args = [user]
+    return len(db_rows(server, sql, args))
+
+
+def ask(page, server, text, user=None):
+    """Send ``text`` and wait until its answer is stored and the composer is back to Send."""
+    from playwright.sync_api import expect
+
+    before = n_answers(server, user)
+    send(page, text)
+    wait_for(lambda: n_answers(server, user) > before, what=f"an answer to {text!r}")
+    expect(page.locator("#send-btn")).to_be_visible(timeout=30_000)
+
+
+def long_answers(page, tokens=600):
+    """Raise the answer limit (Generation settings) so an answer streams for a while."""
+    box = page.locator("#max-new input[type=number]")
+    if not box.is_visible():
+        page.locator("#settings").get_by_text("Generation settings").click()
+    box.fill(str(tokens))
+    box.press("Enter")
+
+
+def pick_memory(page, text):
+    """Click the Memory tab's row showing ``text``: it opens with Save edit and Delete."""
+    from playwright.sync_api import expect
+
+    page.locator("#memory-table .cell-wrap:visible").filter(has_text=text).first.click()
+    expect(page.locator("#memory-selected").first).to_be_visible(timeout=10_000)
+    expect(page.locator("#memory-edit-text textarea")).to_have_value(re.compile(re.escape(text)))

@@ -9,7 +9,20 @@ import re
 import pytest
 
 from conftest import seed_models
-from helpers import Server, db_rows, open_page, sign_in, sign_up, wait_for
+from helpers import (
+    Server,
+    ask,
+    bot,
+    db_rows,
+    long_answers,
+    n_answers,
+    open_page,
+    pick_memory,
+    send,
+    sign_in,
+    sign_up,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -21,42 +34,6 @@ def server(tmp_path_factory, embedded_models_dir):
     with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
         srv.data = data
         yield srv
-
-
-def bot(page):
-    return page.locator("#chatbot").get_by_test_id("bot")
-
-
-def send(page, text):
-    page.locator("#msg textarea").fill(text)
-    page.locator("#msg textarea").press("Enter")
-
-
-def n_answers(server, user=None):
-    sql, args = "SELECT * FROM messages WHERE role = 'assistant'", []
-    if user:
-        sql += " AND user_id = (SELECT id FROM users WHERE name = ?)"
-        args = [user]
-    return len(db_rows(server, sql, args))
-
-
-def ask(page, server, text, user=None):
-    """Send ``text`` and wait until its answer is stored and the composer is back to Send."""
-    from playwright.sync_api import expect
-
-    before = n_answers(server, user)
-    send(page, text)
-    wait_for(lambda: n_answers(server, user) > before, what=f"an answer to {text!r}")
-    expect(page.locator("#send-btn")).to_be_visible(timeout=30_000)
-
-
-def long_answers(page, tokens=600):
-    """Raise the answer limit (Generation settings) so an answer streams for a while."""
-    box = page.locator("#max-new input[type=number]")
-    if not box.is_visible():
-        page.locator("#settings").get_by_text("Generation settings").click()
-    box.fill(str(tokens))
-    box.press("Enter")
 
 
 def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):
@@ -355,7 +332,8 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     # The Memory tab shows where it came from and lets carol edit it.
     page.get_by_role("tab", name="Memory").click()
     expect(page.locator("#memory-table")).to_contain_text("you said", timeout=15_000)
-    page.locator("#memory-id input").fill(str(used[0]))
+    pick_memory(page, "Biscuit")
+    expect(page.locator("#memory-about")).to_contain_text(f"Memory {used[0]}")
     page.locator("#memory-edit-text textarea").fill("My dog is called Biscuit and he is a beagle mix.")
     page.get_by_role("button", name="Save edit").click()
     expect(page.locator("#memory-table")).to_contain_text("beagle mix", timeout=10_000)
@@ -365,11 +343,16 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     page.get_by_role("tab", name="Memory").click()
     table = page.locator("#memory-table")
     expect(table).to_contain_text("Biscuit", timeout=15_000)
-    biscuit = db_rows(server, "SELECT id FROM memories WHERE user_id = ? AND text LIKE '%Biscuit%'", [carol])
-    for row in biscuit:
-        page.locator("#memory-id input").fill(str(row["id"]))
+    def biscuit():
+        return db_rows(server, "SELECT id FROM memories WHERE user_id = ? AND text LIKE '%Biscuit%'", [carol])
+
+    for left in range(len(biscuit()) - 1, -1, -1):
+        pick_memory(page, "Biscuit")
         page.get_by_role("button", name="Delete memory").click()
-        expect(page.locator("#memory-status")).to_contain_text(f"Memory {row['id']} deleted", timeout=10_000)
+        page.get_by_role("button", name="Yes, delete this memory").click()
+        wait_for(lambda: len(biscuit()) == left, what="the memory deleted")  # noqa: B023
+        expect(page.locator("#memory-selected").first).to_be_hidden()
+    expect(page.locator("#memory-status")).to_contain_text("deleted")
     expect(table).not_to_contain_text("Biscuit")
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name="New conversation").click()
