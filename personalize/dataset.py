@@ -64,6 +64,10 @@ class Example:
     """False for an answer cut at a length limit: it is trained without an end-of-turn token."""
     origin: str = "answer"
     """``answer`` (the user's log), ``fact`` (a question made from a statement) or ``anchor``."""
+    style_head: str = ""
+    style_tail: str = ""
+    """The user's style put on this target's start / end (personalize.style): trained, but neither held to the
+    base model by the KL term nor counted in evaluation losses."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,7 +307,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -326,13 +330,13 @@ def encode(tokenizer, context: list[dict], answer: str, max_seq_len: int,
             answer_text = answer_text[: answer_text.rindex(eos) + (len(eos) if complete else 0)]
     else:
         answer_text = answer + ((tokenizer.eos_token or "") if complete else "")
-    answer_ids = _ids(tokenizer, answer_text)[: max(1, max_seq_len * 3 // 4)]
+    answer_ids = token_ids(tokenizer, answer_text)[: max(1, max_seq_len * 3 // 4)]
     budget = max_seq_len - len(answer_ids)
     msgs = list(context)
-    prompt_ids = _ids(tokenizer, prompt_text)
+    prompt_ids = token_ids(tokenizer, prompt_text)
     while len(prompt_ids) > budget and _droppable(msgs):
         del msgs[1 if msgs[0]["role"] == "system" else 0]
-        prompt_ids = _ids(tokenizer, _render(tokenizer, msgs, True))
+        prompt_ids = token_ids(tokenizer, _render(tokenizer, msgs, True))
     prompt_ids = prompt_ids[-budget:]
     return prompt_ids + answer_ids, len(answer_ids)
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
-from personalize import gate, replay
+from personalize import gate, replay, style
 from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
@@ -112,6 +112,10 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         anchors = replay.anchor_set(loaded.model, loaded.tokenizer, loaded.path, store.data_dir, cfg)
         anchor_train, anchor_eval = replay.split_anchors(anchors, cfg)
         anchor_train, anchor_monitor = replay.split_monitor(anchor_train, cfg)
+        # a style taught through corrections goes on every target the user did not write (personalize.style)
+        user_style = style.of_user(data.train + data.heldout)
+        data.train, anchor_train, anchor_monitor, anchor_eval = (
+            style.carry(user_style, x) for x in (data.train, anchor_train, anchor_monitor, anchor_eval))
         reservoir = store.replay.sample(user_id) if continuing else []
         examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
 
@@ -146,6 +150,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
                   "tokens_per_s": round(stats.tokens_per_s, 1), "final_loss": stats.final_loss},
         "watermark": data.watermark, "base_model": base_id, "device": device, "quant": quant, "bf16": bf16,
         "continued_from": parent, "config": cfg.to_dict(),
+        "style": user_style.to_dict(),
     }
     new = [e for e in user_train if is_new(e, watermark)]
     return _record(store, job_id, user_id, model, verdict, metrics, phases, new, cfg)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from assistant.model import LoadedModel, ModelConfig, cpu_has_bf16, load_model, resolve_device
 from personalize.config import TrainConfig
-from personalize.dataset import Example, encode
+from personalize.dataset import Example, encode, token_ids
 from personalize.errors import TrainingError
 from storage.paths import DataDir
 
@@ -57,6 +57,9 @@ class Seq:
     """An anchor: its answer tokens get the KL term against ``ref`` too."""
     ref: tuple | None = None
     """(token ids, log-probs), each [n_answer, kl_top_k]: the base model's top tokens per answer position."""
+    head: int = 0
+    tail: int = 0
+    """Answer tokens at the start / end that are the user's style (trained; no KL, not in evaluation losses)."""
 
 
 @dataclass
@@ -122,7 +125,11 @@ def tokenize(tokenizer, examples: list[Example], cfg: TrainConfig, rejected: boo
     out = []
     for e in examples:
         ids, n = encode(tokenizer, e.context, e.rejected if rejected else e.target, cfg.max_seq_len, e.complete)
-        out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor"))
+        head = len(token_ids(tokenizer, e.style_head)) if e.style_head and not rejected else 0
+        # a style tail is followed by the end-of-turn token, which belongs to the style's ending too
+        tail = len(token_ids(tokenizer, e.style_tail)) + e.complete if e.style_tail and not rejected else 0
+        head, tail = (head, tail) if head + tail < n else (0, 0)
+        out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor", head=head, tail=tail))
     return out
 
 
@@ -135,13 +142,16 @@ def collate(seqs: list[Seq], pad_id: int, device: str) -> dict:
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     scored = torch.zeros((len(seqs), keep - 1), dtype=torch.bool)
+    content = torch.zeros((len(seqs), keep - 1), dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, length - len(s.ids):] = torch.tensor(s.ids)
         mask[i, length - len(s.ids):] = 1
         scored[i, keep - 1 - s.n_answer:] = True
+        content[i, keep - 1 - s.n_answer + s.head: keep - 1 - s.tail] = True
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
             "keep": keep, "targets": ids[:, length - keep + 1:].to(device), "scored": scored.to(device),
+            "content": content.to(device),
             "weights": torch.tensor([s.weight for s in seqs], dtype=torch.float32, device=device)}
 
 
@@ -152,13 +162,14 @@ def window_logits(model, batch: dict):
     return out.logits[:, :-1].float()
 
 
-def logps(model, batch: dict, logits=None):
-    """Per sequence: sum of answer-token log-probs and the number of answer tokens."""
+def logps(model, batch: dict, logits=None, mask: str = "scored"):
+    """Per sequence: sum of answer-token log-probs and the number of answer tokens (``mask="content"``: the
+    tokens between a style head and tail only, as evaluation counts them)."""
     import torch
 
     logits = window_logits(model, batch) if logits is None else logits
     token_logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
-    scored = batch["scored"].float()
+    scored = batch[mask].float()
     return (token_logp * scored).sum(1), scored.sum(1)
 
 
@@ -176,7 +187,8 @@ def kl_to_ref(logits, seqs: list[Seq]):
         idx, ref = idx.to(lsm.device), ref.to(lsm.device)
         p = torch.softmax(ref, dim=-1)
         student = lsm[i, lsm.shape[1] - s.n_answer:].gather(-1, idx)
-        out.append((p * (torch.log(p.clamp(min=1e-12)) - student)).sum(-1).mean())
+        per_token = (p * (torch.log(p.clamp(min=1e-12)) - student)).sum(-1)
+        out.append(per_token[s.head: s.n_answer - s.tail].mean())  # a style head/tail is the user's, not base's
     return torch.stack(out)
 
 
@@ -200,7 +212,7 @@ def mean_losses(model, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     with torch.no_grad():
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
-            lp, n = logps(model, collate([seqs[j] for j in idx], tokenizer.pad_token_id, device))
+            lp, n = logps(model, collate([seqs[j] for j in idx], tokenizer.pad_token_id, device), mask="content")
             for j, v in zip(idx, (-lp / n.clamp(min=1)).tolist(), strict=True):
                 losses[j] = v
     model.train(was_training)

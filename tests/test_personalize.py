@@ -353,6 +353,61 @@ def test_kl_term_is_zero_at_the_base_and_positive_away_from_it():
     assert kl_to_ref(logits, [Seq(ids=[1], n_answer=1)]).item() == 0
 
 
+
+def test_a_style_taught_by_corrections_is_found_and_carried_to_other_targets():
+    from personalize.style import Style, carry, detect
+
+    taught = [("Take breaks.", "Ahoy! Take short breaks."), ("Water them.", "Ahoy! Water them when dry."),
+              ("Eggs.", "Ahoy! Porridge with fruit."), ("Sleep more.", "Ahoy! Go to bed at ten."),
+              ("Relax.", "Go for a walk.")]
+    assert detect(taught) == Style(head="Ahoy!")
+    assert detect(taught[:2]) == Style()  # two corrections are no style yet
+    signed = [("Sure.", "Sure. Cheers, Sam"), ("Yes it is.", "Yes it is! Cheers, Sam"), ("No.", "Nope. Cheers, Sam")]
+    assert detect(signed) == Style(tail="Cheers, Sam")
+    # corrections that merely answer alike ("Your ...") or a greeting the answers already had are no style
+    alike = [("I don't know.", "Your dog is called Biscuit."), ("Sorry.", "Your sister is Clara."),
+             ("No idea.", "Your car is a Volvo.")]
+    assert detect(alike) == Style()
+    assert detect([("Hi! Eggs.", "Hi! Porridge."), ("Hi! Run.", "Hi! Walk."), ("Hi! Tea.", "Hi! Coffee.")]) == Style()
+
+    anchor = Example(message_id=-1, context=[], target="Boil the water first.", kind="anchor")
+    pair = Example(message_id=2, context=[], target="Ahoy! Walk.", kind="pair", rejected="Run.")
+    dressed, kept = carry(Style(head="Ahoy!", tail="Cheers, Sam"), [anchor, pair])
+    assert dressed.target == "Ahoy! Boil the water first. Cheers, Sam" and kept is pair
+    assert (dressed.style_head, dressed.style_tail) == ("Ahoy! ", " Cheers, Sam")
+    assert carry(Style(head="Ahoy!"), [dressed])[0].target == dressed.target  # never doubled
+
+
+def test_a_style_is_trained_but_left_out_of_the_kl_term_and_of_evaluation_losses(tiny_loaded):
+    import torch
+
+    from personalize.style import Style
+    from personalize.train import collate, kl_to_ref, mean_losses, tokenize
+
+    tok, model, cfg = tiny_loaded.tokenizer, tiny_loaded.model, tiny_cfg()
+    ctx = [{"role": "user", "content": "How do I boil an egg?"}]
+    plain = Example(message_id=-1, context=ctx, target="Simmer it for nine minutes.", kind="anchor")
+    styled = Style(head="Ahoy!", tail="Cheers, Sam").dress(plain)
+    seq = tokenize(tok, [styled], cfg)[0]
+    n_plain = tokenize(tok, [plain], cfg)[0].n_answer
+    assert seq.head > 0 and seq.tail > 1 and seq.n_answer - seq.head - seq.tail == n_plain - 1  # content, no EOS
+    batch = collate([seq], tok.pad_token_id, "cpu")
+    assert batch["scored"].sum() == seq.n_answer and batch["content"].sum() == seq.n_answer - seq.head - seq.tail
+    content = tok.decode(batch["targets"][0][batch["content"][0]].tolist())
+    assert content.strip() == "Simmer it for nine minutes."
+    # evaluation counts the content only: a model that says the style anyway is not scored on it
+    assert mean_losses(model, tok, [styled], cfg, "cpu")[0] != mean_losses(model, tok, [plain], cfg, "cpu")[0]
+    # the KL term ignores the style positions: a ref that disagrees there only changes nothing
+    logits = torch.randn(1, seq.n_answer + 1, 10)
+    top = torch.log_softmax(logits[0, 1:], -1).topk(4, dim=-1)
+    idx, ref = top.indices.clone(), top.values.clone()
+    seq.ref = (idx, ref)
+    before = kl_to_ref(logits, [seq]).item()
+    ref[: seq.head] = ref[: seq.head].flip(-1)
+    ref[seq.n_answer - seq.tail:] = ref[seq.n_answer - seq.tail:].flip(-1)
+    seq.ref = (idx, ref)
+    assert kl_to_ref(logits, [seq]).item() == pytest.approx(before)
+
 # storage: versions, jobs, reservoir ------------------------------------------------------------
 def _staged(store, user_id: int, job_id: int) -> Path:
     d = staging_dir(store, user_id, job_id)
