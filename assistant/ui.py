@@ -21,7 +21,6 @@ from assistant.ui_layout import CSS, JS, theme
 from assistant.ui_render import Rendered, render, short_title, strip_info, version_choices
 from storage.errors import AttuneError, AuthError
 
-PRIVATE = {"api_visibility": "private"}  # UI events are not a public API (that is /v1)
 NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
 STALE_BUSY_S = 30.0  # a send whose answer never started (the tab closed in between) stops blocking
 SAME = (gr.update(),) * 7  # the seven controls of ``ChatUI._controls``, unchanged

@@ -11,12 +11,12 @@ import gradio as gr
 import pandas as pd
 
 from assistant.i18n import tr, tr_error
+from assistant.ui_render import PRIVATE
 from storage.errors import AttuneError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
-PRIVATE = {"api_visibility": "private"}
 KEY_COLUMNS = ("col_key_name", "col_key_id", "col_key_created")
 RELOAD_JS = "() => { window.location.replace('/signin'); }"
 

@@ -11,12 +11,12 @@ import gradio as gr
 from assistant.ui_account import account_tab
 from assistant.ui_memory import memory_tab
 from assistant.ui_personal import personal_tab
+from assistant.ui_render import PRIVATE
 from assistant.ui_tabs import compare_tab
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
-PRIVATE = {"api_visibility": "private"}
 STREAMING = {**PRIVATE, "concurrency_limit": None}  # every user's answer streams at once (the backend batches)
 
 CSS = """

@@ -12,12 +12,12 @@ import gradio as gr
 import pandas as pd
 
 from assistant.i18n import tr, tr_error
+from assistant.ui_render import PRIVATE
 from storage.errors import AttuneError, InputError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
-PRIVATE = {"api_visibility": "private"}
 MEMORY_COLUMNS = ("mem_col_id", "mem_col_kind", "mem_col_text", "mem_col_source", "mem_col_date")
 HIDE = gr.update(visible=False)
 

@@ -11,12 +11,12 @@ import gradio as gr
 import pandas as pd
 
 from assistant.i18n import tr, tr_error
+from assistant.ui_render import PRIVATE
 from storage.errors import AttuneError, InputError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
-PRIVATE = {"api_visibility": "private"}
 VERSION_COLUMNS = ("col_version", "col_status", "col_active", "col_created", "col_heldout", "col_before",
                    "col_anchor", "col_gate")
 

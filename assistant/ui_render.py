@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from assistant.i18n import tr
 
+PRIVATE = {"api_visibility": "private"}
+"""Keyword arguments of every UI event: UI events are not a public API (that is /v1)."""
+
 INFO_RE = re.compile(r'\s*<details class="turn-info">[\s\S]*</details>\s*$')
 TITLE_CHARS = 40
 

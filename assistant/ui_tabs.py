@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from assistant.i18n import tr_error
+from assistant.ui_render import PRIVATE
 from storage.errors import AttuneError
 
 if TYPE_CHECKING:
     from assistant.ui import ChatUI
 
-PRIVATE = {"api_visibility": "private"}
 
 
 def compare_tab(ui: ChatUI, controls: list) -> None:
