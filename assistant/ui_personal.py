@@ -102,6 +102,7 @@ def snapshot(ui: ChatUI, user_id: int, lang: str):
     return "\n\n".join(lines), table, plot, st["personalization"]
 
 
+# Over 60 lines on purpose: Gradio builds a tab's components and wires their events in one scope.
 def personal_tab(ui: ChatUI) -> None:
     t = ui.i18n
     with gr.Tab(t("tab_personal"), id="personal") as tab:

@@ -262,6 +262,51 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+class _Batches:
+    """The run's tokenized pools (SFT incl. anchors, preference pairs, undesirables) with their fixed base-model
+    references, dealt into shuffled batches one epoch at a time."""
+
+    def __init__(self, model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str, bf16: bool):
+        self.rng, self.size, self.half = random.Random(cfg.seed), cfg.batch_size, max(1, cfg.batch_size // 2)
+        pairs = [e for e in examples if e.kind == "pair"] if cfg.preference_loss == "dpo" else []
+        undesirable = [e for e in examples if e.kind == "undesirable"] if cfg.undesirable_weight > 0 else []
+        self.sft = tokenize(tokenizer, [e for e in examples if e.kind in ("sft", "anchor")], cfg)
+        chosen, rejected = tokenize(tokenizer, pairs, cfg), tokenize(tokenizer, pairs, cfg, rejected=True)
+        und = tokenize(tokenizer, undesirable, cfg)
+        if cfg.kl_weight > 0:
+            _teacher(model, self.sft, tokenizer, device, bf16, cfg.kl_top_k)
+        refs = [_reference(model, seqs, tokenizer, device, bf16) for seqs in (chosen, rejected, und)]
+        self.pairs = list(zip(chosen, rejected, refs[0], refs[1], strict=True))
+        self.und = list(zip(und, refs[2], strict=True))
+
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.sft) / self.size) + math.ceil(len(self.pairs) / self.half) + \
+            math.ceil(len(self.und) / self.size)
+
+    def epoch(self) -> list[tuple[str, list]]:
+        for pool in (self.sft, self.pairs, self.und):
+            self.rng.shuffle(pool)
+        batches = [("sft", b) for b in _chunks(self.sft, self.size)]
+        batches += [("pair", b) for b in _chunks(self.pairs, self.half)]
+        batches += [("und", b) for b in _chunks(self.und, self.size)]
+        self.rng.shuffle(batches)
+        return batches
+
+
+def _optimizer(model, cfg: TrainConfig, total: int):
+    """(trainable params, AdamW, linear warmup over the first 10% of steps then linear decay)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("The adapter has no trainable parameters; check target_modules.")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    return params, opt, sched
+
+
 def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str, bf16: bool,
           on_progress: Progress | None = None, best: BestCheckpoint | None = None) -> TrainStats:
     """Train the adapter in place on SFT (incl. anchors), pair and undesirable examples.
@@ -270,52 +315,20 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: s
     leave the kept checkpoint's weights in the model."""
     import torch
 
-    rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    sft = [e for e in examples if e.kind in ("sft", "anchor")]
-    pairs = [e for e in examples if e.kind == "pair"] if cfg.preference_loss == "dpo" else []
-    undesirable = [e for e in examples if e.kind == "undesirable"] if cfg.undesirable_weight > 0 else []
-    sft_seqs = tokenize(tokenizer, sft, cfg)
-    chosen, rejected = tokenize(tokenizer, pairs, cfg), tokenize(tokenizer, pairs, cfg, rejected=True)
-    und_seqs = tokenize(tokenizer, undesirable, cfg)
-    if cfg.kl_weight > 0:
-        _teacher(model, sft_seqs, tokenizer, device, bf16, cfg.kl_top_k)
-    ref_c = _reference(model, chosen, tokenizer, device, bf16)
-    ref_r = _reference(model, rejected, tokenizer, device, bf16)
-    ref_u = _reference(model, und_seqs, tokenizer, device, bf16)
-    pair_items = list(zip(chosen, rejected, ref_c, ref_r, strict=True))
-    und_items = list(zip(und_seqs, ref_u, strict=True))
-    half = max(1, cfg.batch_size // 2)
-
-    def epoch_batches() -> list[tuple[str, list]]:
-        for pool in (sft_seqs, pair_items, und_items):
-            rng.shuffle(pool)
-        batches = [("sft", b) for b in _chunks(sft_seqs, cfg.batch_size)]
-        batches += [("pair", b) for b in _chunks(pair_items, half)]
-        batches += [("und", b) for b in _chunks(und_items, cfg.batch_size)]
-        rng.shuffle(batches)
-        return batches
-
-    per_epoch = math.ceil(len(sft_seqs) / cfg.batch_size) + math.ceil(len(pair_items) / half) + \
-        math.ceil(len(und_items) / cfg.batch_size)
-    total = total_steps(cfg, per_epoch)
+    pools = _Batches(model, tokenizer, examples, cfg, device, bf16)
+    total = total_steps(cfg, pools.per_epoch())
     every = cfg.eval_every or max(1, math.ceil(total / 6))
     stats = TrainStats()
     if total == 0:
         raise TrainingError("Nothing to train on: the run has no examples. Chat more or import history first.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("The adapter has no trainable parameters; check target_modules.")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    params, opt, sched = _optimizer(model, cfg, total)
     model.train()
     started = time.perf_counter()
     step = 0
     going = True
     while step < total and going:
-        for kind, batch in epoch_batches():
+        for kind, batch in pools.epoch():
             if step >= total or not going:
                 break
             with autocast(device, bf16):
