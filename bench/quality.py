@@ -21,6 +21,7 @@ answer can never become the memory that answers the next.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import time
@@ -155,6 +156,7 @@ def run(quick: bool = False) -> dict:
     t = time.perf_counter()
     jobs = _train_all(store, users, device, quick)
     train_s = time.perf_counter() - t
+    load = [round(os.getloadavg()[1], 1)]  # 5-minute load average: was the machine shared while timing?
 
     loaded = load_model(ModelConfig(model="embedded", quant=SERVE_QUANT, device=device), data)
     backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model),
@@ -192,6 +194,7 @@ def run(quick: bool = False) -> dict:
             foreign += _owned(store, uid, [h.id for h in memory.retrieve(uid, q)])
             checks += 1
     probe_s = time.perf_counter() - t
+    load.append(round(os.getloadavg()[1], 1))
     backend.close()
     store.close()
     _remove(data.root)
@@ -206,7 +209,24 @@ def run(quick: bool = False) -> dict:
         "retrieval_checks": checks,
         "seconds": {"train": round(train_s, 1), "probe": round(probe_s, 1),
                     "total": round(time.perf_counter() - started_all, 1)},
+        "load_avg": load, "cores": os.cpu_count(),
     }
+
+
+CHOICES = [  # how the training defaults were chosen: runs of this bench (or its earlier version), this machine
+    ("2026-11-22, commit d380566: SFT on the base model's greedy anchor answers, acknowledgments trained, no fact "
+     "questions, no checkpoint selection (earlier bench: 5 users x 20 facts, gate relaxed to serve all)",
+     "2/5", "2/100", "75/100", "24/40 vs 12/20", "—"),
+    ("2026-11-23, full run of this bench at 05d9d9a: KL to the base on anchors, 3 fact questions per statement, "
+     "filler dropped, memory block as served, best checkpoint within 0.8 x margin (min_steps 40, patience 2)",
+     "8/8", "11/72", "60/72", "109/160 vs 90/160", "1/4"),
+    ("+ the corrections' style carried to every target the user did not write, left out of KL and losses "
+     "(user chen alone)", "1/1", "—", "—", "—", "4/4"),
+    ("+ 5 fact questions per statement, min_steps 60, patience 3 (users ana, ben, wei; the run above gave them "
+     "at most 8/25 adapter-only and 21/25 adapter + memory)", "3/3", "13/25", "22/25", "42/60 vs 34/60", "—"),
+]
+"""(what changed, default gate published, recall adapter only, recall adapter + memory, general QA with the adapter
+vs base, style with the adapter): the measurements behind today's defaults; the table above is the current run."""
 
 
 def _by_kind(users: dict, probes: list, right: list[bool]) -> dict:
@@ -271,6 +291,12 @@ def render(r: dict) -> str:
         table(["user", "kind", "answers", "published", "held-out loss base", "held-out loss after", "anchor rise",
                "job min"], jobs), "",
         *([("Rejected: " + "; ".join(rejected)), ""] if rejected else []),
+        "How the defaults were chosen (each row a run on this machine; later rows change one recipe step):", "",
+        table(["recipe", "published", "recall adapter only", "recall adapter + memory", "general QA adapter vs base",
+               "style (adapter)"], [list(c) for c in CHOICES]), "",
         f"Time: training {r['seconds']['train'] / 60:.1f} min, probing {r['seconds']['probe'] / 60:.1f} min, total "
-        f"{r['seconds']['total'] / 60:.1f} min (the machine was shared with other work while it ran).",
+        f"{r['seconds']['total'] / 60:.1f} min" + (
+            f" (5-minute load average {r['load_avg'][0]} after training and {r['load_avg'][1]} after probing, on "
+            f"{r['cores']} cores)." if r.get("load_avg") else " (the machine was shared with other work while it ran)."
+        ),
     ])
