@@ -77,6 +77,19 @@ def seed_models(data_dir: Path, models_dir: Path) -> None:
             shutil.copytree(child, target / child.name)
 
 
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory, embedded_models_dir):
+    """A real Attune server (embedded model, greedy, 24-token answers) on a fresh data dir, one per test module
+    that asks for it (the browser tests); ``.data`` is its data dir."""
+    from helpers import Server
+
+    data = tmp_path_factory.mktemp("ui-server") / "data"
+    seed_models(data, embedded_models_dir)
+    with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
+        srv.data = data
+        yield srv
+
+
 @pytest.fixture
 def store(tmp_path):
     from storage import Store

@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from conftest import seed_models
 from helpers import (
     Server,
     ask,
@@ -28,12 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, embedded_models_dir):
-    data = tmp_path_factory.mktemp("browser") / "data"
-    seed_models(data, embedded_models_dir)
-    with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
-        srv.data = data
-        yield srv
+def server(ui_server):
+    return ui_server  # conftest: a real server per test module
 
 
 def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):

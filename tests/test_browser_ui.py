@@ -11,19 +11,14 @@ import urllib.request
 
 import pytest
 
-from conftest import seed_models
-from helpers import Server, ask, bot, db_rows, long_answers, open_page, pick_memory, sign_in, sign_up, wait_for
+from helpers import ask, bot, db_rows, long_answers, open_page, pick_memory, sign_in, sign_up, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, embedded_models_dir):
-    data = tmp_path_factory.mktemp("browser-ui") / "data"
-    seed_models(data, embedded_models_dir)
-    with Server(data, "--max-new-tokens", "24", "--temperature", "0") as srv:
-        srv.data = data
-        yield srv
+def server(ui_server):
+    return ui_server  # conftest: a real server per test module
 
 
 def answers(server, user, live_only=True):
