@@ -78,7 +78,7 @@ def seed_models(data_dir: Path, models_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory, embedded_models_dir):
+def server(tmp_path_factory, embedded_models_dir):
     """A real Attune server (embedded model, greedy, 24-token answers) on a fresh data dir, one per test module
     that asks for it (the browser tests); ``.data`` is its data dir."""
     from helpers import Server

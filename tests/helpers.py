@@ -161,3 +161,27 @@ def pick_memory(page, text):
     page.locator("#memory-table .cell-wrap:visible").filter(has_text=text).first.click()
     expect(page.locator("#memory-selected").first).to_be_visible(timeout=10_000)
     expect(page.locator("#memory-edit-text textarea")).to_have_value(re.compile(re.escape(text)))
+
+
+def remember_in_tab(page, fact: str) -> None:
+    """Type a fact in the Memory tab, press Remember and wait for the confirmation, as a user would."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Memory").click()
+    page.locator("#memory-fact textarea, #memory-fact input").fill(fact)
+    page.get_by_role("button", name="Remember", exact=True).click()
+    expect(page.locator("#memory-status")).to_contain_text("Remembered", timeout=30_000)
+
+
+def create_key_in_tab(page, name: str) -> str:
+    """Create a named API key in the Account tab (already open); the key shown once, after it is listed."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.locator("#key-name input, #key-name textarea").fill(name)
+    page.get_by_role("button", name="Create API key").click()
+    key_box = page.locator("#api-key textarea, #api-key input")
+    expect(key_box).to_have_value(re.compile(r"^att-"), timeout=10_000)
+    expect(page.locator("#keys")).to_contain_text(name)
+    return key_box.input_value()

@@ -4,7 +4,6 @@ Debian Chromium through the real Gradio UI; then the rows in SQLite are checked.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
@@ -12,23 +11,20 @@ from helpers import (
     Server,
     ask,
     bot,
+    create_key_in_tab,
     db_rows,
     long_answers,
     n_answers,
     open_page,
     pick_memory,
+    remember_in_tab,
     send,
     sign_in,
     sign_up,
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(ui_server):
-    return ui_server  # conftest: a real server per test module
+pytestmark = pytest.mark.slow  # `server` (conftest): a real Attune server for this module
 
 
 def test_chat_feedback_correction_retry_land_in_sqlite(browser, server):
@@ -139,12 +135,7 @@ def test_shared_computer_nothing_of_the_first_user_reaches_the_second(browser, s
     sign_up(page, "erin", "correct horse")
     ask(page, server, "Secret plan: my dog Zanzibar hides the spare key.", user="erin")
     page.get_by_role("tab", name="Account").click()
-    page.locator("#key-name input, #key-name textarea").fill("kitchen-tablet")
-    page.get_by_role("button", name="Create API key").click()
-    key_box = page.locator("#api-key textarea, #api-key input")
-    expect(key_box).to_have_value(re.compile(r"^att-"), timeout=10_000)
-    erin_key = key_box.input_value()
-    expect(page.locator("#keys")).to_contain_text("kitchen-tablet")
+    erin_key = create_key_in_tab(page, "kitchen-tablet")
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare-q textarea").fill("Where does Zanzibar hide the key?")
     page.get_by_role("button", name="Compare", exact=True).click()
@@ -384,10 +375,7 @@ def test_signals_stop_the_server_in_seconds_with_everything_saved(browser, tmp_p
     try:
         page = open_page(browser, srv)
         sign_up(page, "kim", "correct horse")
-        page.get_by_role("tab", name="Memory").click()
-        page.locator("#memory-fact textarea, #memory-fact input").fill("My favourite colour is teal.")
-        page.get_by_role("button", name="Remember", exact=True).click()
-        expect(page.locator("#memory-status")).to_contain_text("Remembered", timeout=30_000)
+        remember_in_tab(page, "My favourite colour is teal.")
         page.get_by_role("tab", name="Chat").click()
         send(page, "Tell me everything.")
         expect(page.locator("#stop-btn")).to_be_visible(timeout=15_000)

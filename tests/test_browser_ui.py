@@ -11,14 +11,21 @@ import urllib.request
 
 import pytest
 
-from helpers import ask, bot, db_rows, long_answers, open_page, pick_memory, sign_in, sign_up, wait_for
+from helpers import (
+    ask,
+    bot,
+    create_key_in_tab,
+    db_rows,
+    long_answers,
+    open_page,
+    pick_memory,
+    remember_in_tab,
+    sign_in,
+    sign_up,
+    wait_for,
+)
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(ui_server):
-    return ui_server  # conftest: a real server per test module
+pytestmark = pytest.mark.slow  # `server` (conftest): a real Attune server for this module
 
 
 def answers(server, user, live_only=True):
@@ -183,10 +190,7 @@ def test_deleting_a_memory_asks_first_and_it_is_never_used_again(browser, server
 
     page = open_page(browser, server)
     sign_up(page, "zoe", "correct horse")
-    page.get_by_role("tab", name="Memory").click()
-    page.locator("#memory-fact textarea, #memory-fact input").fill("My cat is called Pumpkin.")
-    page.get_by_role("button", name="Remember", exact=True).click()
-    expect(page.locator("#memory-status")).to_contain_text("Remembered", timeout=30_000)
+    remember_in_tab(page, "My cat is called Pumpkin.")
     expect(page.locator("#memory-table")).to_contain_text("Pumpkin")
     page.get_by_role("tab", name="Chat").click()
     ask(page, server, "What is the name of my cat?", user="zoe")
@@ -245,12 +249,7 @@ def test_account_named_keys_and_password_change(browser, server):
     expect(page.locator("#base-url input, #base-url textarea")).to_have_value(server.base + "/v1", timeout=10_000)
 
     # A named key: shown once, listed by name, working until revoked.
-    page.locator("#key-name input, #key-name textarea").fill("phone")
-    page.get_by_role("button", name="Create API key").click()
-    key_box = page.locator("#api-key textarea, #api-key input")
-    expect(key_box).to_have_value(re.compile(r"^att-"), timeout=10_000)
-    key = key_box.input_value()
-    expect(page.locator("#keys")).to_contain_text("phone")
+    key = create_key_in_tab(page, "phone")
     assert models_status(server, key) == 200
     page.locator("#revoke-pick input").click()
     page.get_by_role("option", name=re.compile(r"^phone \(")).click()
