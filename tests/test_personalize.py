@@ -269,7 +269,7 @@ def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, 
     path = tmp_path / "h.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in convs))
     import_history(store, alice.id, path)
-    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.3, max_target_repeats=3))
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.3, max_target_repeats=3, fact_questions=3))
     every = data.train + data.heldout
     assert not [e for e in every if e.target == "Noted!"] and data.dropped["filler"] == 4
     assert sum(e.target == "Your dog is called Pixel!" for e in every) == 3 and data.dropped["repeats"] == 3
