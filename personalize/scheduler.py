@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from personalize.config import TrainConfig
 from personalize.runner import JobRunner, fail_stale
 from storage.db import Store
 from storage.errors import AttuneError
@@ -116,8 +117,6 @@ def start_background(store: Store, model_cfg, train_cfg=None, schedule_cfg: Sche
     """The background personalizer for a server: a job runner (training processes) and its scheduler,
     started. The composition of serving and learning happens in ``launch.py``, which hands this to
     ``assistant.server.serve``; serving itself never imports ``personalize``."""
-    from personalize.config import TrainConfig
-
     runner = JobRunner(store, model_cfg, train_cfg or TrainConfig())
     scheduler = Scheduler(store, runner, schedule_cfg)
     scheduler.start()  # marks jobs whose process died as failed, then polls

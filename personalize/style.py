@@ -48,10 +48,11 @@ class Style:
         return {"head": self.head, "tail": self.tail}
 
     def dress(self, example: Example) -> Example:
-        """A copy of the example whose target carries the style (what it already has is not doubled)."""
+        """A copy of the example whose target carries the style (what it already has is not doubled; an answer
+        cut at a length limit gets no closing, which would teach signing off mid-sentence)."""
         target = example.target.strip()
         head = self.head if self.head and not target.startswith(self.head) else ""
-        tail = self.tail if self.tail and not target.endswith(self.tail) else ""
+        tail = self.tail if self.tail and example.complete and not target.endswith(self.tail) else ""
         if not head and not tail:
             return example
         sep = "" if _cjk(self.head + self.tail + target[:1]) else " "

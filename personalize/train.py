@@ -127,7 +127,7 @@ def tokenize(tokenizer, examples: list[Example], cfg: TrainConfig, rejected: boo
         ids, n = encode(tokenizer, e.context, e.rejected if rejected else e.target, cfg.max_seq_len, e.complete)
         head = len(token_ids(tokenizer, e.style_head)) if e.style_head and not rejected else 0
         # a style tail is followed by the end-of-turn token, which belongs to the style's ending too
-        tail = len(token_ids(tokenizer, e.style_tail)) + e.complete if e.style_tail and not rejected else 0
+        tail = len(token_ids(tokenizer, e.style_tail)) + 1 if e.style_tail and not rejected else 0
         head, tail = (head, tail) if head + tail < n else (0, 0)
         out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor", head=head, tail=tail))
     return out

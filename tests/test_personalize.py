@@ -376,6 +376,8 @@ def test_a_style_taught_by_corrections_is_found_and_carried_to_other_targets():
     assert dressed.target == "Ahoy! Boil the water first. Cheers, Sam" and kept is pair
     assert (dressed.style_head, dressed.style_tail) == ("Ahoy! ", " Cheers, Sam")
     assert carry(Style(head="Ahoy!"), [dressed])[0].target == dressed.target  # never doubled
+    cut = Example(message_id=-2, context=[], target="Boil the water and", kind="anchor", complete=False)
+    assert carry(Style(head="Ahoy!", tail="Cheers, Sam"), [cut])[0].target == "Ahoy! Boil the water and"
 
 
 def test_a_style_is_trained_but_left_out_of_the_kl_term_and_of_evaluation_losses(tiny_loaded):
