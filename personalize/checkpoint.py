@@ -46,10 +46,8 @@ class BestCheckpoint:
     """Scores the adapter during training and keeps a copy of the best weights within the margin."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig, device: str, heldout: list[Example],
-                 monitor: list[Example]):
-        from personalize.train import mean_loss
-
-        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+                 monitor: list[Example], bf16: bool = False):
+        self.model, self.tokenizer, self.cfg, self.device, self.bf16 = model, tokenizer, cfg, device, bf16
         self.heldout = heldout[-cfg.monitor_heldout:] if heldout else []
         self.monitor = monitor
         self.limit = cfg.select_safety * cfg.anchor_margin
@@ -60,17 +58,23 @@ class BestCheckpoint:
         self.monitor_base = None
         if monitor:
             with model.disable_adapter():
-                self.monitor_base = mean_loss(model, tokenizer, monitor, cfg, device)
+                self.monitor_base = self._loss(monitor)
+
+    def _loss(self, examples: list[Example]) -> float | None:
+        """Mean loss in the training precision (bf16 autocast where training uses it: a check only ranks
+        checkpoints against the base scored the same way; the gate scores in fp32)."""
+        from personalize.train import autocast, mean_loss
+
+        with autocast(self.device, self.bf16):
+            return mean_loss(self.model, self.tokenizer, examples, self.cfg, self.device)
 
     def _weights(self) -> dict:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def check(self, step: int) -> bool:
         """Score the adapter now; False when training should stop (no progress for ``patience`` checks)."""
-        from personalize.train import mean_loss
-
-        held = mean_loss(self.model, self.tokenizer, self.heldout, self.cfg, self.device) if self.heldout else None
-        anchor = mean_loss(self.model, self.tokenizer, self.monitor, self.cfg, self.device) if self.monitor else None
+        held = self._loss(self.heldout) if self.heldout else None
+        anchor = self._loss(self.monitor) if self.monitor else None
         rise = None if anchor is None or self.monitor_base is None else anchor - self.monitor_base
         ok = rise is None or rise <= self.limit
         check = Check(step, held, rise, ok)

@@ -10,11 +10,15 @@ not worse in general.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from personalize.config import TrainConfig
 from personalize.dataset import Example
 from personalize.train import mean_loss, mean_losses
+from storage.paths import atomic_write_bytes
 
 
 @dataclass
@@ -74,7 +78,36 @@ def preference_margin(model, tokenizer, pairs: list[Example], cfg: TrainConfig, 
 
 
 def base_losses(model, tokenizer, heldout: list[Example], anchors: list[Example], cfg: TrainConfig,
-                device: str) -> tuple[float | None, float | None]:
-    """(held-out, anchor) loss of the base model: the peft model with its adapter disabled."""
+                device: str, cache: Path | None = None, where: str = "") -> tuple[float | None, float | None]:
+    """(held-out, anchor) loss of the base model: the peft model with its adapter disabled. The anchor losses
+    are kept in ``cache`` (see :func:`cached_mean_loss`; ``where`` names the device, quant and kernel)."""
     with model.disable_adapter():
-        return (mean_loss(model, tokenizer, heldout, cfg, device), mean_loss(model, tokenizer, anchors, cfg, device))
+        return (mean_loss(model, tokenizer, heldout, cfg, device),
+                cached_mean_loss(model, tokenizer, anchors, cfg, device, cache, where))
+
+
+def cached_mean_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig, device: str,
+                     cache: Path | None, where: str) -> float | None:
+    """Mean loss of ``examples``, each example's loss read from / added to the JSON file ``cache``.
+
+    Only for a model that never changes (the base, per cache file): the base's loss on the gate's anchors is
+    the same for every user and job, so it is scored once (a style the user taught changes the anchors' text
+    and so their keys)."""
+    if cache is None:
+        return mean_loss(model, tokenizer, examples, cfg, device)
+    stored = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+    keys = [_loss_key(e, cfg, where) for e in examples]
+    todo = [i for i, k in enumerate(keys) if k not in stored]
+    if todo:
+        for i, loss in zip(todo, mean_losses(model, tokenizer, [examples[i] for i in todo], cfg, device),
+                           strict=True):
+            stored[keys[i]] = loss
+        atomic_write_bytes(cache, json.dumps(stored).encode("utf-8"))
+    losses = [stored[k] for k in keys]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _loss_key(e: Example, cfg: TrainConfig, where: str) -> str:
+    text = json.dumps([where, cfg.max_seq_len, e.context, e.target, e.complete, e.style_head, e.style_tail],
+                      ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]

@@ -33,7 +33,7 @@ from personalize.checkpoint import BestCheckpoint
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
 from personalize.errors import TrainingError
-from personalize.train import attach_adapter, load_base, resolve, train
+from personalize.train import attach_adapter, attention, load_base, resolve, train
 from storage.adapters import staging_dir
 from storage.db import Store
 from storage.errors import AttuneError
@@ -123,13 +123,15 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         model = attach_adapter(loaded.model, cfg, quant, Path(continuing["path"]) if continuing else None)
         tok = loaded.tokenizer
         heldout = data.of("sft", heldout=True)[-cfg.max_eval_examples:]
-        base_heldout, base_anchor = gate.base_losses(model, tok, heldout, anchor_eval, cfg, device)
+        base_heldout, base_anchor = gate.base_losses(
+            model, tok, heldout, anchor_eval, cfg, device, replay.loss_cache(store.data_dir, loaded.path, cfg),
+            f"{device}|{quant}|{attention(cfg, device)}")
         before = gate.heldout_loss(model, tok, heldout, cfg, device) if continuing else base_heldout
         pairs = data.of("pair", heldout=True)[-cfg.max_eval_examples:]
         pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
 
     with phases("training"):
-        best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor)
+        best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor, bf16)
         stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
             lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
 

@@ -76,6 +76,11 @@ def anchor_set(model, tokenizer, model_path: Path, data_dir: DataDir, cfg: Train
     return [cached[p] for p in prompts]
 
 
+def loss_cache(data_dir: DataDir, model_path: Path, cfg: TrainConfig) -> Path:
+    """Where the base model's per-anchor losses are kept (personalize.gate.cached_mean_loss), by the anchor set."""
+    return data_dir.replay / f"{model_key(model_path, cfg)}.base-losses.json"
+
+
 def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str,
                      max_new_tokens: int) -> list[tuple[str, bool]]:
     """Greedy answers, batched with left padding: (text, ended by itself before ``max_new_tokens``)."""

@@ -101,8 +101,15 @@ def load_base(model_cfg: ModelConfig, cfg: TrainConfig, data_dir: DataDir) -> Lo
     device, quant, _ = resolve(cfg, model_cfg)
     # fp32 master weights on CPU (bf16 autocast does the matmuls); the serving dtype elsewhere.
     dtype = "float32" if device == "cpu" else model_cfg.dtype
-    return load_model(ModelConfig(model=model_cfg.model, quant=quant, device=device, threads=model_cfg.threads,
-                                  dtype=dtype), data_dir)
+    loaded = load_model(ModelConfig(model=model_cfg.model, quant=quant, device=device, threads=model_cfg.threads,
+                                    dtype=dtype), data_dir)
+    loaded.model.set_attn_implementation(attention(cfg, device))
+    return loaded
+
+
+def attention(cfg: TrainConfig, device: str) -> str:
+    """The attention kernel a run trains and scores with (``TrainConfig.attention``)."""
+    return cfg.attention if cfg.attention != "auto" else "eager" if device == "cpu" else "sdpa"
 
 
 def attach_adapter(model, cfg: TrainConfig, quant: str, continue_from: Path | None):
@@ -262,6 +269,19 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+LENGTH_GROUP = 8
+"""Batches per length group: a shuffled pool is sorted by length within spans of this many batches, so a batch
+holds similar lengths (a fifth of the tokens of random batches were padding) while the order stays random."""
+
+
+def _length_batches(pool: list, size: int, length: Callable) -> list[list]:
+    out: list[list] = []
+    span = size * LENGTH_GROUP
+    for i in range(0, len(pool), span):
+        out += _chunks(sorted(pool[i:i + span], key=length), size)
+    return out
+
+
 class _Batches:
     """The run's tokenized pools (SFT incl. anchors, preference pairs, undesirables) with their fixed base-model
     references, dealt into shuffled batches one epoch at a time."""
@@ -286,9 +306,10 @@ class _Batches:
     def epoch(self) -> list[tuple[str, list]]:
         for pool in (self.sft, self.pairs, self.und):
             self.rng.shuffle(pool)
-        batches = [("sft", b) for b in _chunks(self.sft, self.size)]
-        batches += [("pair", b) for b in _chunks(self.pairs, self.half)]
-        batches += [("und", b) for b in _chunks(self.und, self.size)]
+        batches = [("sft", b) for b in _length_batches(self.sft, self.size, lambda s: len(s.ids))]
+        batches += [("pair", b) for b in _length_batches(self.pairs, self.half,
+                                                          lambda p: max(len(p[0].ids), len(p[1].ids)))]
+        batches += [("und", b) for b in _length_batches(self.und, self.size, lambda u: len(u[0].ids))]
         self.rng.shuffle(batches)
         return batches
 

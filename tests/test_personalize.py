@@ -410,6 +410,46 @@ def test_a_style_is_trained_but_left_out_of_the_kl_term_and_of_evaluation_losses
     seq.ref = (idx, ref)
     assert kl_to_ref(logits, [seq]).item() == pytest.approx(before)
 
+def test_the_base_models_anchor_losses_are_scored_once_and_reused(tiny_loaded, tmp_path, monkeypatch):
+    import personalize.gate as gate_mod
+    from personalize.gate import cached_mean_loss
+    from personalize.style import Style
+    from personalize.train import mean_loss
+
+    tok, model, cfg = tiny_loaded.tokenizer, tiny_loaded.model, tiny_cfg()
+    anchors = [Example(message_id=-i, context=[{"role": "user", "content": q}], target=a, kind="anchor")
+               for i, (q, a) in enumerate([("What is rain?", "Water falling from clouds."),
+                                           ("Name a color.", "Blue.")], 1)]
+    cache = tmp_path / "losses.json"
+    first = cached_mean_loss(model, tok, anchors, cfg, "cpu", cache, "cpu|none|eager")
+    assert first == pytest.approx(mean_loss(model, tok, anchors, cfg, "cpu"))
+    assert len(json.loads(cache.read_text())) == 2
+    scored = []
+    real = gate_mod.mean_losses
+    monkeypatch.setattr(gate_mod, "mean_losses", lambda m, t, ex, *a: scored.append(len(ex)) or real(m, t, ex, *a))
+    assert cached_mean_loss(model, tok, anchors, cfg, "cpu", cache, "cpu|none|eager") == first
+    assert scored == []  # read back, not scored again
+    styled = [Style(head="Ahoy!").dress(e) for e in anchors]  # another text: other keys, scored once
+    cached_mean_loss(model, tok, styled, cfg, "cpu", cache, "cpu|none|eager")
+    cached_mean_loss(model, tok, anchors, cfg, "cpu", cache, "cpu|none|sdpa")  # another kernel: other keys
+    assert scored == [2, 2] and len(json.loads(cache.read_text())) == 6
+
+
+def test_batches_hold_similar_lengths_and_every_example_once():
+    import random
+
+    from personalize.train import LENGTH_GROUP, _length_batches
+
+    pool = [random.Random(i).randint(10, 400) for i in range(100)]
+    batches = _length_batches(list(pool), 4, lambda n: n)
+    assert sorted(x for b in batches for x in b) == sorted(pool) and all(len(b) == 4 for b in batches)
+    for g in range(0, len(batches), LENGTH_GROUP):  # within a group, batches follow each other by length
+        flat = [x for b in batches[g:g + LENGTH_GROUP] for x in b]
+        assert flat == sorted(flat)
+    padding = lambda bs: sum(max(b) * len(b) - sum(b) for b in bs)  # noqa: E731
+    assert padding(batches) < padding([pool[i:i + 4] for i in range(0, 100, 4)]) / 3
+
+
 # storage: versions, jobs, reservoir ------------------------------------------------------------
 def _staged(store, user_id: int, job_id: int) -> Path:
     d = staging_dir(store, user_id, job_id)
@@ -532,7 +572,8 @@ def test_scheduler_picks_users_with_enough_new_signal(store, alice, bob, tmp_pat
 
 
 @pytest.mark.parametrize("field,value", [("rank", 0), ("lr", 0), ("heldout_fraction", 1.0), ("preference_loss", "x"),
-                                         ("anchor_ratio", 1.0), ("quant", "int4"), ("max_seq_len", 8)])
+                                         ("anchor_ratio", 1.0), ("quant", "int4"), ("max_seq_len", 8),
+                                         ("attention", "flash")])
 def test_train_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         TrainConfig(**{field: value})
