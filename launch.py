@@ -115,8 +115,9 @@ def _serve_parser(sub, common) -> None:
                    help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     config_flag(s, SchedulerConfig, "min_new_events", flag="--train-after", metavar="N")
     config_flag(s, SchedulerConfig, "min_interval_minutes", flag="--train-interval", metavar="MINUTES")
-    s.add_argument("--engine", default="transformers", choices=ENGINES,
-                   help="who generates: transformers in this process, or a vLLM server (make vllm; README)")
+    s.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="who generates: auto (llama.cpp on a CPU when installed and the model is GGUF, else "
+                        "transformers), llamacpp, transformers, or a vLLM server (make vllm; README)")
     config_flag(s, VLLMConfig, "url", flag="--vllm-url", metavar="URL")
 
 
@@ -228,7 +229,7 @@ def serve(store, args: argparse.Namespace) -> None:
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
           start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
           train_after=schedule_cfg.min_new_events,
-          vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None)
+          vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine)
 
 
 def train(store, args: argparse.Namespace) -> None:

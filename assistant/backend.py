@@ -142,29 +142,18 @@ class _Request:
         return (s.temperature > 0, s.temperature, s.top_p, s.repetition_penalty)
 
 
-class TransformersBackend(ChatBackend):
-    """A transformers causal LM in this process. One worker thread owns the model: it gathers
-    concurrent requests into batches (peft mixed-adapter batches when users have adapters),
-    decodes them together and streams each row to its own request."""
+class QueuedBackend(ChatBackend):
+    """An engine whose one worker thread owns the model: ``stream`` queues a request and yields the pieces the
+    worker hands it. Subclasses implement ``_loop`` (take requests off ``_queue``; None means close) and call
+    ``_token`` for each decoded token and ``_finish`` when a request ends."""
 
-    def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
-        from assistant.adapters import AdapterRegistry
-
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.name = loaded.name
-        self.registry = registry or AdapterRegistry(loaded.model)
-        self.batch = batch or BatchConfig()
-        limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
-        self.context_tokens = min(context_tokens or limit, limit)
-        gen_eos = loaded.model.generation_config.eos_token_id
-        self.eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {self.tokenizer.eos_token_id}
-        self.eos.discard(None)
+    def __init__(self, tokenizer, eos: set[int]):
+        self.tokenizer = tokenizer
+        self.eos = set(eos) - {None}
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._active: dict[int, _Request] = {}  # requests being streamed, so shutdown can stop them
-        self.batch_sizes: list[int] = []
 
     def stream(self, prompt_ids, settings, stop, stats, adapter: AdapterRef | None = None):
         req = _Request(list(prompt_ids), settings, stop, stats, adapter)
@@ -200,13 +189,85 @@ class TransformersBackend(ChatBackend):
             self._queue.put(None)
             self._worker.join()
 
-    # worker ----------------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         with self._worker_lock:
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name="attune-generate", daemon=True)
+                self._worker = threading.Thread(target=self._loop, name=f"attune-{self.name}", daemon=True)
                 self._worker.start()
 
+    @abstractmethod
+    def _loop(self) -> None:
+        """The worker: serve queued requests until a None arrives."""
+
+    def _flush(self, req: _Request, final: bool) -> None:
+        """Send the newly decoded text of a row; whole words only until the end.
+
+        Decoding is incremental (a few tokens per step, not the whole answer): the text of
+        ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is what the new tokens added, decoded with
+        a little left context so byte-level and sentencepiece tokenizers join pieces correctly."""
+        decode = self.tokenizer.decode
+        if final:  # one full decode at the end: the answer is exactly what the tokenizer says
+            text = decode(req.ids, skip_special_tokens=True)
+            req.text = text
+        else:
+            before = decode(req.ids[req.prefix:req.read], skip_special_tokens=True)
+            after = decode(req.ids[req.prefix:], skip_special_tokens=True)
+            if after.endswith("\ufffd") or len(after) <= len(before):  # half a character, or nothing yet
+                return
+            req.text += after[len(before):]
+            req.prefix, req.read = req.read, len(req.ids)
+            text = req.text
+        cut = len(text) if final or text.endswith(("\n", " ")) else text.rfind(" ", req.sent)
+        if cut > req.sent:
+            req.pieces.put(text[req.sent:cut])
+            req.sent = cut
+
+    def _finish(self, req: _Request) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req.error is None:
+            self._flush(req, final=True)
+        req.pieces.put(None)
+        req.done.set()
+
+    def _token(self, req: _Request, token: int) -> None:
+        """One decoded token of ``req``: ends it at EOS, at its length limit or when stopped, else streams it."""
+        if req.stats.ttft_ms is None:
+            req.stats.ttft_ms = (time.monotonic() - req.started) * 1000
+        if token in self.eos:
+            self._finish(req)
+            return
+        req.stats.completion_tokens += 1
+        req.ids.append(token)
+        if req.stats.completion_tokens >= req.settings.max_new_tokens:
+            req.stats.finish_reason = "length"
+            self._finish(req)
+        elif req.stop.is_set():
+            self._finish(req)
+        else:
+            self._flush(req, final=False)
+
+class TransformersBackend(QueuedBackend):
+    """A transformers causal LM in this process. One worker thread owns the model: it gathers
+    concurrent requests into batches (peft mixed-adapter batches when users have adapters),
+    decodes them together and streams each row to its own request."""
+
+    def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
+        from assistant.adapters import AdapterRegistry
+
+        gen_eos = loaded.model.generation_config.eos_token_id
+        super().__init__(loaded.tokenizer, set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) |
+                         {loaded.tokenizer.eos_token_id})
+        self.loaded = loaded
+        self.name = loaded.name
+        self.registry = registry or AdapterRegistry(loaded.model)
+        self.batch = batch or BatchConfig()
+        limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
+        self.context_tokens = min(context_tokens or limit, limit)
+        self.batch_sizes: list[int] = []
+
+    # worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
         pending: list[_Request] = []
         while True:
@@ -294,39 +355,6 @@ class TransformersBackend(ChatBackend):
             kwargs["adapter_names"] = [n or BASE for n in names]
         return contextlib.nullcontext()
 
-    def _flush(self, req: _Request, final: bool) -> None:
-        """Send the newly decoded text of a row; whole words only until the end.
-
-        Decoding is incremental (a few tokens per step, not the whole answer): the text of
-        ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is what the new tokens added, decoded with
-        a little left context so byte-level and sentencepiece tokenizers join pieces correctly."""
-        decode = self.tokenizer.decode
-        if final:  # one full decode at the end: the answer is exactly what the tokenizer says
-            text = decode(req.ids, skip_special_tokens=True)
-            req.text = text
-        else:
-            before = decode(req.ids[req.prefix:req.read], skip_special_tokens=True)
-            after = decode(req.ids[req.prefix:], skip_special_tokens=True)
-            if after.endswith("\ufffd") or len(after) <= len(before):  # half a character, or nothing yet
-                return
-            req.text += after[len(before):]
-            req.prefix, req.read = req.read, len(req.ids)
-            text = req.text
-        cut = len(text) if final or text.endswith(("\n", " ")) else text.rfind(" ", req.sent)
-        if cut > req.sent:
-            req.pieces.put(text[req.sent:cut])
-            req.sent = cut
-
-    def _finish(self, req: _Request) -> None:
-        if req.finished:
-            return
-        req.finished = True
-        if req.error is None:
-            self._flush(req, final=True)
-        req.pieces.put(None)
-        req.done.set()
-
-
 def _groups(reqs: list[_Request], size: int) -> list[list[_Request]]:
     """Requests split into batches of compatible sampling settings."""
     out: list[list[_Request]] = []
@@ -367,24 +395,7 @@ class _BatchStreamer:
             return
         for req, token in zip(self.reqs, value.reshape(-1).tolist(), strict=True):
             if not req.finished:
-                self._token(req, token)
-
-    def _token(self, req: _Request, token: int) -> None:
-        backend = self.backend
-        if req.stats.ttft_ms is None:
-            req.stats.ttft_ms = (time.monotonic() - req.started) * 1000
-        if token in backend.eos:
-            backend._finish(req)
-            return
-        req.stats.completion_tokens += 1
-        req.ids.append(token)
-        if req.stats.completion_tokens >= req.settings.max_new_tokens:
-            req.stats.finish_reason = "length"
-            backend._finish(req)
-        elif req.stop.is_set():
-            backend._finish(req)
-        else:
-            backend._flush(req, final=False)
+                self.backend._token(req, token)
 
     def end(self) -> None:
         for req in self.reqs:

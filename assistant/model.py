@@ -130,6 +130,15 @@ def embedded_gguf() -> Path:
     return path
 
 
+def gguf_source(model: str) -> Path | None:
+    """The GGUF file ``model`` names (the embedded model, or a ``.gguf`` path), or None for a transformers model."""
+    model = str(model).strip()
+    if model == EMBEDDED:
+        return embedded_gguf()
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model_dir(model: str, data_dir: DataDir) -> Path:
     """A local folder holding config, tokenizer and safetensors for ``model``; converts or fetches as needed."""
     model = str(model).strip()

@@ -9,19 +9,22 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 
 from assistant.engine import ChatConfig, ChatEngine
+from assistant.errors import ModelError
 from assistant.model import ModelConfig, load_model
 from storage.db import Store
 from storage.errors import CLI, AttuneError
 
 log = logging.getLogger("attune.server")
-ENGINES = ("transformers", "vllm")
-"""Who generates: ``transformers`` in this process, or ``vllm`` (a vLLM server; ``assistant.vllm_backend``)."""
+ENGINES = ("auto", "llamacpp", "transformers", "vllm")
+"""Who generates: ``llamacpp`` (llama.cpp in this process; ``assistant.llamacpp_backend``), ``transformers`` in
+this process, or ``vllm`` (a vLLM server; ``assistant.vllm_backend``); ``auto`` picks with :func:`pick_engine`."""
 SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
@@ -103,12 +106,26 @@ class _Guard:
         await self.asgi(scope, receive, send)
 
 
-def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None):
-    """The engine behind ChatEngine: transformers in this process, or vLLM when ``vllm_cfg`` is given
-    (a ``VLLMConfig``: a running server's URL, or one started from the vLLM venv)."""
+def pick_engine(engine: str, model_cfg: ModelConfig) -> str:
+    """``auto``: llama.cpp where it serves this model fastest (installed, a GGUF model, on the CPU; BENCHMARKS.md
+    "Serving"), else transformers. Any other name is kept."""
+    if engine != "auto":
+        return engine
+    from assistant.llamacpp_backend import available
+    from assistant.model import gguf_source, resolve_device
+
+    fast = available() and resolve_device(model_cfg.device) == "cpu" and gguf_source(model_cfg.model) is not None
+    return "llamacpp" if fast else "transformers"
+
+
+def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None, engine: str = "auto"):
+    """The engine behind ChatEngine: vLLM when ``vllm_cfg`` is given (a ``VLLMConfig``: a running server's URL,
+    or one started from the vLLM venv), else ``engine`` (:func:`pick_engine`) in this process."""
     from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
+    if vllm_cfg is None and pick_engine(engine, model_cfg) == "llamacpp":
+        return _llamacpp(store, model_cfg, chat_cfg)
     if vllm_cfg is not None:
         from assistant.model import EMBEDDED, resolve_model_dir
         from assistant.vllm_backend import VLLMBackend
@@ -124,19 +141,39 @@ def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vl
     return TransformersBackend(loaded, chat_cfg.context_tokens, AdapterRegistry(loaded.model))
 
 
+def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig):
+    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, available
+    from assistant.model import EMBEDDED, gguf_source, resolve_model_dir
+
+    gguf = gguf_source(model_cfg.model)
+    if gguf is None:
+        raise ModelError("--engine llamacpp serves GGUF models (the embedded one, or --model FILE.gguf); use "
+                         "--engine transformers for this model.")
+    if not available():
+        raise ModelError("llama-cpp-python is not installed: run `make setup` (it builds llama.cpp), or use "
+                         "--engine transformers.")
+    started = time.monotonic()
+    name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else gguf.stem
+    backend = LlamaCppBackend(gguf, resolve_model_dir(model_cfg.model, store.data_dir), name,
+                              LlamaCppConfig(threads=model_cfg.threads), chat_cfg.context_tokens)
+    print(f"attune: model {name} served by llama.cpp from {gguf.name} (--quant/--dtype do not apply: the GGUF's own "
+          f"weights) ready in {time.monotonic() - started:.1f} s", flush=True)
+    return backend
+
+
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
           memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
-          vllm_cfg=None) -> None:
+          vllm_cfg=None, engine: str = "auto") -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
     ``start_personalizer`` starts the background personalizer and returns its (job runner, scheduler): the
     caller composes it (``launch.py``), serving never imports ``personalize``; it runs only when
     ``server_cfg.personalizer``. ``train_after`` is the scheduler's trigger, shown in the UI. ``vllm_cfg``
-    (a ``VLLMConfig``) hands generation to vLLM instead of this process."""
+    (a ``VLLMConfig``) hands generation to vLLM instead of this process; else ``engine`` (:data:`ENGINES`)."""
     allow_signup = check_exposure(store, server_cfg)
     if not is_loopback(server_cfg.host):
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
                     "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
-    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg)
+    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg, engine)
     memory = None
     if memory_cfg is not None:
         from assistant.memory import MemoryService

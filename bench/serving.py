@@ -1,7 +1,8 @@
-"""Serving speed on the embedded model: time to first token and decode tok/s for the base model,
-with a LoRA adapter, and N concurrent users with different adapters (one mixed-adapter batch) vs
-the same requests serialized; adapter cold load / warm switch / publish-to-first-use; llama.cpp
-on the same GGUF as the anchor when ``llama-cpp-python`` is installed."""
+"""Serving speed on the embedded model, both in-process engines side by side in one run: time to first token
+and decode tok/s for the base model and with a LoRA adapter, N concurrent users with different adapters vs
+the same requests serialized, the time to first token of requests arriving while the engine is busy, adapter
+cold load / warm switch / publish-to-first-use; plain llama-cpp-python on the same GGUF as the anchor.
+The llama.cpp engine rows need ``llama-cpp-python`` and llama.cpp's converter (``make setup``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from assistant.gguf_lora import converter_dir
 
 PROMPT = "Explain in a few sentences why the sky is blue, and give one everyday example."
 
@@ -143,9 +146,95 @@ def run(quick: bool = False) -> dict:
     # Last: merging touches the shared base weights (restored exactly afterwards, but measured after the rest).
     out["adapter_merged"] = _merged(registry, ref(users[1]), lambda: median_of(lambda: _one(batched, ids, tokens,
                                                                                               ref(users[1]))))
+    out["late_arrival"] = {"transformers": _late(batched, ids, tokens, [ref(u) for u in users[1:9]], quick)}
     batched.close()
     serial.close()
     out["llama_cpp"] = _llama_cpp(tokens) if not quick else None
+    from assistant.llamacpp_backend import available
+
+    if available() and converter_dir() is not None:
+        out["llamacpp_engine"] = _llamacpp_engine(store, users, loaded.path, ids, tokens, repeats, quick, ref)
+        out["late_arrival"]["llamacpp"] = out["llamacpp_engine"].pop("late")
+    return out
+
+
+LATE = 8
+"""Requests that arrive, one every ``LATE_GAP_S``, while the engine decodes 8 users' answers."""
+LATE_GAP_S = 0.25
+
+
+def _late(backend, ids, tokens: int, busy: list, quick: bool) -> dict:
+    """TTFT of requests arriving while ``len(busy)`` answers of ``tokens`` tokens are being decoded."""
+    from assistant.backend import GenerationSettings, StreamStats
+
+    long = GenerationSettings(max_new_tokens=tokens * 2, temperature=0, repetition_penalty=1.0)
+    threads = [threading.Thread(target=lambda r=r: [None for _ in backend.stream(ids, long, threading.Event(),
+                                                                                 StreamStats(), r)]) for r in busy]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # they are decoding now
+    ttfts: list[float] = []
+    late = []
+    for i in range(2 if quick else LATE):
+        def one(ref=busy[i % len(busy)]):
+            ttfts.append(_one(backend, ids, 4, ref)["ttft_ms"])
+        late.append(threading.Thread(target=one))
+        late[-1].start()
+        time.sleep(LATE_GAP_S)
+    for t in late + threads:
+        t.join()
+    ttfts.sort()
+    return {"n": len(ttfts), "busy": len(busy), "ttft_ms_p50": statistics.median(ttfts),
+            "ttft_ms_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], "ttft_ms_max": ttfts[-1]}
+
+
+# Over 60 lines on purpose: the llama.cpp engine's measurements in run order, on the users run() published.
+def _llamacpp_engine(store, users: list[int], model_dir: Path, ids, tokens: int, repeats: int, quick: bool,
+                     ref) -> dict:
+    """The llama.cpp engine (assistant.llamacpp_backend) on the shipped GGUF, with the same users' adapters
+    converted as a publish converts them."""
+    from assistant.gguf_lora import convert, gguf_path
+    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.model import embedded_gguf
+
+    started = time.perf_counter()
+    for u in users[1:9]:
+        convert(Path(ref(u).path), model_dir)
+    out: dict = {"convert_s_per_adapter": (time.perf_counter() - started) / 8}
+    fast = LlamaCppBackend(embedded_gguf(), model_dir, "smol", LlamaCppConfig(), 2048)
+    _one(fast, ids, 4)  # warm-up (first context)
+    started = time.perf_counter()
+    first = _one(fast, ids, 1, ref(users[1]))
+    out["adapter_cold_load_ms"] = fast.load_seconds[0] * 1000
+    out["adapter_first_request_ms"] = (time.perf_counter() - started) * 1000
+    assert first["adapter"] == ref(users[1]).version
+
+    def median_of(fn):
+        runs = [fn() for _ in range(repeats)]
+        return {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "decode_tok_s", "total_s")}
+
+    # the same prompt again: a slot that holds it prefills only its last token (TTFT of a repeated prompt)
+    out["base"] = median_of(lambda: _one(fast, ids, tokens, None))
+    out["adapter"] = median_of(lambda: _one(fast, ids, tokens, ref(users[1])))
+    # a new question each time (only the chat template's opening is in a KV cache): TTFT of a short prompt
+    short = [fast.tokenizer.apply_chat_template([{"role": "user", "content": f"Name {w} animals of the sea."}],
+                                                add_generation_prompt=True, tokenize=True)
+             for w in ("two", "three", "four", "five", "six")]
+    out["ttft_short_ms"] = statistics.median(
+        _one(fast, list(s["input_ids"] if hasattr(s, "keys") else s), 2, ref(users[1]))["ttft_ms"] for s in short)
+    out["short_prompt_tokens"] = len(short[0]["input_ids"] if hasattr(short[0], "keys") else short[0])
+    serial = LlamaCppBackend(embedded_gguf(), model_dir, "smol", LlamaCppConfig(slots=1), 2048)
+    out["concurrency"] = []
+    for n in (1, 4) if quick else (1, 4, 8):
+        group = [ref(u) for u in users[1:n + 1]]
+        _concurrent(fast, ids, 4, group)
+        _concurrent(serial, ids, 4, group)
+        out["concurrency"].append({"users": n, "batched": _concurrent(fast, ids, tokens, group),
+                                   "serialized": _concurrent(serial, ids, tokens, group)})
+    serial.close()
+    out["late"] = _late(fast, ids, tokens, [ref(u) for u in users[1:9]], quick)
+    out["gguf_mb"] = gguf_path(Path(ref(users[1]).path)).stat().st_size / 1e6
+    fast.close()
     return out
 
 
@@ -202,43 +291,61 @@ def _llama_cpp(tokens: int) -> dict | None:
 def render(r: dict) -> str:
     from bench.report import table
 
-    rows = [["base model", r["base"]["ttft_ms"], r["base"]["decode_tok_s"]],
-            ["with a LoRA adapter (r=16, all linear)", r["adapter"]["ttft_ms"], r["adapter"]["decode_tok_s"]]]
-    merged = r.get("adapter_merged")
+    fast, anchor, merged = r.get("llamacpp_engine"), r.get("llama_cpp"), r.get("adapter_merged")
+    rows = [["transformers engine: base model", r["base"]["ttft_ms"], r["base"]["decode_tok_s"]],
+            ["transformers engine: with a LoRA adapter (r=16, all linear)", r["adapter"]["ttft_ms"],
+             r["adapter"]["decode_tok_s"]]]
     if merged:
-        rows.append(["the adapter merged into the weights (a lone user)", merged["ttft_ms"], merged["decode_tok_s"]])
-    anchor = r.get("llama_cpp")
+        rows.append(["transformers engine: the adapter merged into the weights (a lone user)", merged["ttft_ms"],
+                     merged["decode_tok_s"]])
+    if fast:
+        rows += [["**llama.cpp engine: base model**", fast["base"]["ttft_ms"], fast["base"]["decode_tok_s"]],
+                 ["**llama.cpp engine: with the LoRA adapter**", fast["adapter"]["ttft_ms"],
+                  fast["adapter"]["decode_tok_s"]]]
     if anchor:
-        rows.append([f"llama.cpp {anchor.get('version', '')}, same GGUF (Q4_1), {anchor.get('threads', 2)} threads "
-                     "(anchor)", anchor["ttft_ms"], anchor["decode_tok_s"]])
-    conc = [[c["users"], c["batched"]["aggregate_tok_s"], c["serialized"]["aggregate_tok_s"],
+        rows.append([f"plain llama-cpp-python {anchor.get('version', '')}, same GGUF (Q4_1), "
+                     f"{anchor.get('threads', 2)} threads (anchor)", anchor["ttft_ms"], anchor["decode_tok_s"]])
+    lines = [
+        f"Embedded SmolLM2-135M-Instruct on {r['device']}: the transformers engine with `--quant {r['quant']}` "
+        f"({r.get('dtype', 'float32')}), the llama.cpp engine on the shipped Q4_1 GGUF; {r['prompt_tokens']}-token "
+        f"prompt, {r['new_tokens']} new tokens, greedy; through Attune's backends (streaming included). A llama.cpp "
+        "slot keeps its KV cache, so a repeated prompt prefills only its last token (its TTFT below); a new short "
+        "question's TTFT is in the last table.", "",
+        table(["", "TTFT ms", "decode tok/s"], rows), ""]
+    if fast and anchor:
+        ours, theirs = fast["adapter"]["decode_tok_s"] / anchor["decode_tok_s"], \
+            r["adapter"]["decode_tok_s"] / anchor["decode_tok_s"]
+        lines.append(f"One user with an adapter on the llama.cpp engine decodes at **{ours:.2f}×** llama.cpp's base "
+                     f"speed (target ≥ 0.5×); the transformers engine at {theirs:.2f}×.")
+    elif not fast:
+        lines.append("llama.cpp engine: not measured in this run (`make setup` builds llama-cpp-python and keeps "
+                     "llama.cpp's adapter converter; then `python -m bench --only serving`).")
+    if merged and merged["changed_after_unmerge"]:
+        lines.append(f"Merging a lone user's adapter and unmerging in {merged['dtype']} does not give the shared base "
+                     f"weights back ({merged['changed_after_unmerge']:,} of {merged['base_weights']:,} differ), so "
+                     "the transformers engine keeps adapters unmerged (peft `adapter_names`).")
+    conc = [[engine, c["users"], c["batched"]["aggregate_tok_s"], c["serialized"]["aggregate_tok_s"],
              c["batched"]["aggregate_tok_s"] / c["serialized"]["aggregate_tok_s"], c["batched"]["ttft_ms_p50"],
-             c["serialized"]["ttft_ms_p50"]] for c in r["concurrency"]]
-    if merged:
-        gain = merged["decode_tok_s"] / r["adapter"]["decode_tok_s"]
-        ratio_merge = (f"Merging a lone user's adapter into the weights decodes at {gain:.2f}× the unmerged adapter's "
-                       "speed here")
-        if merged["changed_after_unmerge"]:
-            ratio_merge += (f", and unmerging in {merged['dtype']} does not give the shared base weights back "
-                            f"({merged['changed_after_unmerge']:,} of {merged['base_weights']:,} differ afterwards), "
-                            "which would drift every other user's base model with each switch")
-        ratio_merge += "; so Attune keeps adapters unmerged and routes rows through them (peft `adapter_names`)."
-    else:
-        ratio_merge = ""
-    ratio = (f"Ours vs llama.cpp decode: **{r['base']['decode_tok_s'] / anchor['decode_tok_s']:.2f}×** (llama.cpp "
-             "reads 4-bit Q4_1 weights with hand-tuned kernels; Attune de-quantizes them to "
-             f"{r.get('dtype', 'float32')} so that peft adapters apply; bitsandbytes 4-bit is slower on CPU, "
-             "see the configuration search above)."
-             if anchor else "llama.cpp anchor: not measured in this run (install the `anchor` extra, "
-             "`pip install llama-cpp-python`, then `python -m bench --only serving`).")
-    return "\n".join([
-        f"Embedded SmolLM2-135M-Instruct, `--quant {r['quant']}` ({r.get('dtype', 'float32')}) on {r['device']}, "
-        f"{r['prompt_tokens']}-token "
-        f"prompt, {r['new_tokens']} new tokens, greedy; through Attune's backend (streaming included).", "",
-        table(["", "TTFT ms", "decode tok/s"], rows), "", ratio, *([ratio_merge] if ratio_merge else []), "",
-        "Concurrent users, each with their own adapter, one mixed-adapter batch vs the same requests serialized:", "",
-        table(["users", "batched tok/s", "serialized tok/s", "gain", "batched TTFT p50 ms", "serialized TTFT p50 ms"],
-              conc), "",
-        table(["adapter cold load ms", "warm switch ms", "publish → first token ms"],
-              [[r["adapter_cold_load_ms"], r["adapter_warm_switch_ms"], r["publish_to_first_token_ms"]]]),
-    ])
+             c["serialized"]["ttft_ms_p50"]]
+            for engine, cs in (("transformers (mixed-adapter batch)", r["concurrency"]),
+                               ("llama.cpp (slots, interleaved)", fast["concurrency"] if fast else []))
+            for c in cs]
+    late = [[engine, x["busy"], x["n"], x["ttft_ms_p50"], x["ttft_ms_p95"], x["ttft_ms_max"]]
+            for engine, x in (r.get("late_arrival") or {}).items()]
+    loads = [["transformers", r["adapter_cold_load_ms"], r["adapter_warm_switch_ms"], r["publish_to_first_token_ms"],
+              None, None]]
+    if fast:
+        loads.append(["llama.cpp", fast["adapter_cold_load_ms"], None, fast["adapter_first_request_ms"],
+                      fast["convert_s_per_adapter"], fast["ttft_short_ms"]])
+    lines += ["", "Concurrent users, each with their own adapter, all at once vs the same requests one at a time on "
+              "the same engine:", "",
+              table(["engine", "users", "together tok/s", "one at a time tok/s", "gain", "together TTFT p50 ms",
+                     "one at a time TTFT p50 ms"], conc)]
+    if late:
+        lines += ["", f"Requests arriving while 8 users' answers decode ({LATE} arrivals, one every {LATE_GAP_S} s, "
+                  "each with one of those users' adapters):",
+                  "", table(["engine", "busy answers", "late requests", "TTFT p50 ms", "TTFT p95 ms", "TTFT max ms"],
+                            late)]
+    lines += ["", table(["engine", "adapter cold load ms", "warm switch ms", "publish → first token ms",
+                         "GGUF conversion s (at publish)", "TTFT short new prompt ms"], loads)]
+    return "\n".join(lines)

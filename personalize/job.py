@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -27,6 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from assistant import gguf_lora
+from assistant.errors import ModelError
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
 from personalize import gate, replay, style
 from personalize.checkpoint import BestCheckpoint
@@ -155,13 +158,14 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         "style": user_style.to_dict(),
     }
     new = [e for e in user_train if is_new(e, watermark)]
-    return _record(store, job_id, user_id, model, verdict, metrics, phases, new, cfg)
+    return _record(store, job_id, user_id, model, verdict, metrics, phases, new, cfg, loaded.path)
 
 
 def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateResult, metrics: dict,
-            phases: _Phases, new: list, cfg: TrainConfig) -> dict:
+            phases: _Phases, new: list, cfg: TrainConfig, base_dir: Path) -> dict:
     """Publish the trained adapter (then keep its new examples in the replay reservoir) or record the
-    rejection; finish the job row. Returns the job's result."""
+    rejection; finish the job row. Returns the job's result. A published version also gets its GGUF for the
+    llama.cpp engine when llama.cpp's converter is installed (assistant.gguf_lora)."""
     base_id, parent = metrics["base_model"], metrics["continued_from"]
     with phases("publishing" if verdict.passed else "recording the rejection"):
         if verdict.passed:
@@ -169,6 +173,7 @@ def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateRe
             remove_tree(staging)
             try:
                 model.save_pretrained(str(staging))
+                _to_gguf(staging, base_dir, phases)
                 metrics["timings"] = phases.total()
                 version = store.adapters.publish(user_id, staging, base_model=base_id, metrics=metrics,
                                                  gate_reason=verdict.reason, parent_version=parent, job_id=job_id,
@@ -185,6 +190,18 @@ def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateRe
               "job_id": job_id}
     store.jobs.finish(job_id, "published" if verdict.passed else "rejected", result)
     return result
+
+
+def _to_gguf(staging: Path, base_dir: Path, phases: _Phases) -> None:
+    """The version's llama.cpp GGUF next to its peft files; without it the engine converts on first use."""
+    if gguf_lora.converter_dir() is None:
+        return
+    started = time.perf_counter()
+    try:
+        gguf_lora.convert(staging, base_dir)
+    except (ModelError, OSError, subprocess.SubprocessError) as e:
+        log.warning("no GGUF for the llama.cpp engine (it converts on first use instead): %s", e)
+    phases.timings["gguf_s"] = time.perf_counter() - started
 
 
 def execute(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,

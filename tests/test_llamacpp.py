@@ -1,0 +1,161 @@
+"""The llama.cpp engine on the real embedded model: per-user adapters give peft's greedy answers, requests with
+different adapters interleave (a late one starts while another decodes), and an adapter published without
+a GGUF is converted on first use. Skipped, with the reason, where llama-cpp-python or llama.cpp's converter is
+not installed (`make setup` builds both)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant.adapters import AdapterRef
+from assistant.backend import GenerationSettings, StreamStats
+from assistant.gguf_lora import GGUF_NAME, convert, converter_dir
+from assistant.llamacpp_backend import LlamaCppBackend, available
+
+pytestmark = [
+    pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed (make setup builds it)"),
+    pytest.mark.skipif(converter_dir() is None, reason="llama.cpp's converter is not installed (make setup keeps it)"),
+]
+SYSTEM = "You are Attune, a helpful personal assistant. Answer clearly and concisely."
+PROMPTS = ["Explain in a few sentences why the sky is blue.", "What is the capital of France?",
+           "Give me three tips for sleeping better.", "Write a haiku about autumn.", "How do I boil an egg?",
+           "What is 12 times 7?", "Name a few uses of baking soda.", "Who wrote Hamlet?"]
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0, repetition_penalty=1.1)
+
+
+def _adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A random rank-16 LoRA on every linear layer, strong enough to change greedy answers, saved by peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                          LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.mul_(0.4)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, embedded_models_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assistant.backend import TransformersBackend
+    from assistant.model import LoadedModel, embedded_gguf
+
+    model_dir = next(p for p in embedded_models_dir.iterdir() if (p / "config.json").is_file())
+    tmp = tmp_path_factory.mktemp("llamacpp")
+    refs = []
+    for i in (1, 2):
+        path = _adapter(model_dir, tmp / f"u{i}" / "v1", seed=i)
+        convert(path, model_dir)  # what a publish does
+        refs.append(AdapterRef(f"u{i}-v1-test", 1, str(path)))
+    # the same weights as llama.cpp reads them at full precision: the "precision used" of the comparison
+    f32 = tmp / "base-f32.gguf"
+    subprocess.run([sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"), "--outtype", "f32", "--outfile",
+                    str(f32), str(model_dir)], check=True, capture_output=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    peft = TransformersBackend(LoadedModel(model, tok, "smol", model_dir, "cpu", "none", 0.0, "float32"), 2048)
+    fast32 = LlamaCppBackend(f32, model_dir, "smol-f32")
+    served = LlamaCppBackend(embedded_gguf(), model_dir, "smol")
+    yield {"refs": refs, "peft": peft, "fast32": fast32, "served": served, "tok": tok, "model_dir": model_dir,
+           "tmp": tmp}
+    for backend in (peft, fast32, served):
+        backend.close()
+
+
+def _ids(tok, prompt: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+                                  add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _answer(backend, ids, ref, settings=GREEDY) -> tuple[str, StreamStats]:
+    stats = StreamStats()
+    return "".join(backend.stream(ids, settings, threading.Event(), stats, ref)), stats
+
+
+def test_adapters_on_llama_cpp_give_pefts_greedy_answers(world):
+    tok, refs = world["tok"], world["refs"]
+    base = [_answer(world["peft"], _ids(tok, p), None)[0] for p in PROMPTS]
+    for ref in [None, *refs]:
+        want = [_answer(world["peft"], _ids(tok, p), ref)[0] for p in PROMPTS]
+        got = []
+        for p in PROMPTS:
+            text, stats = _answer(world["fast32"], _ids(tok, p), ref)
+            got.append(text)
+            assert stats.adapter_version == (ref.version if ref else None) and stats.completion_tokens > 0
+        same = sum(a == b for a, b in zip(want, got, strict=True))
+        assert same >= 7, (ref, list(zip(want, got, strict=True)))
+        if ref is not None:  # the adapter really changes answers, in both engines
+            assert sum(a != b for a, b in zip(want, base, strict=True)) >= 3
+
+
+def test_late_requests_start_while_others_decode_each_with_its_own_adapter(world):
+    from assistant.model import embedded_gguf
+
+    tok, (a1, a2) = world["tok"], world["refs"]
+    long_ids, short_ids = _ids(tok, PROMPTS[0]), _ids(tok, PROMPTS[1])
+    long_settings = GenerationSettings(max_new_tokens=96, temperature=0, repetition_penalty=1.0)
+    # alone, one after the other, each prefilled from scratch in its own slot (as below)
+    alone = LlamaCppBackend(embedded_gguf(), world["model_dir"], "smol")
+    solo_long = _answer(alone, long_ids, a1, long_settings)[0]
+    solo_short = [_answer(alone, short_ids, ref)[0] for ref in (None, a2)]
+    alone.close()
+    served = LlamaCppBackend(embedded_gguf(), world["model_dir"], "smol")
+    results, finished = {}, {}
+
+    def go(key, ids, ref, settings):
+        results[key] = _answer(served, ids, ref, settings)
+        finished[key] = time.monotonic()
+
+    first = threading.Thread(target=go, args=("long", long_ids, a1, long_settings))
+    first.start()
+    time.sleep(0.3)  # the long answer is decoding now
+    late = [threading.Thread(target=go, args=(f"short{i}", short_ids, ref, GREEDY)) for i, ref in enumerate((None, a2))]
+    for t in late:
+        t.start()
+    for t in [first, *late]:
+        t.join()
+    assert finished["short0"] < finished["long"] and finished["short1"] < finished["long"]  # nobody waited it out
+    assert results["short0"][1].ttft_ms < 1000 and results["short1"][1].ttft_ms < 1000
+    # interleaving changes nothing: each answer is what it is alone, under its own adapter (or none)
+    assert results["long"][0] == solo_long
+    assert [results["short0"][0], results["short1"][0]] == solo_short
+    assert solo_short[0] != solo_short[1] or solo_long != _answer(served, long_ids, None, long_settings)[0]
+    served.close()
+
+
+def test_an_adapter_published_without_gguf_is_converted_on_first_use(world):
+    served, tok = world["served"], world["tok"]
+    path = _adapter(world["model_dir"], world["tmp"] / "u3" / "v1", seed=3)
+    assert not (path / GGUF_NAME).exists()
+    ref = AdapterRef("u3-v1-test", 1, str(path))
+    text, stats = _answer(served, _ids(tok, PROMPTS[4]), ref)
+    assert text and stats.adapter_version == 1 and (path / GGUF_NAME).is_file()
+    # a version whose files are gone: a clear error for that request, the engine keeps serving
+    gone = AdapterRef("u4-v1-test", 1, str(world["tmp"] / "u4" / "v1"))
+    with pytest.raises(Exception, match="missing"):
+        _answer(served, _ids(tok, PROMPTS[4]), gone)
+    assert _answer(served, _ids(tok, PROMPTS[1]), None)[0]
+
+
+def test_auto_picks_llama_cpp_for_the_embedded_model_on_a_cpu():
+    from assistant.model import ModelConfig
+    from assistant.server import pick_engine
+
+    assert pick_engine("auto", ModelConfig(device="cpu")) == "llamacpp"
+    assert pick_engine("auto", ModelConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")) == "transformers"
+    assert pick_engine("transformers", ModelConfig(device="cpu")) == "transformers"
