@@ -269,19 +269,6 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-LENGTH_GROUP = 8
-"""Batches per length group: a shuffled pool is sorted by length within spans of this many batches, so a batch
-holds similar lengths (a fifth of the tokens of random batches were padding) while the order stays random."""
-
-
-def _length_batches(pool: list, size: int, length: Callable) -> list[list]:
-    out: list[list] = []
-    span = size * LENGTH_GROUP
-    for i in range(0, len(pool), span):
-        out += _chunks(sorted(pool[i:i + span], key=length), size)
-    return out
-
-
 class _Batches:
     """The run's tokenized pools (SFT incl. anchors, preference pairs, undesirables) with their fixed base-model
     references, dealt into shuffled batches one epoch at a time."""
@@ -306,10 +293,9 @@ class _Batches:
     def epoch(self) -> list[tuple[str, list]]:
         for pool in (self.sft, self.pairs, self.und):
             self.rng.shuffle(pool)
-        batches = [("sft", b) for b in _length_batches(self.sft, self.size, lambda s: len(s.ids))]
-        batches += [("pair", b) for b in _length_batches(self.pairs, self.half,
-                                                          lambda p: max(len(p[0].ids), len(p[1].ids)))]
-        batches += [("und", b) for b in _length_batches(self.und, self.size, lambda u: len(u[0].ids))]
+        batches = [("sft", b) for b in _chunks(self.sft, self.size)]
+        batches += [("pair", b) for b in _chunks(self.pairs, self.half)]
+        batches += [("und", b) for b in _chunks(self.und, self.size)]
         self.rng.shuffle(batches)
         return batches
 

@@ -435,21 +435,6 @@ def test_the_base_models_anchor_losses_are_scored_once_and_reused(tiny_loaded, t
     assert scored == [2, 2] and len(json.loads(cache.read_text())) == 6
 
 
-def test_batches_hold_similar_lengths_and_every_example_once():
-    import random
-
-    from personalize.train import LENGTH_GROUP, _length_batches
-
-    pool = [random.Random(i).randint(10, 400) for i in range(100)]
-    batches = _length_batches(list(pool), 4, lambda n: n)
-    assert sorted(x for b in batches for x in b) == sorted(pool) and all(len(b) == 4 for b in batches)
-    for g in range(0, len(batches), LENGTH_GROUP):  # within a group, batches follow each other by length
-        flat = [x for b in batches[g:g + LENGTH_GROUP] for x in b]
-        assert flat == sorted(flat)
-    padding = lambda bs: sum(max(b) * len(b) - sum(b) for b in bs)  # noqa: E731
-    assert padding(batches) < padding([pool[i:i + 4] for i in range(0, 100, 4)]) / 3
-
-
 # storage: versions, jobs, reservoir ------------------------------------------------------------
 def _staged(store, user_id: int, job_id: int) -> Path:
     d = staging_dir(store, user_id, job_id)
