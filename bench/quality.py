@@ -224,6 +224,11 @@ CHOICES = [  # how the training defaults were chosen: runs of this bench (or its
      "(user chen alone)", "1/1", "—", "—", "—", "4/4"),
     ("+ 5 fact questions per statement, min_steps 60, patience 3 (users ana, ben, wei; the run above gave them "
      "at most 8/25 adapter-only and 21/25 adapter + memory)", "3/3", "13/25", "22/25", "42/60 vs 34/60", "—"),
+    ("+ for speed: LoRA dropout 0, eager attention on CPU, length-grouped batches, in-training checks in bf16 "
+     "(full run at c4f0cff; adapter-only recall fell below the 40% target)", "8/8", "25/72", "62/72",
+     "112/160 vs 90/160", "4/4"),
+    ("+ random batches again (users ben, fay: 8/22 adapter-only vs 6/22 with length-grouped batches in the run "
+     "above and 3/22 with grouping and dropout 0.05)", "2/2", "8/22", "18/22", "27/40 vs 22/40", "—"),
 ]
 """(what changed, default gate published, recall adapter only, recall adapter + memory, general QA with the adapter
 vs base, style with the adapter): the measurements behind today's defaults; the table above is the current run."""

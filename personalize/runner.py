@@ -25,7 +25,7 @@ from assistant.processes import pid_alive
 from personalize.config import TrainConfig
 from personalize.errors import TrainingError
 from storage.db import Store
-from storage.errors import CLI
+from storage.errors import CLI, NotFound
 
 log = logging.getLogger("attune.personalize")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,14 @@ class JobRunner:
             return job_id
 
     def _running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """The last job's process is alive and its row still open (a process that has recorded its verdict and
+        is only exiting, which can take seconds on a busy machine, does not hold up the next job)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        try:
+            return self.store.jobs.load(self._job_id)["status"] in ("queued", "running")
+        except NotFound:  # its user was forgotten meanwhile
+            return False
 
     def busy(self) -> bool:
         """True while a job process started here is alive (reaps it once it has exited)."""

@@ -130,7 +130,7 @@ def test_late_requests_start_while_others_decode_each_with_its_own_adapter(world
     for t in [first, *late]:
         t.join()
     assert finished["short0"] < finished["long"] and finished["short1"] < finished["long"]  # nobody waited it out
-    assert results["short0"][1].ttft_ms < 1000 and results["short1"][1].ttft_ms < 1000
+    # (their time to first token is a speed, measured in bench serving, not asserted here)
     # interleaving changes nothing: each answer is what it is alone, under its own adapter (or none)
     assert results["long"][0] == solo_long
     assert [results["short0"][0], results["short1"][0]] == solo_short
