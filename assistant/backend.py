@@ -147,9 +147,11 @@ class QueuedBackend(ChatBackend):
     worker hands it. Subclasses implement ``_loop`` (take requests off ``_queue``; None means close) and call
     ``_token`` for each decoded token and ``_finish`` when a request ends."""
 
-    def __init__(self, tokenizer, eos: set[int]):
+    def __init__(self, tokenizer, generation_eos: int | list[int] | None):
+        """``generation_eos``: the model's generation config end-of-sequence id(s), the tokenizer's is added."""
         self.tokenizer = tokenizer
-        self.eos = set(eos) - {None}
+        extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        self.eos = ({tokenizer.eos_token_id} | set(extra)) - {None}
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
@@ -256,9 +258,7 @@ class TransformersBackend(QueuedBackend):
     def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
         from assistant.adapters import AdapterRegistry
 
-        gen_eos = loaded.model.generation_config.eos_token_id
-        super().__init__(loaded.tokenizer, set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) |
-                         {loaded.tokenizer.eos_token_id})
+        super().__init__(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
         self.loaded = loaded
         self.name = loaded.name
         self.registry = registry or AdapterRegistry(loaded.model)

@@ -103,8 +103,7 @@ class LlamaCppBackend(QueuedBackend):
             gen_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         except OSError:  # no generation_config.json: the tokenizer's end of sequence only
             gen_eos = None
-        super().__init__(tokenizer, set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) |
-                         {tokenizer.eos_token_id})
+        super().__init__(tokenizer, gen_eos)
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)  # llama.cpp's own log: errors only
@@ -187,14 +186,22 @@ class LlamaCppBackend(QueuedBackend):
             ready = self._gguf_ready(req)
             if ready is None:
                 continue
-            slot = self._free_slot(req)
-            if slot is None:
-                return
-            waiting.remove(req)
-            if ready is not True:
+            if ready is not True:  # its adapter could not be converted: that request learns why
+                waiting.remove(req)
                 req.error = ready
                 self._finish(req)
                 continue
+            try:
+                slot = self._free_slot(req)
+            except ValueError as e:  # llama.cpp could not create another context (memory): the worker lives on
+                waiting.remove(req)
+                req.error = ModelError(f"llama.cpp could not open another request slot ({e}); lower slots or "
+                                       "wait for an answer to finish.")
+                self._finish(req)
+                continue
+            if slot is None:
+                return
+            waiting.remove(req)
             self._start(slot, req)
 
     def _free_slot(self, req: _Request) -> _Slot | None:
