@@ -250,6 +250,7 @@ class QueuedBackend(ChatBackend):
         else:
             self._flush(req, final=False)
 
+
 class TransformersBackend(QueuedBackend):
     """A transformers causal LM in this process. One worker thread owns the model: it gathers
     concurrent requests into batches (peft mixed-adapter batches when users have adapters),

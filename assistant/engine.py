@@ -57,6 +57,7 @@ class Turn:
     error: str | None = None
     use_adapter: bool = True
     use_memory: bool = True
+    replaces: int | None = None  # the answer a retry / continue replaces, marked so with this one's insert
 
 
 class ChatEngine:
@@ -122,12 +123,11 @@ class ChatEngine:
             raise InputError("There is nothing to retry in this conversation yet.")
         old = history[-1] if history[-1]["role"] == "assistant" else None
         last_user = [m for m in history if m["role"] == "user"][-1]
-        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"])
-        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"] if old else None,
+        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"],
+                    replaces=old["id"] if old else None)
+        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=turn.replaces,
                                  use_adapter=use_adapter, use_memory=use_memory):
             yield turn
-        if old and turn.assistant_message_id:
-            self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
         self._remember(user_id, turn)
 
     def continue_answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
@@ -139,12 +139,10 @@ class ChatEngine:
             raise InputError("Only an answer cut at the token limit can be continued.")
         old = history[-1]
         last_user = [m for m in history if m["role"] == "user"][-1]
-        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"])
+        turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"], replaces=old["id"])
         for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"], use_adapter=use_adapter,
                                  use_memory=use_memory, prefix=old["content"]):
             yield turn
-        if turn.assistant_message_id:
-            self.store.chats.mark_replaced(user_id, old["id"], turn.assistant_message_id)
         self._remember(user_id, turn)
 
     def edit_question(self, user_id: int, conversation_id: int, message_id: int, text) -> int:
@@ -306,5 +304,5 @@ class ChatEngine:
             user_id, turn.conversation_id, "assistant", turn.text, status=turn.status, source=source,
             model=self.backend.name, adapter_version=turn.adapter_version, memory_ids=turn.memory_ids,
             gen_settings=gen, prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
-            ttft_ms=s.ttft_ms, latency_ms=s.latency_ms,
+            ttft_ms=s.ttft_ms, latency_ms=s.latency_ms, replaces=turn.replaces,
         )

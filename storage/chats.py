@@ -88,8 +88,11 @@ class Chats:
             db.execute("UPDATE conversations SET title = ? WHERE id = ? AND user_id = ?", [title, conv["id"], user_id])
 
     # messages --------------------------------------------------------------------------------
-    def add_message(self, user_id: int, conversation_id: Any, role: str, content: Any, **meta: Any) -> int:
-        """Insert and commit one message; returns its id. ``meta`` fills the optional columns."""
+    def add_message(self, user_id: int, conversation_id: Any, role: str, content: Any, replaces: int | None = None,
+                    **meta: Any) -> int:
+        """Insert and commit one message; returns its id. ``meta`` fills the optional columns. ``replaces``: an
+        answer of this conversation that this one replaces (a retry), marked so in the same transaction, so the
+        conversation never shows both, not even when the process stops between the two writes."""
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}.")
         # An assistant answer may legitimately be empty (stopped before the first token): stored as is.
@@ -103,6 +106,9 @@ class Chats:
         row.update(meta)
         with self.store.write() as db:
             pk = db["messages"].insert(row).last_pk
+            if replaces is not None:
+                db.execute("UPDATE messages SET replaced_by = ? WHERE id = ? AND user_id = ? AND conversation_id = ?",
+                           [pk, as_int(replaces), user_id, conv["id"]])
             updates = {"updated_at": row["created_at"]}
             if role == "user" and not conv["title"]:
                 updates["title"] = _title(content)

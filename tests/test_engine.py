@@ -173,6 +173,20 @@ def test_retry_replaces_the_answer_but_keeps_it_in_the_log(fake_engine, fake, st
     assert "A husky." not in fake.prompts[1]  # the retried answer is not shown to the model
 
 
+def test_a_retry_left_mid_answer_still_replaces_the_old_answer(fake_engine, fake, store, alice):
+    """The browser tab closes while the retry streams: the conversation shows the partial retry, never both."""
+    fake.enqueue(["A husky."]).enqueue(["A French", " bulldog", " or a pug."])
+    first = run(fake_engine.send(alice.id, None, "Which breed suits flats?"))
+    stream = fake_engine.retry(alice.id, first.conversation_id)
+    while "French" not in next(stream).text:
+        pass
+    stream.close()  # GeneratorExit, as when the client goes away
+    visible = store.chats.messages(alice.id, first.conversation_id)
+    assert [m["role"] for m in visible] == ["user", "assistant"]
+    assert visible[1]["content"].startswith("A French") and visible[1]["status"] == "stopped"
+    assert store.chats.message(alice.id, first.assistant_message_id)["replaced_by"] == visible[1]["id"]
+
+
 def test_correction_replaces_the_answer_in_later_prompts(fake_engine, fake, store, alice):
     fake.enqueue(["A husky."])
     first = run(fake_engine.send(alice.id, None, "Which breed suits flats?"))
