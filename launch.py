@@ -96,6 +96,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _serve_parser(sub, common) -> None:
     from assistant.backend import GenerationSettings
     from assistant.engine import ChatConfig
+    from assistant.llamacpp_backend import WEIGHTS, LlamaCppConfig
     from assistant.server import ENGINES, ServerConfig
     from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig
@@ -118,6 +119,7 @@ def _serve_parser(sub, common) -> None:
     s.add_argument("--engine", default="auto", choices=ENGINES,
                    help="who generates: auto (llama.cpp on a CPU when installed and the model is GGUF, else "
                         "transformers), llamacpp, transformers, or a vLLM server (make vllm; README)")
+    config_flag(s, LlamaCppConfig, "weights", flag="--llamacpp-weights", choices=WEIGHTS)
     config_flag(s, VLLMConfig, "url", flag="--vllm-url", metavar="URL")
 
 
@@ -215,6 +217,7 @@ def memory_service(store):
 def serve(store, args: argparse.Namespace) -> None:
     from assistant.backend import GenerationSettings
     from assistant.engine import ChatConfig
+    from assistant.llamacpp_backend import LlamaCppConfig
     from assistant.memory import MemoryConfig
     from assistant.model import ModelConfig
     from assistant.server import ServerConfig, serve
@@ -229,7 +232,8 @@ def serve(store, args: argparse.Namespace) -> None:
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
           start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
           train_after=schedule_cfg.min_new_events,
-          vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine)
+          vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine,
+          llamacpp_cfg=config_from(args, LlamaCppConfig))
 
 
 def train(store, args: argparse.Namespace) -> None:

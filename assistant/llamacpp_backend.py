@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("attune.llamacpp")
 
 
+WEIGHTS = ("q8_0", "shipped")
+
+
 @dataclass
 class LlamaCppConfig:
     """How the llama.cpp engine runs."""
@@ -53,9 +56,16 @@ class LlamaCppConfig:
     parallel: int | None = None
     """Slots decoded at the same moment when several are busy, the threads split between them (one llama.cpp
     thread per core each); 1 decodes them one after another with all threads; None: one per core. Measured with
-    8 users on 2 cores: 87 tok/s in all with 2, 67 with 1 (BENCHMARKS.md, "Serving")."""
+    8 users on 2 cores: 124-129 tok/s in all with 2, 81 with 1 (single user: 93-99 either way)."""
+
+    weights: str = "shipped"
+    """The base weights llama.cpp serves: shipped (the model's own GGUF; for the embedded model exactly the weights
+    adapters are trained on) or q8_0 (llama.cpp's Q8_0 of those weights, written once next to them: prompts
+    prefill 1.7x faster here, but answers lose 0.02-0.03 nats/token; BENCHMARKS.md "Serving")."""
 
     def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         for name in ("slots", "max_loaded", "prefill_tokens") + (("parallel",) if self.parallel is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -120,16 +130,17 @@ class LlamaCppBackend(QueuedBackend):
         self._converter = ThreadPoolExecutor(1, thread_name_prefix="attune-gguf")
         self.threads = self.config.threads or _cores()
         self.parallel = max(1, min(self.config.parallel or _cores(), self.threads))
-        self._decoders = ThreadPoolExecutor(self.parallel, thread_name_prefix="attune-llama") \
-            if self.parallel > 1 else None
+        # Every llama.cpp computation runs on these threads, lane 0 taking all multi-threaded work: one caller
+        # thread per OpenMP team keeps libgomp from throttling its spin-waits (see _step_all).
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"attune-llama{i}") for i in range(self.parallel)]
         self._lock = threading.Lock()  # request, slot and adapter bookkeeping while slots decode in parallel
         self.load_seconds: list[float] = []
 
     def close(self) -> None:
         super().close()
         self._converter.shutdown(wait=False, cancel_futures=True)
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
 
     # worker --------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -154,20 +165,25 @@ class LlamaCppBackend(QueuedBackend):
             if not busy and waiting:  # every waiting request needs an adapter still being converted
                 time.sleep(0.02)
             self._step_all(busy)
+            if busy and len(self.slots) < self.config.slots and all(s.req for s in self.slots):
+                self.slots.append(_Slot(self._new_context()))  # the next arrival finds a context ready
 
     def _step_all(self, busy: list[_Slot]) -> None:
         """One token for every busy slot: one after another with every thread, or ``parallel`` at a time (GIL
-        released inside llama.cpp) with the threads split between them."""
-        if self._decoders is None or len(busy) < 2:
+        released inside llama.cpp) with the threads split between them. Always on the lanes, never on this thread:
+        llama.cpp's OpenMP build gives each calling thread its own thread team, and once libgomp manages more
+        threads than cores it stops spin-waiting, which slowed a lone user from 104 to 80 tok/s after the first
+        parallel turn when this worker also decoded."""
+        if self.parallel == 1 or len(busy) < 2:
             for slot in busy:
                 self._threads(slot, self.threads)
-                self._step(slot)
+            self._lanes[0].submit(lambda: [self._step(slot) for slot in busy]).result()
             return
         groups = [busy[i::self.parallel] for i in range(min(self.parallel, len(busy)))]
         for group in groups:
             for slot in group:
                 self._threads(slot, max(1, self.threads // len(groups)))
-        for job in [self._decoders.submit(lambda g=g: [self._step(slot) for slot in g]) for g in groups]:
+        for job in [lane.submit(lambda g=g: [self._step(slot) for slot in g]) for lane, g in zip(self._lanes, groups)]:
             job.result()
 
     def _threads(self, slot: _Slot, n: int) -> None:
@@ -202,7 +218,8 @@ class LlamaCppBackend(QueuedBackend):
             if slot is None:
                 return
             waiting.remove(req)
-            self._start(slot, req)
+            self._threads(slot, self.threads)
+            self._lanes[0].submit(self._start, slot, req).result()
 
     def _free_slot(self, req: _Request) -> _Slot | None:
         """The free slot whose KV cache shares the longest prefix with this prompt under the same adapter; a new

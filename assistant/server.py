@@ -118,14 +118,16 @@ def pick_engine(engine: str, model_cfg: ModelConfig) -> str:
     return "llamacpp" if fast else "transformers"
 
 
-def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None, engine: str = "auto"):
+def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None, engine: str = "auto",
+                  llamacpp_cfg=None):
     """The engine behind ChatEngine: vLLM when ``vllm_cfg`` is given (a ``VLLMConfig``: a running server's URL,
-    or one started from the vLLM venv), else ``engine`` (:func:`pick_engine`) in this process."""
+    or one started from the vLLM venv), else ``engine`` (:func:`pick_engine`) in this process (the llama.cpp
+    one with ``llamacpp_cfg``, a ``LlamaCppConfig``)."""
     from assistant.adapters import AdapterRegistry
     from assistant.backend import TransformersBackend
 
     if vllm_cfg is None and pick_engine(engine, model_cfg) == "llamacpp":
-        return _llamacpp(store, model_cfg, chat_cfg)
+        return _llamacpp(store, model_cfg, chat_cfg, llamacpp_cfg)
     if vllm_cfg is not None:
         from assistant.model import EMBEDDED, resolve_model_dir
         from assistant.vllm_backend import VLLMBackend
@@ -141,7 +143,8 @@ def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vl
     return TransformersBackend(loaded, chat_cfg.context_tokens, AdapterRegistry(loaded.model))
 
 
-def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig):
+def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, cfg=None):
+    from assistant.gguf_lora import serving_weights
     from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, available
     from assistant.model import EMBEDDED, gguf_source, resolve_model_dir
 
@@ -153,9 +156,12 @@ def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig):
         raise ModelError("llama-cpp-python is not installed: run `make setup` (it builds llama.cpp), or use "
                          "--engine transformers.")
     started = time.monotonic()
+    cfg = cfg or LlamaCppConfig(threads=model_cfg.threads)
     name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else gguf.stem
-    backend = LlamaCppBackend(gguf, resolve_model_dir(model_cfg.model, store.data_dir), name,
-                              LlamaCppConfig(threads=model_cfg.threads), chat_cfg.context_tokens)
+    model_dir = resolve_model_dir(model_cfg.model, store.data_dir)
+    if cfg.weights == "q8_0":
+        gguf = serving_weights(model_dir, gguf)
+    backend = LlamaCppBackend(gguf, model_dir, name, cfg, chat_cfg.context_tokens)
     print(f"attune: model {name} served by llama.cpp from {gguf.name} (--quant/--dtype do not apply: the GGUF's own "
           f"weights) ready in {time.monotonic() - started:.1f} s", flush=True)
     return backend
@@ -163,7 +169,7 @@ def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig):
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
           memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
-          vllm_cfg=None, engine: str = "auto") -> None:
+          vllm_cfg=None, engine: str = "auto", llamacpp_cfg=None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
     ``start_personalizer`` starts the background personalizer and returns its (job runner, scheduler): the
     caller composes it (``launch.py``), serving never imports ``personalize``; it runs only when
@@ -173,7 +179,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     if not is_loopback(server_cfg.host):
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
                     "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
-    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg, engine)
+    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg, engine, llamacpp_cfg)
     memory = None
     if memory_cfg is not None:
         from assistant.memory import MemoryService

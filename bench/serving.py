@@ -159,23 +159,28 @@ def run(quick: bool = False) -> dict:
 
         ctx = multiprocessing.get_context("spawn")
         results = ctx.Queue()
-        child = ctx.Process(target=_llamacpp_child, args=(str(data.root), users, str(loaded.path), ids, tokens,
-                                                         repeats, quick, results))
-        child.start()
-        out["llamacpp_engine"] = results.get()
-        child.join()
+        for part in ("engine", "q8_0"):  # each in a fresh process: no llama.cpp threads left from the other
+            child = ctx.Process(target=_llamacpp_child, args=(part, str(data.root), users, str(loaded.path), ids,
+                                                             tokens, repeats, quick, results))
+            child.start()
+            out.setdefault("llamacpp_engine", {}).update(results.get())
+            child.join()
         out["late_arrival"]["llamacpp"] = out["llamacpp_engine"].pop("late")
     return out
 
 
-def _llamacpp_child(root: str, users: list[int], model_dir: str, ids, tokens: int, repeats: int, quick: bool,
-                    results) -> None:
+def _llamacpp_child(part: str, root: str, users: list[int], model_dir: str, ids, tokens: int, repeats: int,
+                    quick: bool, results) -> None:
     from assistant.adapters import resolve_adapter
     from storage import DataDir, Store
 
     store = Store(DataDir(Path(root)))
-    results.put(_llamacpp_engine(store, users, Path(model_dir), ids, tokens, repeats, quick,
-                                 lambda u: resolve_adapter(store, u)))
+    if part == "engine":
+        results.put(_llamacpp_engine(store, users, Path(model_dir), ids, tokens, repeats, quick,
+                                     lambda u: resolve_adapter(store, u)))
+        return
+    refs = [resolve_adapter(store, u) for u in users[1:9]]
+    results.put({"q8_0": _q8(Path(model_dir), ids, tokens, _short_prompts(Path(model_dir)), refs, quick)})
 
 
 LATE = 8
@@ -237,24 +242,64 @@ def _llamacpp_engine(store, users: list[int], model_dir: Path, ids, tokens: int,
     out["base"] = median_of(lambda: _one(fast, ids, tokens, None))
     out["adapter"] = median_of(lambda: _one(fast, ids, tokens, ref(users[1])))
     # a new question each time (only the chat template's opening is in a KV cache): TTFT of a short prompt
-    short = [fast.tokenizer.apply_chat_template([{"role": "user", "content": f"Name {w} animals of the sea."}],
-                                                add_generation_prompt=True, tokenize=True)
-             for w in ("two", "three", "four", "five", "six")]
+    short = _short_prompts(model_dir)
     out["ttft_short_ms"] = statistics.median(
         _one(fast, list(s["input_ids"] if hasattr(s, "keys") else s), 2, ref(users[1]))["ttft_ms"] for s in short)
     out["short_prompt_tokens"] = len(short[0]["input_ids"] if hasattr(short[0], "keys") else short[0])
-    serial = LlamaCppBackend(embedded_gguf(), model_dir, "smol", LlamaCppConfig(slots=1), 2048)
     out["concurrency"] = []
     for n in (1, 4) if quick else (1, 4, 8):
         group = [ref(u) for u in users[1:n + 1]]
         _concurrent(fast, ids, 4, group)
-        _concurrent(serial, ids, 4, group)
         out["concurrency"].append({"users": n, "batched": _concurrent(fast, ids, tokens, group),
-                                   "serialized": _concurrent(serial, ids, tokens, group)})
-    serial.close()
+                                   "serialized": _serial(fast, ids, tokens, group)})
     out["late"] = _late(fast, ids, tokens, [ref(u) for u in users[1:9]], quick)
     out["gguf_mb"] = gguf_path(Path(ref(users[1]).path)).stat().st_size / 1e6
     fast.close()
+    return out
+
+
+def _short_prompts(model_dir: Path) -> list:
+    """New short questions (only the chat template's opening is in a KV cache): TTFT of a short prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.apply_chat_template([{"role": "user", "content": f"Name {w} animals of the sea."}],
+                                    add_generation_prompt=True, tokenize=True)
+            for w in ("two", "three", "four", "five", "six")]
+
+
+def _serial(backend, ids, tokens, adapters) -> dict:
+    """The same requests one at a time on the same engine (each waits for the one before: its TTFT includes that)."""
+    started, waited, ttfts, produced = time.perf_counter(), 0.0, [], 0
+    for ref in adapters:
+        one = _one(backend, ids, tokens, ref)
+        ttfts.append(waited * 1000 + one["ttft_ms"])
+        waited += one["total_s"]
+        produced += one["tokens"]
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tokens": produced, "aggregate_tok_s": produced / wall,
+            "ttft_ms_p50": statistics.median(ttfts)}
+
+
+def _q8(model_dir: Path, ids, tokens: int, short, busy: list, quick: bool) -> dict | None:
+    """The llama.cpp engine on ``--llamacpp-weights q8_0`` (llama.cpp's Q8_0 of the transformers weights)."""
+    from assistant.gguf_lora import BASE_NAME, serving_weights
+    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.model import embedded_gguf
+
+    started = time.perf_counter()
+    weights = serving_weights(model_dir, embedded_gguf())
+    if weights.name != BASE_NAME:
+        return None
+    out = {"convert_s": time.perf_counter() - started}
+    q8 = LlamaCppBackend(weights, model_dir, "smol-q8", LlamaCppConfig(weights="q8_0"), 2048)
+    _one(q8, ids, 4, busy[0])
+    out["adapter"] = {k: statistics.median(r[k] for r in [_one(q8, ids, tokens, busy[0]) for _ in range(3)])
+                      for k in ("ttft_ms", "decode_tok_s")}
+    out["ttft_short_ms"] = statistics.median(
+        _one(q8, list(s["input_ids"] if hasattr(s, "keys") else s), 2, busy[0])["ttft_ms"] for s in short)
+    out["late"] = _late(q8, ids, tokens, busy, quick)
+    q8.close()
     return out
 
 
@@ -357,6 +402,7 @@ def render(r: dict) -> str:
     if fast:
         loads.append(["llama.cpp", fast["adapter_cold_load_ms"], None, fast["adapter_first_request_ms"],
                       fast["convert_s_per_adapter"], fast["ttft_short_ms"]])
+    q8, late_fast = (fast or {}).get("q8_0"), (r.get("late_arrival") or {}).get("llamacpp")
     lines += ["", "Concurrent users, each with their own adapter, all at once vs the same requests one at a time on "
               "the same engine:", "",
               table(["engine", "users", "together tok/s", "one at a time tok/s", "gain", "together TTFT p50 ms",
@@ -368,4 +414,13 @@ def render(r: dict) -> str:
                             late)]
     lines += ["", table(["engine", "adapter cold load ms", "warm switch ms", "publish → first token ms",
                          "GGUF conversion s (at publish)", "TTFT short new prompt ms"], loads)]
+    if q8 and late_fast:
+        lines += ["", f"The llama.cpp engine on `--llamacpp-weights q8_0` (llama.cpp's Q8_0 of the transformers "
+                  f"weights, written once in {q8['convert_s']:.1f} s) instead of the shipped Q4_1:", "",
+                  table(["weights", "with adapter: TTFT repeated prompt ms", "decode tok/s", "TTFT short new prompt ms",
+                         "late-arrival TTFT p50 ms", "p95 ms"],
+                        [["Q4_1 (shipped, default)", fast["adapter"]["ttft_ms"], fast["adapter"]["decode_tok_s"],
+                          fast["ttft_short_ms"], late_fast["ttft_ms_p50"], late_fast["ttft_ms_p95"]],
+                         ["Q8_0", q8["adapter"]["ttft_ms"], q8["adapter"]["decode_tok_s"], q8["ttft_short_ms"],
+                          q8["late"]["ttft_ms_p50"], q8["late"]["ttft_ms_p95"]]])]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import pytest
 
 from assistant.adapters import AdapterRef
 from assistant.backend import GenerationSettings, StreamStats
-from assistant.gguf_lora import GGUF_NAME, convert, converter_dir
+from assistant.gguf_lora import BASE_NAME, GGUF_NAME, convert, converter_dir, serving_weights
 from assistant.llamacpp_backend import LlamaCppBackend, available
 
 pytestmark = [
@@ -69,9 +69,9 @@ def world(tmp_path_factory, embedded_models_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     peft = TransformersBackend(LoadedModel(model, tok, "smol", model_dir, "cpu", "none", 0.0, "float32"), 2048)
     fast32 = LlamaCppBackend(f32, model_dir, "smol-f32")
-    served = LlamaCppBackend(embedded_gguf(), model_dir, "smol")
+    served = LlamaCppBackend(embedded_gguf(), model_dir, "smol")  # what `serve` runs by default
     yield {"refs": refs, "peft": peft, "fast32": fast32, "served": served, "tok": tok, "model_dir": model_dir,
-           "tmp": tmp}
+           "tmp": tmp, "f32": f32}
     for backend in (peft, fast32, served):
         backend.close()
 
@@ -88,6 +88,7 @@ def _answer(backend, ids, ref, settings=GREEDY) -> tuple[str, StreamStats]:
 
 
 def test_adapters_on_llama_cpp_give_pefts_greedy_answers(world):
+    """At full precision each user's adapter answers as under peft: the LoRA math is the same."""
     tok, refs = world["tok"], world["refs"]
     base = [_answer(world["peft"], _ids(tok, p), None)[0] for p in PROMPTS]
     for ref in [None, *refs]:
@@ -101,6 +102,61 @@ def test_adapters_on_llama_cpp_give_pefts_greedy_answers(world):
         assert same >= 7, (ref, list(zip(want, got, strict=True)))
         if ref is not None:  # the adapter really changes answers, in both engines
             assert sum(a != b for a, b in zip(want, base, strict=True)) >= 3
+
+
+def _loss(gguf: Path, lora: Path | None, pairs) -> float:
+    """Mean negative log-likelihood (nats/token) of each (prompt, answer) pair's answer under llama.cpp."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, n_ctx=512, logits_all=True,
+                verbose=False)
+    total, n = 0.0, 0
+    for ids, answer in pairs:
+        llm.reset()
+        llm.eval(ids + answer)
+        logits = np.asarray(llm.scores[len(ids) - 1:len(ids) + len(answer) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        total -= float(logp[np.arange(len(answer)), answer].sum())
+        n += len(answer)
+    return total / n
+
+
+def test_served_weights_lose_no_more_with_an_adapter_than_without(world):
+    """In the precision served (the shipped Q4_1), greedy text drifts from peft's (llama.cpp quantizes the
+    activations too, with or without an adapter), so the check is the loss of peft's own answers: under the
+    served weights it is within 0.02 nats/token of full precision for each user's adapter and for the base."""
+    from assistant.model import embedded_gguf
+
+    tok, gguf = world["tok"], embedded_gguf()
+    for ref in [None, *world["refs"]]:
+        pairs = []
+        for p in PROMPTS:
+            ids = _ids(tok, p)
+            pairs.append((ids, tok.encode(_answer(world["peft"], ids, ref)[0], add_special_tokens=False)))
+        lora = Path(ref.path) / GGUF_NAME if ref else None
+        full, served = _loss(world["f32"], lora, pairs), _loss(gguf, lora, pairs)
+        assert served - full < 0.02, (ref, full, served)
+
+
+def test_q8_0_weights_are_written_once_and_served(world, tmp_path, monkeypatch):
+    from assistant.model import embedded_gguf
+
+    model_dir = world["model_dir"]
+    weights = serving_weights(model_dir, embedded_gguf())
+    assert weights == model_dir / BASE_NAME and weights.stat().st_size < world["f32"].stat().st_size / 3
+    written = weights.stat().st_mtime_ns
+    assert serving_weights(model_dir, embedded_gguf()).stat().st_mtime_ns == written  # reused, not redone
+    q8 = LlamaCppBackend(weights, model_dir, "smol-q8")
+    assert "Paris" in _answer(q8, _ids(world["tok"], PROMPTS[1]), world["refs"][0])[0]
+    q8.close()
+    # no converter: the shipped GGUF is served (and nothing half-written is left)
+    monkeypatch.setenv("ATTUNE_LLAMA_CPP_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    fresh = tmp_path / "model"
+    fresh.mkdir()
+    assert serving_weights(fresh, embedded_gguf()) == embedded_gguf() and list(fresh.iterdir()) == []
 
 
 def test_late_requests_start_while_others_decode_each_with_its_own_adapter(world):
