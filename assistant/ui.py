@@ -171,9 +171,11 @@ class ChatUI:
             self._busy[uid] = _Busy(threading.Event(), time.monotonic())
             return self._busy[uid].stop
 
-    def _release(self, uid: int) -> None:
+    def _release(self, uid: int, busy: _Busy | None = None) -> None:
+        """Drop the user's claim (only ``busy``, when given: not a newer claim that replaced it)."""
         with self._busy_lock:
-            self._busy.pop(uid, None)
+            if busy is None or self._busy.get(uid) is busy:
+                self._busy.pop(uid, None)
 
     def _stop_user(self, uid: int) -> None:
         with self._busy_lock:
@@ -221,19 +223,22 @@ class ChatUI:
                 request: gr.Request):
         """Step 2: stream the answer; outputs [chatbot, ids, notice]. Without a claimed send, a no-op."""
         uid, lang = self.user(request)
-        if not mode or cid is None:
+        with self._busy_lock:
+            # The claim is taken once: a step chained after an earlier event of this tab (say a correction)
+            # reads the mode a later send has just set, and must not answer that send a second time.
+            busy = self._busy.get(uid)
+            if not mode or cid is None or busy is None or busy.started:
+                busy = None
+            else:
+                busy.started = True
+        if busy is None:
             yield gr.update(), gr.update(), gr.update()
             return
-        with self._busy_lock:
-            busy = self._busy.get(uid)
-            if busy:
-                busy.started = True
-        stop = busy.stop if busy else threading.Event()
         try:
-            yield from self._stream(uid, lang, cid, mode, stop, (temperature, max_new_tokens, top_p),
+            yield from self._stream(uid, lang, cid, mode, busy.stop, (temperature, max_new_tokens, top_p),
                                     dict(use_adapter=bool(use_adapter), use_memory=bool(use_memory)))
         finally:
-            self._release(uid)
+            self._release(uid, busy)
 
     def _stream(self, uid, lang, cid, mode, stop, sliders, switches):
         try:

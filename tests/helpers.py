@@ -146,12 +146,16 @@ def ask(page, server, text, user=None):
 
 
 def long_answers(page, tokens=600):
-    """Raise the answer limit (Generation settings) so an answer streams for a while."""
+    """Set the answer limit (Generation settings): high so an answer streams for a while, low to cut it."""
+    from playwright.sync_api import expect
+
     box = page.locator("#max-new input[type=number]")
     if not box.is_visible():
         page.locator("#settings").get_by_text("Generation settings").click()
     box.fill(str(tokens))
-    box.press("Enter")
+    box.press("Tab")  # leaving the box commits the value (Gradio clamps it on blur)
+    expect(box).to_have_value(str(tokens))
+    page.wait_for_timeout(300)  # the slider's state follows the box a tick later; an event sent before would not
 
 
 def pick_memory(page, text):

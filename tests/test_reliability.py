@@ -163,3 +163,30 @@ def test_unknown_conversation_ids(engine, store, cid):
     with pytest.raises(NotFound):
         for _ in engine.send(user.id, cid, "hello", GenerationSettings(max_new_tokens=2, temperature=0)):
             pass
+
+
+def test_a_step_chained_after_a_correction_does_not_answer_a_later_send_twice(fake_engine, fake, store, alice):
+    """In the browser every event ends in the same stream step, which reads the tab's mode when it runs: a
+    correction's step that runs after the next send has set the mode must not answer that send a second time
+    (nor end the send's claim)."""
+    from types import SimpleNamespace
+
+    from assistant.ui import ChatUI
+
+    auth = SimpleNamespace(require=lambda request: alice)
+    ui = ChatUI(fake_engine, auth)
+    req = SimpleNamespace(headers={})
+    fake.enqueue(["Rome", "."]).enqueue(["a", " second", " answer"])
+    out = ui.post(None, "And of Italy?", req)
+    cid, mode = out[2], out[6]
+    assert mode == "answer"
+    sliders = (0, 16, 1, False, False)
+    send_step = ui.respond(cid, mode, *sliders, req)
+    next(send_step)  # the send's answer has begun streaming
+    chained = list(ui.respond(cid, mode, *sliders, req))  # the correction's step, late
+    assert len(chained) == 1 and all(u == {"__type__": "update"} for u in chained[0])
+    assert ui._claim(alice.id) is None  # the send still holds the user's claim
+    list(send_step)
+    answers = [m for m in store.chats.messages(alice.id, cid, include_replaced=True) if m["role"] == "assistant"]
+    assert [m["content"] for m in answers] == ["Rome."]
+    assert ui._claim(alice.id) is not None  # the claim ends with the send's answer
