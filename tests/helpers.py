@@ -152,10 +152,16 @@ def long_answers(page, tokens=600):
     box = page.locator("#max-new input[type=number]")
     if not box.is_visible():
         page.locator("#settings").get_by_text("Generation settings").click()
-    box.fill(str(tokens))
-    box.press("Tab")  # leaving the box commits the value (Gradio clamps it on blur)
+    # Typed right as the accordion opens, a value can be overwritten by the slider's own mount (the box shows it,
+    # the page still sends the old limit): leaving the box commits it (Gradio puts its state back in the box on
+    # blur), so type again until the box keeps it.
+    for _ in range(5):
+        box.fill(str(tokens))
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == str(tokens):
+            return
     expect(box).to_have_value(str(tokens))
-    page.wait_for_timeout(300)  # the slider's state follows the box a tick later; an event sent before would not
 
 
 def pick_memory(page, text):
