@@ -5,9 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attune-installed
 LLAMA_CPP_VERSION ?= 0.3.36
-LLAMA_STAMP := $(VENV)/.attune-llamacpp
+LLAMA_STAMP := $(VENV)/.attune-llamacpp-2
 LLAMA_SHARE := $(VENV)/share/attune
 LLAMA_SRC := llama_cpp_python-$(LLAMA_CPP_VERSION)
+# Native build minus AMX (see the llamacpp target); -U works with every compiler, unlike -mno-amx-*.
+LLAMA_NO_AMX := -U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
 # On a machine without an NVIDIA GPU, torch 2.13.0 is the CPU wheel here (seconds); on a CUDA
 # machine the default wheel from the registry. Override with TORCH_SPEC="torch==X".
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
@@ -27,16 +30,21 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 # llama.cpp, the fast CPU engine (README, Engines): llama-cpp-python has no wheel on PyPI, so it is compiled here
-# once (about 4-5 min on 2 cores, with progress; pip keeps the wheel). llama.cpp's adapter converter is kept from
-# the same source package. A machine that cannot build it (no C++ compiler) still gets a working Attune on the
-# transformers engine; `rm $(LLAMA_STAMP)` and `make setup` try again.
+# once (about 4-5 min on 2 cores, with progress) for this CPU, without Intel AMX: on virtual machines that report
+# AMX but do not grant it (as ours did), every llama.cpp matmul died of SIGILL; AMX does not speed up a model this
+# small. The build is then run once on the embedded model (assistant.llamacpp_backend.selftest, its own process):
+# a build that cannot run here is removed again. llama.cpp's adapter converter is kept from the same source package.
+# A machine that cannot build or run it still gets a working Attune on the transformers engine;
+# `rm $(LLAMA_STAMP)` and `make setup` try again.
 
 llamacpp: $(LLAMA_STAMP)
 
 $(LLAMA_STAMP): | $(STAMP)
 	@echo "attune: building llama.cpp (llama-cpp-python $(LLAMA_CPP_VERSION)) for the fast CPU engine; first run only"
 	@set -o pipefail; mkdir -p $(LLAMA_SHARE); \
-	if $(PY) -m pip install -v "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
+	$(PY) -m pip uninstall -q -y llama-cpp-python 2>/dev/null; \
+	if CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -v --no-cache-dir \
+	     "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
 	     awk '/\[ *[0-9]+%\]/ { match($$0, /[0-9]+%/); printf "\rattune: building llama.cpp %s ", substr($$0, RSTART, RLENGTH); fflush() } \
 	          END { print "" }' && \
 	   $(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_SHARE) "llama-cpp-python==$(LLAMA_CPP_VERSION)" && \
@@ -45,7 +53,12 @@ $(LLAMA_STAMP): | $(STAMP)
 	     $(LLAMA_SRC)/vendor/llama.cpp/convert_lora_to_gguf.py $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	     $(LLAMA_SRC)/vendor/llama.cpp/gguf-py $(LLAMA_SRC)/vendor/llama.cpp/conversion && \
 	   rm -f $(LLAMA_SHARE)/$(LLAMA_SRC).tar.gz; then \
-	  echo "attune: llama.cpp ready: make serve uses it"; \
+	  if $(PY) -c "from assistant.llamacpp_backend import selftest; selftest()"; then \
+	    echo "attune: llama.cpp ready: make serve uses it"; \
+	  else \
+	    $(PY) -m pip uninstall -q -y llama-cpp-python; \
+	    echo "attune: llama.cpp built but cannot run on this CPU; Attune serves with the transformers engine"; \
+	  fi; \
 	else \
 	  echo "attune: llama.cpp did not build here; Attune serves with the transformers engine (README, Engines)"; \
 	fi

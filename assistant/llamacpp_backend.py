@@ -81,6 +81,21 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def selftest(gguf: Path | None = None) -> None:
+    """Prefill a prompt and decode a few tokens of the embedded model (or ``gguf``) with llama.cpp. ``make setup``
+    runs it in its own process after building llama.cpp: a build that dies here (an instruction this CPU reports
+    but will not run, as AMX on some virtual machines) is removed again, and Attune serves with transformers."""
+    from llama_cpp import Llama
+
+    from assistant.model import embedded_gguf
+
+    llm = Llama(str(gguf or embedded_gguf()), n_ctx=256, n_batch=64, verbose=False)
+    text = llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    if not text.strip():
+        raise SystemExit("llama.cpp produced no text from the embedded model")
+    print(f"attune: llama.cpp runs here (the embedded model says: {text.strip()!r})")
+
+
 @dataclass
 class _Slot:
     ctx: object
