@@ -7,8 +7,9 @@ reads the quantized weights with its own kernels (BENCHMARKS.md, "Serving"). A u
 
 llama.cpp applies one adapter set to a whole context, so rows with different adapters cannot share a decode
 batch. Requests are served in slots, each its own llama context (own KV cache, own adapter): the worker
-decodes one token of every active slot in turn, and a request that arrives meanwhile is prefilled at the
-next turn (continuous batching: nobody waits for another answer to end). A slot keeps its KV cache after a
+decodes one token of every active slot in turn, and a request that arrives meanwhile is prefilled after the
+group of slots being decoded (``admit_every``), not after the whole turn (continuous batching: nobody waits for
+another answer to end). A slot keeps its KV cache after a
 request, so the same user's next turn (same adapter, same conversation so far) prefills only the new tokens.
 Sampling (repetition penalty, temperature, top-p, seed) is done here on llama.cpp's logits, with the same
 rules as the transformers engine, so greedy answers match it.
@@ -53,6 +54,9 @@ class LlamaCppConfig:
     """Adapters kept loaded (the least recently used unpinned ones are freed first)."""
     prefill_tokens: int = 512
     """Prompt tokens per ``llama_decode`` call while prefilling."""
+    admit_every: int = 4
+    """Busy slots decoded between two looks at the queue: a request that arrives during a turn is prefilled after
+    at most this many other tokens, not after the whole turn (16 busy slots are ~130 ms a turn here)."""
     parallel: int | None = None
     """Slots decoded at the same moment when several are busy, the threads split between them (one llama.cpp
     thread per core each); 1 decodes them one after another with all threads; None: one per core. Measured with
@@ -66,7 +70,8 @@ class LlamaCppConfig:
     def __post_init__(self):
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
-        for name in ("slots", "max_loaded", "prefill_tokens") + (("parallel",) if self.parallel is not None else ()):
+        counts = ("slots", "max_loaded", "prefill_tokens", "admit_every")
+        for name in counts + (("parallel",) if self.parallel is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
@@ -165,23 +170,34 @@ class LlamaCppBackend(QueuedBackend):
             idle = not waiting and not any(s.req for s in self.slots)
             if idle and closing:
                 return
-            try:  # block only when there is nothing to decode
-                item = self._queue.get() if idle else self._queue.get_nowait()
-                while True:
-                    if item is None:
-                        closing = True
-                    else:
-                        waiting.append(item)
-                    item = self._queue.get_nowait()
-            except queue.Empty:
-                pass
+            closing = self._take(waiting, block=idle) or closing  # block only when there is nothing to decode
             self._admit(waiting)
             busy = [s for s in self.slots if s.req is not None]
             if not busy and waiting:  # every waiting request needs an adapter still being converted
                 time.sleep(0.02)
-            self._step_all(busy)
+            step = self.config.admit_every
+            for i in range(0, len(busy), step):  # one token each; newcomers are let in between the groups
+                if i:
+                    closing = self._take(waiting, block=False) or closing
+                    self._admit(waiting)
+                self._step_all(busy[i:i + step])
             if busy and len(self.slots) < self.config.slots and all(s.req for s in self.slots):
                 self.slots.append(_Slot(self._new_context()))  # the next arrival finds a context ready
+
+    def _take(self, waiting: deque[_Request], block: bool) -> bool:
+        """Move what the queue holds to ``waiting`` (waiting for the first item when ``block``); True on close."""
+        closing = False
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if item is None:
+                    closing = True
+                else:
+                    waiting.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return closing
 
     def _step_all(self, busy: list[_Slot]) -> None:
         """One token for every busy slot: one after another with every thread, or ``parallel`` at a time (GIL
@@ -237,13 +253,17 @@ class LlamaCppBackend(QueuedBackend):
             self._lanes[0].submit(self._start, slot, req).result()
 
     def _free_slot(self, req: _Request) -> _Slot | None:
-        """The free slot whose KV cache shares the longest prefix with this prompt under the same adapter; a new
-        slot while there are fewer than ``slots``; else the least recently used free one."""
+        """The free slot whose KV cache shares the longest prefix with this prompt under the same adapter; else an
+        empty one (the spare the worker keeps ready: no context to create now); a new slot while there are fewer
+        than ``slots``; else the least recently used free one."""
         name = req.adapter.name if req.adapter else None
         free = [s for s in self.slots if s.req is None]
         best = max(free, key=lambda s: _common(s.tokens, req.prompt_ids) if s.adapter == name else -1, default=None)
         if best is not None and best.adapter == name and _common(best.tokens, req.prompt_ids):
             return best
+        empty = next((s for s in free if not s.tokens), None)
+        if empty is not None:
+            return empty
         if len(self.slots) < self.config.slots:
             self.slots.append(_Slot(self._new_context()))
             return self.slots[-1]

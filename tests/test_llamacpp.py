@@ -16,7 +16,7 @@ import pytest
 from assistant.adapters import AdapterRef
 from assistant.backend import GenerationSettings, StreamStats
 from assistant.gguf_lora import BASE_NAME, GGUF_NAME, convert, converter_dir, serving_weights
-from assistant.llamacpp_backend import LlamaCppBackend, available
+from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, available
 
 pytestmark = [
     pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed (make setup builds it)"),
@@ -192,6 +192,46 @@ def test_late_requests_start_while_others_decode_each_with_its_own_adapter(world
     assert [results["short0"][0], results["short1"][0]] == solo_short
     assert solo_short[0] != solo_short[1] or solo_long != _answer(served, long_ids, None, long_settings)[0]
     served.close()
+
+
+def test_a_request_arriving_mid_turn_is_let_in_before_the_turn_ends(world):
+    """Busy slots decode one token each per turn; a newcomer is let in between groups of ``admit_every`` of them,
+    so while 8 answers decode it gets its first token after at most one more token of theirs (the one being
+    decoded when it arrived), not after the rest of the turn (up to 8). Three arrivals, so a whole-turn wait
+    that happened to end early cannot pass for all three."""
+    from assistant.model import embedded_gguf
+
+    backend = LlamaCppBackend(embedded_gguf(), world["model_dir"], "smol", LlamaCppConfig(parallel=1, admit_every=1))
+    log, token = [], backend._token
+
+    def logged(req, tok):
+        log.append((id(req), time.monotonic()))
+        token(req, tok)
+
+    backend._token = logged
+    tok = world["tok"]
+    long = GenerationSettings(max_new_tokens=200, temperature=0, repetition_penalty=1.0)
+    busy = [threading.Thread(target=_answer, args=(backend, _ids(tok, p), None, long)) for p in PROMPTS]
+    for t in busy:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len({r for r, _ in log}) < len(busy) and time.monotonic() < deadline:  # all 8 are decoding
+        time.sleep(0.01)
+    decoding = {r for r, _ in log}
+    assert len(decoding) == len(busy)
+    waited = []
+    for i in range(3):
+        arrived = time.monotonic()
+        _answer(backend, _ids(tok, f"Name {i + 2} colours."), None, GenerationSettings(max_new_tokens=1))
+        first = next(t for r, t in log if r not in decoding and t >= arrived)
+        waited.append(sum(1 for r, t in log if r in decoding and arrived <= t < first))
+        time.sleep(0.05)
+    for t in busy:
+        t.join()
+    backend.close()
+    assert max(waited) <= 2, f"others' tokens decoded before each newcomer's first token: {waited}"
+    # the first newcomer took the spare context kept ready, the next ones the slot it left: none was created for them
+    assert len(backend.slots) == len(busy) + 1
 
 
 def test_an_adapter_published_without_gguf_is_converted_on_first_use(world):
