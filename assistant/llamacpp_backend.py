@@ -170,22 +170,21 @@ class LlamaCppBackend(QueuedBackend):
             idle = not waiting and not any(s.req for s in self.slots)
             if idle and closing:
                 return
-            closing = self._take(waiting, block=idle) or closing  # block only when there is nothing to decode
-            self._admit(waiting)
+            closing = self._let_in(waiting, block=idle) or closing  # block only when there is nothing to decode
             busy = [s for s in self.slots if s.req is not None]
             if not busy and waiting:  # every waiting request needs an adapter still being converted
                 time.sleep(0.02)
             step = self.config.admit_every
             for i in range(0, len(busy), step):  # one token each; newcomers are let in between the groups
                 if i:
-                    closing = self._take(waiting, block=False) or closing
-                    self._admit(waiting)
+                    closing = self._let_in(waiting, block=False) or closing
                 self._step_all(busy[i:i + step])
             if busy and len(self.slots) < self.config.slots and all(s.req for s in self.slots):
                 self.slots.append(_Slot(self._new_context()))  # the next arrival finds a context ready
 
-    def _take(self, waiting: deque[_Request], block: bool) -> bool:
-        """Move what the queue holds to ``waiting`` (waiting for the first item when ``block``); True on close."""
+    def _let_in(self, waiting: deque[_Request], block: bool) -> bool:
+        """Move what the queue holds to ``waiting`` (waiting for the first item when ``block``) and start what can
+        start; True when close() was asked."""
         closing = False
         try:
             item = self._queue.get() if block else self._queue.get_nowait()
@@ -197,6 +196,7 @@ class LlamaCppBackend(QueuedBackend):
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
+        self._admit(waiting)
         return closing
 
     def _step_all(self, busy: list[_Slot]) -> None:

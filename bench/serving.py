@@ -437,9 +437,7 @@ def _eight_users(fast: dict | None) -> list[str]:
     return ["", f"8 users with 8 different adapters on the llama.cpp engine: **{gain:.2f}×** the same requests one at "
             f"a time (target ≥ 4×: {verdict}). llama.cpp applies one adapter set to a whole context, so rows of "
             "different users cannot share a decode pass: every token is a pass over the weights of its own, and "
-            "what is left to gain on 2 cores is decoding two slots at once, one thread each (`parallel`, the "
-            "default; 124-129 vs 81 tok/s one after another on the 2-core AMD EPYC machine, within noise on the "
-            "Xeon VM). Tried as well: one caller thread per OpenMP team (a lone user no longer slows to 80 tok/s "
-            "after a parallel turn), Q8_0 weights (below: faster prefill, slower decode, 0.02-0.03 nats/token "
-            "more loss). Reaching 4× needs an engine that puts rows of different adapters in one pass over the "
-            "base weights (LoRA applied per row with batched matmuls)."]
+            "what is left to gain on 2 cores is decoding two slots at once, one thread each (`LlamaCppConfig."
+            "parallel`, which says how it was chosen). Q8_0 weights (below) do not change that. Reaching 4× needs "
+            "an engine that puts rows of different adapters in one pass over the base weights (LoRA applied per "
+            "row with batched matmuls)."]

@@ -205,26 +205,28 @@ def test_a_request_arriving_mid_turn_is_let_in_before_the_turn_ends(world):
     log, token = [], backend._token
 
     def logged(req, tok):
-        log.append((id(req), time.monotonic()))
+        log.append((req, time.monotonic()))  # the request itself: an id() could be reused once a request ends
         token(req, tok)
 
     backend._token = logged
     tok = world["tok"]
     long = GenerationSettings(max_new_tokens=200, temperature=0, repetition_penalty=1.0)
-    busy = [threading.Thread(target=_answer, args=(backend, _ids(tok, p), None, long)) for p in PROMPTS]
+    stories = [f"Write a long story about {t}." for t in ("a lighthouse", "a fox", "the sea", "a clock", "a city",
+                                                          "a dragon", "a garden", "a train")]  # still decoding later
+    busy = [threading.Thread(target=_answer, args=(backend, _ids(tok, p), None, long)) for p in stories]
     for t in busy:
         t.start()
     deadline = time.monotonic() + 60
-    while len({r for r, _ in log}) < len(busy) and time.monotonic() < deadline:  # all 8 are decoding
+    while len({id(r) for r, _ in log}) < len(busy) and time.monotonic() < deadline:  # all 8 are decoding
         time.sleep(0.01)
-    decoding = {r for r, _ in log}
+    decoding = {id(r) for r, _ in log}
     assert len(decoding) == len(busy)
     waited = []
     for i in range(3):
         arrived = time.monotonic()
         _answer(backend, _ids(tok, f"Name {i + 2} colours."), None, GenerationSettings(max_new_tokens=1))
-        first = next(t for r, t in log if r not in decoding and t >= arrived)
-        waited.append(sum(1 for r, t in log if r in decoding and arrived <= t < first))
+        first = next(t for r, t in log if id(r) not in decoding and t >= arrived)
+        waited.append(sum(1 for r, t in log if id(r) in decoding and arrived <= t < first))
         time.sleep(0.05)
     for t in busy:
         t.join()
