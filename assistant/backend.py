@@ -5,6 +5,7 @@ Engines never see a user: ChatEngine resolves the user's active adapter version 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -99,12 +100,13 @@ class ChatBackend(ABC):
 
 @dataclass
 class BatchConfig:
-    """How concurrent requests are batched on the model (one generate call serves several users)."""
+    """How concurrent requests share the in-process model: their rows are decoded together, step by step."""
 
     max_batch: int = 8
-    """Most requests decoded together; 1 serializes generation."""
+    """Most requests decoding together (more wait for a row to end); 1 serializes generation."""
     window_ms: float = 15.0
-    """How long the worker waits for more requests before starting a batch."""
+    """When the engine is idle, how long it waits after a first request for others to start with it (a request
+    arriving while others decode joins them at the next step, without waiting)."""
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -132,14 +134,6 @@ class _Request:
     read: int = 0
     finished: bool = False
     error: BaseException | None = None
-
-    @property
-    def key(self) -> tuple:
-        """Requests with equal keys can share one generate call."""
-        s = self.settings
-        if s.seed is not None:
-            return ("seeded", id(self))
-        return (s.temperature > 0, s.temperature, s.top_p, s.repetition_penalty)
 
 
 class QueuedBackend(ChatBackend):
@@ -252,9 +246,10 @@ class QueuedBackend(ChatBackend):
 
 
 class TransformersBackend(QueuedBackend):
-    """A transformers causal LM in this process. One worker thread owns the model: it gathers
-    concurrent requests into batches (peft mixed-adapter batches when users have adapters),
-    decodes them together and streams each row to its own request."""
+    """A transformers causal LM in this process. One worker thread owns the model and decodes every request in
+    one continuously batched set of rows (:mod:`assistant.continuous`): a request arriving while others decode
+    joins them at the next step, each row with its own adapter (peft mixed-adapter batches) and its own sampling
+    settings, and leaves the batch the step it ends."""
 
     def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
         from assistant.adapters import AdapterRegistry
@@ -267,153 +262,128 @@ class TransformersBackend(QueuedBackend):
         limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
         self.context_tokens = min(context_tokens or limit, limit)
         self.batch_sizes: list[int] = []
+        """Rows decoding together after each admission (tests and the bench read it)."""
 
     # worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
-        pending: list[_Request] = []
-        while True:
-            if not pending:
-                pending.append(self._queue.get())
-            deadline = time.monotonic() + self.batch.window_ms / 1000
-            while len(pending) < self.batch.max_batch * 2:
-                try:
-                    pending.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-                except queue.Empty:
-                    break
-            if None in pending:  # close(): serve what is queued, then stop
-                for group in _groups([r for r in pending if r is not None], self.batch.max_batch):
-                    self._run(group)
-                return
-            key = pending[0].key
-            group = [r for r in pending if r.key == key][: self.batch.max_batch]
-            pending = [r for r in pending if r not in group]
-            self._run(group)
+        from assistant.continuous import RowBatch
 
-    def _run(self, group: list[_Request]) -> None:
-        """Serve one batch: pin each user's adapter, generate together, release."""
-        adapters = []
+        tok, model = self.tokenizer, self.loaded.model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
+        rows = RowBatch(self._forward, pad, getattr(model.generation_config, "top_k", None), model.device)
+        reqs: list[_Request] = []  # the request of each row, in row order
+        waiting: collections.deque[_Request] = collections.deque()
+        closing = False
+        while True:
+            closing = self._take(waiting, block=not (reqs or waiting or closing)) or closing
+            if waiting and len(reqs) < self.batch.max_batch:
+                self._admit(rows, reqs, waiting)
+            if reqs:
+                self._step(rows, reqs)
+            elif closing and not waiting:  # close(): everything queued before it was served
+                return
+
+    def _take(self, waiting: collections.deque, block: bool) -> bool:
+        """Move queued requests to ``waiting``. With ``block`` (nothing to decode) wait for one, then up to
+        ``window_ms`` for company so they start together. True once close() was asked."""
+        closing, deadline = False, None
+        while True:
+            try:
+                if block and not waiting:
+                    item = self._queue.get()
+                elif block and len(waiting) < self.batch.max_batch:
+                    deadline = deadline or time.monotonic() + self.batch.window_ms / 1000
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                return closing
+            if item is None:
+                closing, block = True, False
+            else:
+                waiting.append(item)
+
+    def _admit(self, rows, reqs: list[_Request], waiting: collections.deque) -> None:
+        """Prefill as many waiting requests as there is room for, pinning their adapters, and stream each
+        one's first token. A request that cannot start (its adapter fails to load, the prefill fails) is told
+        why; the rows already decoding are not touched."""
+        from assistant.continuous import Sampling
+
         ready = []
-        for req in group:
+        while waiting and len(reqs) + len(ready) < self.batch.max_batch:
+            req = waiting.popleft()
+            if req.stop.is_set():  # cancelled before it started
+                self._finish(req)
+                continue
             try:
                 adapter = self.registry.acquire(req.adapter)
-                req.stats.adapter_version = adapter.version if adapter else None
-                adapters.append(adapter)
-                ready.append(req)
             except BaseException as e:  # reported to that request only
                 req.error = e
                 self._finish(req)
-        try:
-            if ready:
-                self.batch_sizes.append(len(ready))
-                self._generate(ready, [a.name if a else None for a in adapters])
-        except BaseException as e:  # e.g. out of memory: every request of the batch learns why
-            for req in ready:
-                if not req.finished:
-                    req.error = e
-                    self._finish(req)
-        finally:
-            for adapter in adapters:
-                self.registry.release(adapter)
-
-    def _generate(self, reqs: list[_Request], names: list[str | None]) -> None:
-        """Decode one batch with one ``generate`` call; each row streams to its own request."""
-        import torch
-
-        model = self.registry.model
-        ids, mask, pad = self._batch_inputs(reqs, model.device)
-        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.settings.max_new_tokens for r in reqs),
-                      streamer=_BatchStreamer(self, reqs), stopping_criteria=_stopping(reqs, ids.shape[1]),
-                      pad_token_id=pad, **_sampling(reqs[0].settings))
-        context = self._adapter_context(names, kwargs)
-        with torch.inference_mode(), context:
-            model.generate(**kwargs)
-
-    def _batch_inputs(self, reqs: list[_Request], device) -> tuple:
-        """Left-padded prompt ids, their attention mask, and the pad id."""
-        import torch
-
-        tok = self.tokenizer
-        width = max(len(r.prompt_ids) for r in reqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
-                            device=device)
-        return ids, mask, pad
-
-    def _adapter_context(self, names: list[str | None], kwargs: dict):
-        """Route the batch's rows through their adapters: returns the context to generate in (and may add
-        ``adapter_names`` to ``kwargs`` for a mixed-adapter batch)."""
-        model = self.registry.model
-        if not self.registry.is_peft:
-            return contextlib.nullcontext()
-        if set(names) == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
-            return model.disable_adapter()
-        if len(set(names)) == 1:  # one adapter for the whole batch: no per-row routing
-            model.set_adapter(names[0])
-        else:  # a mixed-adapter batch: peft routes each row through its own adapter
-            from assistant.adapters import BASE
-
-            kwargs["adapter_names"] = [n or BASE for n in names]
-        return contextlib.nullcontext()
-
-def _groups(reqs: list[_Request], size: int) -> list[list[_Request]]:
-    """Requests split into batches of compatible sampling settings."""
-    out: list[list[_Request]] = []
-    for req in reqs:
-        for group in out:
-            if group[0].key == req.key and len(group) < size:
-                group.append(req)
-                break
-        else:
-            out.append([req])
-    return out
-
-
-def _sampling(s: GenerationSettings) -> dict:
-    """``generate`` keyword arguments for one batch's (shared) sampling settings."""
-    kwargs: dict = {"repetition_penalty": s.repetition_penalty}
-    if s.temperature > 0:
-        if s.seed is not None:
-            import torch
-
-            torch.manual_seed(s.seed)
-        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kwargs
-
-
-class _BatchStreamer:
-    """The streamer ``generate`` calls with each step's tokens (one per row): hands each row's token to
-    its request, ends rows at EOS, at their own length limit or when stopped."""
-
-    def __init__(self, backend: TransformersBackend, reqs: list[_Request]):
-        self.backend, self.reqs, self.first = backend, reqs, True
-
-    def put(self, value) -> None:
-        if self.first:  # generate() first hands over the prompt
-            self.first = False
+                continue
+            req.stats.adapter_version = adapter.version if adapter else None
+            ready.append(req)
+        if not ready:
             return
-        for req, token in zip(self.reqs, value.reshape(-1).tolist(), strict=True):
-            if not req.finished:
-                self.backend._token(req, token)
+        settings = [r.settings for r in ready]
+        try:
+            tokens = rows.admit([r.prompt_ids for r in ready], [r.adapter.name if r.adapter else None for r in ready],
+                                [Sampling(s.temperature, s.top_p, s.repetition_penalty, s.seed) for s in settings])
+        except BaseException as e:  # e.g. out of memory on a long prompt: these requests learn why
+            for req in ready:
+                req.error = e
+                self._finish(req)
+                self.registry.release(req.adapter)
+            return
+        reqs += ready
+        self.batch_sizes.append(len(reqs))
+        for req, token in zip(ready, tokens, strict=True):
+            self._token(req, token)
+        self._drop_finished(rows, reqs)
 
-    def end(self) -> None:
-        for req in self.reqs:
-            self.backend._finish(req)
+    def _step(self, rows, reqs: list[_Request]) -> None:
+        """One decoding step for every row; rows whose request ended (or was stopped) leave the batch."""
+        for req in reqs:
+            if req.stop.is_set():
+                self._finish(req)
+        self._drop_finished(rows, reqs)
+        if not reqs:
+            return
+        try:
+            tokens = rows.step()
+        except BaseException as e:  # every row of the batch learns why
+            for req in reqs:
+                req.error = e
+                self._finish(req)
+        else:
+            for req, token in zip(reqs, tokens, strict=True):
+                self._token(req, token)
+        self._drop_finished(rows, reqs)
 
+    def _drop_finished(self, rows, reqs: list[_Request]) -> None:
+        keep = [i for i, req in enumerate(reqs) if not req.finished]
+        for req in reqs:
+            if req.finished:
+                self.registry.release(req.adapter)
+        rows.keep(keep)
+        reqs[:] = [reqs[i] for i in keep]
 
-def _stopping(reqs: list[_Request], width: int):
-    """Per-row stopping criteria: a row is done when finished, stopped or at its own length limit."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    def _forward(self, names: list[str | None], **inputs):
+        """The model's last-position logits for ``inputs``, each row through its adapter (None: the base)."""
+        import torch
 
-    class PerRowStop(StoppingCriteria):
-        """Runs before the step's tokens reach the streamer; ``input_ids`` already holds them."""
+        model = self.registry.model
+        context = contextlib.nullcontext()
+        if self.registry.is_peft:
+            unique = set(names)
+            if unique == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
+                context = model.disable_adapter()
+            elif len(unique) == 1:  # one adapter for every row: no per-row routing
+                if model.active_adapter != names[0]:
+                    model.set_adapter(names[0])
+            else:  # rows of different adapters: peft routes each row through its own
+                from assistant.adapters import BASE
 
-        def __call__(self, input_ids, scores, **kwargs):
-            steps = input_ids.shape[1] - width
-            done = [r.finished or r.stop.is_set() or steps >= r.settings.max_new_tokens for r in reqs]
-            return torch.tensor(done, device=input_ids.device)
-
-    return StoppingCriteriaList([PerRowStop()])
+                inputs["adapter_names"] = [n or BASE for n in names]
+        with torch.inference_mode(), context:
+            return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :]
