@@ -102,8 +102,9 @@ class ChatBackend(ABC):
 class BatchConfig:
     """How concurrent requests share the in-process model: their rows are decoded together, step by step."""
 
-    max_batch: int = 8
-    """Most requests decoding together (more wait for a row to end); 1 serializes generation."""
+    max_batch: int = 16
+    """Most requests decoding together (more wait for a row to end); 1 serializes generation. 16, like the
+    llama.cpp engine's slots: 8 users decoding still leave room for a newcomer to join at the next step."""
     window_ms: float = 15.0
     """When the engine is idle, how long it waits after a first request for others to start with it (a request
     arriving while others decode joins them at the next step, without waiting)."""
@@ -248,11 +249,13 @@ class QueuedBackend(ChatBackend):
 class TransformersBackend(QueuedBackend):
     """A transformers causal LM in this process. One worker thread owns the model and decodes every request in
     one continuously batched set of rows (:mod:`assistant.continuous`): a request arriving while others decode
-    joins them at the next step, each row with its own adapter (peft mixed-adapter batches) and its own sampling
-    settings, and leaves the batch the step it ends."""
+    joins them at the next step, each row with its own adapter (rows of different adapters share each pass over
+    the base weights: :mod:`assistant.lora_rows`) and its own sampling settings, and leaves the batch the step it
+    ends."""
 
     def __init__(self, loaded, context_tokens: int | None = None, registry=None, batch: BatchConfig | None = None):
         from assistant.adapters import AdapterRegistry
+        from assistant.lora_rows import RowLora
 
         super().__init__(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
         self.loaded = loaded
@@ -263,6 +266,10 @@ class TransformersBackend(QueuedBackend):
         self.context_tokens = min(context_tokens or limit, limit)
         self.batch_sizes: list[int] = []
         """Rows decoding together after each admission (tests and the bench read it)."""
+        self.routes: collections.Counter[str] = collections.Counter()
+        """Forward passes per adapter route (see ``_route``)."""
+        self._rows = RowLora()
+        self._layers_state: tuple | None = None
 
     # worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -372,18 +379,38 @@ class TransformersBackend(QueuedBackend):
         """The model's last-position logits for ``inputs``, each row through its adapter (None: the base)."""
         import torch
 
-        model = self.registry.model
-        context = contextlib.nullcontext()
+        model, context = self.registry.model, contextlib.nullcontext()
         if self.registry.is_peft:
-            unique = set(names)
-            if unique == {None}:  # nobody uses an adapter: skip the LoRA layers entirely
-                context = model.disable_adapter()
-            elif len(unique) == 1:  # one adapter for every row: no per-row routing
-                if model.active_adapter != names[0]:
-                    model.set_adapter(names[0])
-            else:  # rows of different adapters: peft routes each row through its own
+            route = self._route(model, names)
+            self.routes[route] += 1
+            if route == "rows":  # rows of different adapters in one pass (the model's own LoRA layers are off)
+                context = self._rows.apply()
+            elif route == "peft":  # adapters peft alone can mix (DoRA, LoRA biases): its per-adapter loop
                 from assistant.adapters import BASE
 
                 inputs["adapter_names"] = [n or BASE for n in names]
         with torch.inference_mode(), context:
             return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+
+    def _route(self, model, names: list[str | None]) -> str:
+        """How a batch goes through the adapters: ``base`` (nobody uses one: LoRA layers off), ``one`` (one
+        adapter for every row: peft's own forward), ``rows`` (per-row LoRA, :mod:`assistant.lora_rows`) or
+        ``peft`` (peft's mixed-adapter batch). Switches the LoRA layers on or off only when that changes."""
+        unique = set(names)
+        if unique == {None}:
+            route = "base"
+        elif len(unique) == 1:
+            route = "one"
+        else:
+            route = "rows" if self._rows.prepare(model, names, len(self.registry.load_seconds)) else "peft"
+        enabled = route in ("one", "peft")
+        state = (id(model), len(self.registry.load_seconds), enabled)  # a load can add layers (enabled)
+        if state != self._layers_state:
+            if enabled:
+                model.base_model.enable_adapter_layers()
+            else:
+                model.base_model.disable_adapter_layers()
+            self._layers_state = state
+        if route == "one" and model.active_adapter != names[0]:
+            model.set_adapter(names[0])
+        return route

@@ -144,27 +144,35 @@ def _generator(seed: int | None, device) -> torch.Generator | None:
 def sample(logits: torch.Tensor, seen: torch.Tensor, sampling: list[Sampling],
            generators: list[torch.Generator | None], top_k: int | None) -> torch.Tensor:
     """Each row's next token from its last-position ``logits`` [rows, vocab], as ``generate`` picks it: the
-    repetition penalty on the tokens the row has seen (prompt and answer), then greedy (temperature 0) or
-    temperature, top-k, top-p and a draw from the row's generator."""
-    logits = logits.float()
-    penalty = torch.tensor([s.repetition_penalty for s in sampling], device=logits.device)[:, None]
-    if bool((penalty != 1).any()):
-        penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-        logits = torch.where(seen, penalized, logits)
+    repetition penalty on the tokens the row has seen (prompt and answer), then greedy (temperature 0) or a draw
+    from the row's generator after temperature, top-k and top-p."""
+    logits = penalize(logits.float(), seen, [s.repetition_penalty for s in sampling])
     tokens = logits.argmax(-1)
     drawn = [i for i, s in enumerate(sampling) if s.temperature > 0]
-    if not drawn:
-        return tokens
-    scores = logits[drawn] / torch.tensor([sampling[i].temperature for i in drawn], device=logits.device)[:, None]
+    if drawn:
+        probs = warp(logits[drawn], [sampling[i] for i in drawn], top_k).softmax(-1)
+        for row, i in enumerate(drawn):
+            tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
+    return tokens
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalties: list[float]) -> torch.Tensor:
+    """The repetition penalty (CTRL's, as transformers applies it) on each row's ``seen`` tokens."""
+    penalty = torch.tensor(penalties, device=logits.device)[:, None]
+    if not bool((penalty != 1).any()):
+        return logits
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def warp(logits: torch.Tensor, sampling: list[Sampling], top_k: int | None) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the likeliest token always stays); removed tokens get -inf."""
+    device = logits.device
+    scores = logits / torch.tensor([s.temperature for s in sampling], device=device)[:, None]
     if top_k:
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
-    top_p = torch.tensor([sampling[i].top_p for i in drawn], device=logits.device)[:, None]
+    top_p = torch.tensor([s.top_p for s in sampling], device=device)[:, None]
     ordered, order = scores.sort(-1)
     remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-    remove[:, -1] = False  # the likeliest token always stays
-    scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    probs = scores.softmax(-1)
-    for row, i in enumerate(drawn):
-        tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
-    return tokens
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))

@@ -101,7 +101,7 @@ def run(quick: bool = False) -> dict:
     def ref(user_id):  # what ChatEngine does on every turn: the user's active version, read from SQLite
         return resolve_adapter(store, user_id)
 
-    batched = TransformersBackend(loaded, 2048, registry, BatchConfig(max_batch=8, window_ms=20))
+    batched = TransformersBackend(loaded, 2048, registry)  # BatchConfig defaults, as `serve` runs it
     ids = batched.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                                 tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
