@@ -266,10 +266,8 @@ class TransformersBackend(QueuedBackend):
         self.context_tokens = min(context_tokens or limit, limit)
         self.batch_sizes: list[int] = []
         """Rows decoding together after each admission (tests and the bench read it)."""
-        self.routes: collections.Counter[str] = collections.Counter()
-        """Forward passes per adapter route (see ``_route``)."""
         self._rows = RowLora()
-        self._layers_state: tuple | None = None
+        self._layers_off: tuple | None = None
 
     # worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -323,7 +321,7 @@ class TransformersBackend(QueuedBackend):
                 self._finish(req)
                 continue
             try:
-                adapter = self.registry.acquire(req.adapter)
+                adapter = self._acquire(req.adapter)
             except BaseException as e:  # reported to that request only
                 req.error = e
                 self._finish(req)
@@ -347,6 +345,18 @@ class TransformersBackend(QueuedBackend):
         for req, token in zip(ready, tokens, strict=True):
             self._token(req, token)
         self._drop_finished(rows, reqs)
+
+    def _acquire(self, ref: AdapterRef | None) -> AdapterRef | None:
+        """Pin ``ref``'s adapter (loading it if needed); one this engine cannot serve is a clear error."""
+        adapter = self.registry.acquire(ref)
+        if adapter is not None and not self._rows.supports(self.registry.model, adapter.name):
+            self.registry.release(adapter)
+            from assistant.errors import ModelError
+            from storage.errors import CLI
+
+            raise ModelError(f"Adapter v{adapter.version} is not plain LoRA (DoRA or LoRA biases), which Attune "
+                             f"does not serve; roll back with `{CLI} adapters NAME --rollback VERSION`.")
+        return adapter
 
     def _step(self, rows, reqs: list[_Request]) -> None:
         """One decoding step for every row; rows whose request ended (or was stopped) leave the batch."""
@@ -376,41 +386,19 @@ class TransformersBackend(QueuedBackend):
         reqs[:] = [reqs[i] for i in keep]
 
     def _forward(self, names: list[str | None], **inputs):
-        """The model's last-position logits for ``inputs``, each row through its adapter (None: the base)."""
+        """The model's last-position logits for ``inputs``, each row through its adapter (None: the base): the
+        base layers once for all rows, then each LoRA layer adds every row's own delta (:mod:`assistant.lora_rows`;
+        the model's own LoRA layers stay switched off)."""
         import torch
 
         model, context = self.registry.model, contextlib.nullcontext()
         if self.registry.is_peft:
-            route = self._route(model, names)
-            self.routes[route] += 1
-            if route == "rows":  # rows of different adapters in one pass (the model's own LoRA layers are off)
+            generation = len(self.registry.load_seconds)
+            if self._layers_off != (id(model), generation):  # a load adds LoRA layers, switched on
+                model.base_model.disable_adapter_layers()
+                self._layers_off = (id(model), generation)
+            if any(names):
+                self._rows.prepare(model, names, generation)
                 context = self._rows.apply()
-            elif route == "peft":  # adapters peft alone can mix (DoRA, LoRA biases): its per-adapter loop
-                from assistant.adapters import BASE
-
-                inputs["adapter_names"] = [n or BASE for n in names]
         with torch.inference_mode(), context:
             return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-
-    def _route(self, model, names: list[str | None]) -> str:
-        """How a batch goes through the adapters: ``base`` (nobody uses one: LoRA layers off), ``one`` (one
-        adapter for every row: peft's own forward), ``rows`` (per-row LoRA, :mod:`assistant.lora_rows`) or
-        ``peft`` (peft's mixed-adapter batch). Switches the LoRA layers on or off only when that changes."""
-        unique = set(names)
-        if unique == {None}:
-            route = "base"
-        elif len(unique) == 1:
-            route = "one"
-        else:
-            route = "rows" if self._rows.prepare(model, names, len(self.registry.load_seconds)) else "peft"
-        enabled = route in ("one", "peft")
-        state = (id(model), len(self.registry.load_seconds), enabled)  # a load can add layers (enabled)
-        if state != self._layers_state:
-            if enabled:
-                model.base_model.enable_adapter_layers()
-            else:
-                model.base_model.disable_adapter_layers()
-            self._layers_state = state
-        if route == "one" and model.active_adapter != names[0]:
-            model.set_adapter(names[0])
-        return route

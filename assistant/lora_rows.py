@@ -4,58 +4,69 @@ every LoRA layer adds each row's own delta with two batched matmuls (``bmm``), o
 peft's own mixed-adapter path (``adapter_names``) loops over the adapters of the batch in every layer, gathering
 and scattering each adapter's rows: with 8 users on 8 adapters that is 8 small matmul pairs per layer and step,
 and on a CPU it cost more than the base model itself. Here the rows' A and B matrices are stacked once per batch
-composition (ranks padded with zeros, which adds nothing) and reused every step until a row joins or leaves.
+composition (ranks padded with zeros, which adds nothing) and reused every step until a row joins or leaves;
+each adapter's matrices are transposed (and scaled) once, when it is first used.
 
 Owns: the stacked weights and the forward hooks that add them. Knows peft's LoRA layers (``lora_A``, ``lora_B``,
-``scaling``), nothing of users, requests or decoding. Plain LoRA on linear layers only (what Attune trains);
-:meth:`RowLora.supports` says when an adapter needs peft's own path (DoRA and other variants, LoRA biases)."""
+``scaling``), nothing of users, requests or decoding. Plain LoRA on linear layers only (what Attune trains, and
+what vLLM serves): :meth:`RowLora.supports` tells the engine which adapters it cannot serve (DoRA and other
+variants, LoRA biases); peft itself cannot mix those with other adapters in one batch either."""
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 class RowLora:
-    """Stacks of the rows' LoRA weights for one batch composition, and the hooks that apply them."""
+    """The rows' LoRA weights stacked per batch composition (the last two kept: the rows decoding and the
+    newcomers being prefilled), and the hooks that apply them."""
 
     def __init__(self):
-        self._key: tuple | None = None
-        self._layers: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] | None = None
+        self._model_key: tuple | None = None
+        self._adapters: dict[str, dict | None] = {}  # name -> {layer: (A^T, B^T * scaling)}, None: not plain LoRA
+        self._stacks: OrderedDict[tuple, list] = OrderedDict()
+        self._current: list = []
 
-    @staticmethod
-    def supports(model, names: Sequence[str | None]) -> bool:
-        """True when every adapter of ``names`` is plain LoRA (no variant, no bias) in every layer it touches."""
-        wanted = {n for n in names if n is not None}
-        for module in _lora_layers(model):
-            for name in wanted & set(module.lora_A.keys()):
-                if name in getattr(module, "lora_variant", {}) or not isinstance(module.lora_A[name], torch.nn.Linear):
-                    return False
-                if module.lora_B[name].bias is not None or module.lora_A[name].bias is not None:
-                    return False
-        return True
+    def supports(self, model, name: str) -> bool:
+        """True when adapter ``name`` (loaded into ``model``) is plain LoRA on linear layers."""
+        return self._weights(model, name) is not None
 
-    def prepare(self, model, names: Sequence[str | None], generation: int) -> bool:
-        """Stack the rows' weights for ``names`` (once per batch composition); False when an adapter among them
-        needs peft's own path. ``generation`` changes whenever adapters are loaded or unloaded."""
-        key = (id(model), tuple(names), generation)
-        if key != self._key:
-            self._layers = _stack(model, names) if self.supports(model, names) else None
-            self._key = key
-        return self._layers is not None
+    def prepare(self, model, names: Sequence[str | None], generation: int) -> None:
+        """Get the stacks for ``names`` (row i uses adapter ``names[i]``, None: none; each one :meth:`supports`)
+        ready for :meth:`apply`. ``generation`` changes whenever adapters are loaded or unloaded."""
+        if (id(model), generation) != self._model_key:
+            self._model_key = (id(model), generation)
+            loaded = set().union(*(m.lora_A.keys() for m in _lora_layers(model)))
+            self._adapters = {n: w for n, w in self._adapters.items() if n in loaded}
+            self._stacks.clear()
+        key = tuple(names)
+        if key not in self._stacks:
+            self._stacks[key] = _stack([None if n is None else self._weights(model, n) for n in names])
+            while len(self._stacks) > 2:
+                self._stacks.popitem(last=False)
+        self._stacks.move_to_end(key)
+        self._current = self._stacks[key]
 
     @contextlib.contextmanager
     def apply(self) -> Iterator[None]:
-        """Within: every LoRA layer adds row i's delta of the adapter ``prepare`` was given for that row (None:
-        nothing) to its output. The model's own adapter layers must be disabled (they would add theirs too)."""
-        handles = [module.register_forward_hook(_hook(a, b)) for module, a, b in self._layers]
+        """Within: every LoRA layer adds each row's delta of the adapter :meth:`prepare` was last given for that
+        row. The model's own adapter layers must be disabled (they would add theirs too)."""
+        handles = [module.register_forward_hook(_hook(a, b)) for module, a, b in self._current]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _weights(self, model, name: str) -> dict | None:
+        if name not in self._adapters:
+            self._adapters[name] = _transposed(model, name)
+        return self._adapters[name]
 
 
 def _lora_layers(model) -> Iterator[torch.nn.Module]:
@@ -64,24 +75,33 @@ def _lora_layers(model) -> Iterator[torch.nn.Module]:
             yield module
 
 
-def _stack(model, names: Sequence[str | None]) -> list:
-    """Per LoRA layer used by any row: A as [rows, in, rank] and B times the adapter's scaling as [rows, rank, out]."""
-    layers = []
+def _transposed(model, name: str) -> dict | None:
+    """Adapter ``name``'s A^T [in, rank] and B^T times its scaling [rank, out] per layer; None unless it is plain
+    LoRA (no variant such as DoRA, no bias) on linear layers."""
+    out = {}
     for module in _lora_layers(model):
-        used = [n if n is not None and n in module.lora_A else None for n in names]
-        if set(used) == {None}:
+        if name not in module.lora_A:
             continue
-        first = next(module.lora_A[n].weight for n in used if n is not None)
-        rank = max(module.lora_A[n].weight.shape[0] for n in used if n is not None)
-        rows = len(names)
-        a = first.new_zeros(rows, first.shape[1], rank)
-        b = first.new_zeros(rows, rank, module.lora_B[next(n for n in used if n)].weight.shape[0])
-        for i, n in enumerate(used):
-            if n is None:
-                continue
-            r = module.lora_A[n].weight.shape[0]
-            a[i, :, :r] = module.lora_A[n].weight.T
-            b[i, :r, :] = module.lora_B[n].weight.T * module.scaling[n]
+        a, b = module.lora_A[name], module.lora_B[name]
+        if name in getattr(module, "lora_variant", {}) or not isinstance(a, torch.nn.Linear) or \
+                a.bias is not None or b.bias is not None:
+            return None
+        out[module] = (a.weight.T.contiguous(), (b.weight.T * module.scaling[name]).contiguous())
+    return out
+
+
+def _stack(weights: list[dict | None]) -> list:
+    """Per layer that any row's adapter touches: A as [rows, in, rank], B as [rows, rank, out] (zeros for rows
+    without it)."""
+    layers = []
+    for module in dict.fromkeys(m for w in weights if w for m in w):  # in model order, each once
+        pairs = [w.get(module) if w else None for w in weights]
+        a0, b0 = next(p for p in pairs if p)
+        rank = max(p[0].shape[1] for p in pairs if p)
+        a = torch.stack([F.pad(p[0], (0, rank - p[0].shape[1])) if p else a0.new_zeros(a0.shape[0], rank)
+                         for p in pairs])
+        b = torch.stack([F.pad(p[1], (0, 0, 0, rank - p[1].shape[0])) if p else b0.new_zeros(rank, b0.shape[1])
+                         for p in pairs])
         layers.append((module, a, b))
     return layers
 

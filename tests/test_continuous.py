@@ -17,22 +17,25 @@ from storage import DataDir
 PENALIZED = GenerationSettings(max_new_tokens=24, temperature=0, repetition_penalty=1.3)
 
 
-@pytest.fixture(scope="module")
-def refs(tiny_model_dir, tmp_path_factory) -> list[AdapterRef]:
-    """Two random (non-zero) LoRAs on every linear layer, as peft folders."""
+def _random_adapter(tiny_model_dir, path, seed: int, **lora) -> AdapterRef:
+    """A random (non-zero) LoRA on every linear layer, as a peft folder."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    out = []
-    for i in (1, 2):
-        torch.manual_seed(i)
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                              LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
-        path = tmp_path_factory.mktemp("adapters") / f"a{i}"
-        peft.save_pretrained(path)
-        out.append(AdapterRef(f"a{i}-test", 1, str(path)))
-    return out
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(target_modules="all-linear", init_lora_weights=False, **{"r": 4, "lora_alpha": 32,
+                                                                                               **lora}))
+    peft.save_pretrained(path)
+    return AdapterRef(f"{path.name}-test", 1, str(path))
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_model_dir, tmp_path_factory) -> list[AdapterRef]:
+    """Two plain LoRAs (ranks 4 and 8: stacked rows pad the smaller one)."""
+    tmp = tmp_path_factory.mktemp("adapters")
+    return [_random_adapter(tiny_model_dir, tmp / "a1", 1), _random_adapter(tiny_model_dir, tmp / "a2", 2, r=8)]
 
 
 @pytest.fixture
@@ -68,7 +71,8 @@ def _generate_alone(tiny_model_dir, refs, ids, settings, adapter) -> str:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), refs[0].path,
                                       adapter_name=refs[0].name)
-    model.load_adapter(refs[1].path, adapter_name=refs[1].name)
+    for ref in refs[1:]:
+        model.load_adapter(ref.path, adapter_name=ref.name)
     model.eval()
     x = torch.tensor([ids])
     with torch.inference_mode():
@@ -125,7 +129,6 @@ def test_requests_joining_and_leaving_mid_decode_answer_as_generate_does_alone(b
     assert [results[i][0] for i in range(5)] == expected
     assert [results[i][1].adapter_version for i in range(5)] == [1, 1, None, 1, 1]
     assert max(backend.batch_sizes) >= 3 and len(backend.batch_sizes) >= 5  # they joined at different steps
-    assert backend.routes["rows"] > 0  # rows of different adapters shared passes (assistant.lora_rows)
 
 
 def test_a_request_arriving_while_others_decode_starts_at_the_next_step(backend, refs):
@@ -181,6 +184,26 @@ def test_rows_with_different_sampling_settings_share_a_step_and_keep_their_answe
     assert [results[0][0], results[1][0]] == alone
     other_seed = GenerationSettings.from_request(seeded, seed=6)
     assert _answer(backend, b, other_seed, refs[1])[0] != alone[1]  # the seed decides the draw
+
+
+def test_an_adapter_that_is_not_plain_lora_is_a_clear_error_for_its_user_only(backend, refs, tiny_model_dir,
+                                                                               tmp_path):
+    """A DoRA adapter (Attune trains plain LoRA; peft cannot batch DoRA with other adapters): its request fails
+    with a message naming the rollback, and a plain adapter's request in the same window answers as alone."""
+    dora = _random_adapter(tiny_model_dir, tmp_path / "dora", 3, use_dora=True)
+    prompts = [_ids(backend, "Hello there"), _ids(backend, "The capital of France")]
+    backend.batch = BatchConfig(window_ms=500)
+    results: dict = {}
+    threads = [threading.Thread(target=_answer, args=(backend, prompts[0], PENALIZED, dora, results, 0)),
+               threading.Thread(target=_answer, args=(backend, prompts[1], PENALIZED, refs[0], results, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    error = results[0][0]
+    assert isinstance(error, ModelError) and "plain LoRA" in str(error) and "--rollback" in str(error)
+    assert results[1][0] == _generate_alone(tiny_model_dir, refs, prompts[1], PENALIZED, refs[0])
+    assert not backend.registry._pins  # the refused adapter is not left pinned
 
 
 def test_sampling_keeps_the_tokens_transformers_keeps():
