@@ -1,8 +1,9 @@
 """Serving: everything between a signed-in user and the model's answer.
 
 Owns: finding, converting and loading the base model with its quantization (``model``), the
-per-user adapter registry with LRU and hot reload (``adapters``), the batching generation worker
-with peft mixed-adapter batches behind the chat-backend seam (``backend``), ChatEngine (prompt,
+per-user adapter registry with LRU and hot reload (``adapters``), the generation worker behind the
+chat-backend seam (``backend``) with continuous batching (``continuous``) and rows of different adapters
+in one pass (``lora_rows``), ChatEngine (prompt,
 memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam,
 per-user FAISS, policy, the service; ``embedder``, ``memory_index``, ``memory_cache``, ``memory_policy``,
 ``memory_text``, ``memory``), the Gradio UI (``ui``, ``ui_layout``,
