@@ -284,8 +284,8 @@ def render(r: dict) -> str:
         "the default gate (nothing relaxed; a rejected candidate is not served, so its user gets the base model). "
         "Probes are paraphrased questions never seen in training; right = the keyword in the greedy answer "
         f"(≤ {r['probe_tokens']} new tokens). Served by ChatEngine + TransformersBackend (`--quant {r['quant']}`, "
-        f"{r['dtype']}, {r['device']}, mixed-adapter batches of ≤ {r['batch']}) with MemoryService (MiniLM, "
-        "defaults).", "",
+        f"{r['dtype']}, {r['device']}, continuous batches of ≤ {r['batch']} rows with per-row LoRA) with "
+        "MemoryService (MiniLM, defaults).", "",
         f"**Default gate: {published}/{len(r['jobs'])} jobs published.**", "",
         table(["condition", "probe recall", *kinds, "general QA", "style on unseen prompts", "leaked keywords"],
               rec), "",
@@ -296,7 +296,8 @@ def render(r: dict) -> str:
         table(["user", "kind", "answers", "published", "held-out loss base", "held-out loss after", "anchor rise",
                "job min"], jobs), "",
         *([("Rejected: " + "; ".join(rejected)), ""] if rejected else []),
-        "How the defaults were chosen (each row a run on this machine; later rows change one recipe step):", "",
+        "How the defaults were chosen (each row a run on the 2-core AMD EPYC machine, with its date and commit; "
+        "later rows change one recipe step):", "",
         table(["recipe", "published", "recall adapter only", "recall adapter + memory", "general QA adapter vs base",
                "style (adapter)"], [list(c) for c in CHOICES]), "",
         f"Time: training {r['seconds']['train'] / 60:.1f} min, probing {r['seconds']['probe'] / 60:.1f} min, total "
