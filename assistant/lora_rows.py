@@ -5,7 +5,7 @@ peft's own mixed-adapter path (``adapter_names``) loops over the adapters of the
 and scattering each adapter's rows: with 8 users on 8 adapters that is 8 small matmul pairs per layer and step,
 and on a CPU it cost more than the base model itself. Here the rows' A and B matrices are stacked once per batch
 composition (ranks padded with zeros, which adds nothing) and reused every step until a row joins or leaves;
-each adapter's matrices are transposed (and scaled) once, when it is first used.
+the stacks are the only copies made (rows x adapter size: for a large model and many rows, GPU memory to count).
 
 Owns: the stacked weights and the forward hooks that add them. Knows peft's LoRA layers (``lora_A``, ``lora_B``,
 ``scaling``), nothing of users, requests or decoding. Plain LoRA on linear layers only (what Attune trains, and
@@ -28,7 +28,7 @@ class RowLora:
 
     def __init__(self):
         self._model_key: tuple | None = None
-        self._adapters: dict[str, dict | None] = {}  # name -> {layer: (A^T, B^T * scaling)}, None: not plain LoRA
+        self._adapters: dict[str, dict | None] = {}  # name -> {layer: (A^T, B^T, scaling)}, None: not plain LoRA
         self._stacks: OrderedDict[tuple, list] = OrderedDict()
         self._current: list = []
 
@@ -76,8 +76,8 @@ def _lora_layers(model) -> Iterator[torch.nn.Module]:
 
 
 def _transposed(model, name: str) -> dict | None:
-    """Adapter ``name``'s A^T [in, rank] and B^T times its scaling [rank, out] per layer; None unless it is plain
-    LoRA (no variant such as DoRA, no bias) on linear layers."""
+    """Adapter ``name``'s A^T [in, rank], B^T [rank, out] (views, no copies) and scaling per layer; None unless it is
+    plain LoRA (no variant such as DoRA, no bias) on linear layers."""
     out = {}
     for module in _lora_layers(model):
         if name not in module.lora_A:
@@ -86,23 +86,24 @@ def _transposed(model, name: str) -> dict | None:
         if name in getattr(module, "lora_variant", {}) or not isinstance(a, torch.nn.Linear) or \
                 a.bias is not None or b.bias is not None:
             return None
-        out[module] = (a.weight.T.contiguous(), (b.weight.T * module.scaling[name]).contiguous())
+        out[module] = (a.weight.T, b.weight.T, module.scaling[name])
     return out
 
 
 def _stack(weights: list[dict | None]) -> list:
-    """Per layer that any row's adapter touches: A as [rows, in, rank], B as [rows, rank, out] (zeros for rows
-    without it)."""
+    """Per layer that any row's adapter touches: A as [rows, in, rank], B times the row's scaling as [rows, rank,
+    out] (zeros for rows without it)."""
     layers = []
     for module in dict.fromkeys(m for w in weights if w for m in w):  # in model order, each once
         pairs = [w.get(module) if w else None for w in weights]
-        a0, b0 = next(p for p in pairs if p)
+        a0, b0, _ = next(p for p in pairs if p)
         rank = max(p[0].shape[1] for p in pairs if p)
         a = torch.stack([F.pad(p[0], (0, rank - p[0].shape[1])) if p else a0.new_zeros(a0.shape[0], rank)
                          for p in pairs])
         b = torch.stack([F.pad(p[1], (0, 0, 0, rank - p[1].shape[0])) if p else b0.new_zeros(rank, b0.shape[1])
                          for p in pairs])
-        layers.append((module, a, b))
+        scale = torch.tensor([p[2] if p else 0.0 for p in pairs], dtype=b.dtype, device=b.device)
+        layers.append((module, a, b * scale[:, None, None]))
     return layers
 
 
