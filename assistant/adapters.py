@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from storage.db import Store
 
 log = logging.getLogger("attune.adapters")
-BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
 @dataclass
@@ -81,6 +80,8 @@ class AdapterRegistry:
         self._pins: dict[str, int] = {}
         self._lock = threading.RLock()
         self.load_seconds: list[float] = []
+        self.generation = 0
+        """Bumped whenever an adapter is loaded or unloaded: what an engine derived from the loaded set is stale."""
 
     @property
     def is_peft(self) -> bool:
@@ -130,6 +131,7 @@ class AdapterRegistry:
         seconds = time.perf_counter() - started
         self.load_seconds.append(seconds)
         self._loaded[name] = seconds
+        self.generation += 1
         log.info("loaded adapter %s in %.2f s", name, seconds)
         self._evict()
 
@@ -141,4 +143,5 @@ class AdapterRegistry:
                 continue
             self.model.delete_adapter(name)
             del self._loaded[name]
+            self.generation += 1
             log.info("unloaded adapter %s", name)

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from storage.errors import InputError
+from assistant.errors import ModelError
+from storage.errors import CLI, InputError
 
 if TYPE_CHECKING:
     from assistant.adapters import AdapterRef
@@ -351,9 +352,6 @@ class TransformersBackend(QueuedBackend):
         adapter = self.registry.acquire(ref)
         if adapter is not None and not self._rows.supports(self.registry.model, adapter.name):
             self.registry.release(adapter)
-            from assistant.errors import ModelError
-            from storage.errors import CLI
-
             raise ModelError(f"Adapter v{adapter.version} is not plain LoRA (DoRA or LoRA biases), which Attune "
                              f"does not serve; roll back with `{CLI} adapters NAME --rollback VERSION`.")
         return adapter
@@ -393,7 +391,7 @@ class TransformersBackend(QueuedBackend):
 
         model, context = self.registry.model, contextlib.nullcontext()
         if self.registry.is_peft:
-            generation = len(self.registry.load_seconds)
+            generation = self.registry.generation
             if self._layers_off != (id(model), generation):  # a load adds LoRA layers, switched on
                 model.base_model.disable_adapter_layers()
                 self._layers_off = (id(model), generation)

@@ -38,11 +38,11 @@ class RowLora:
 
     def prepare(self, model, names: Sequence[str | None], generation: int) -> None:
         """Get the stacks for ``names`` (row i uses adapter ``names[i]``, None: none; each one :meth:`supports`)
-        ready for :meth:`apply`. ``generation`` changes whenever adapters are loaded or unloaded."""
+        ready for :meth:`apply`. ``generation`` changes whenever adapters are loaded or unloaded: everything
+        derived from the weights is dropped then (it would keep an unloaded adapter's tensors alive)."""
         if (id(model), generation) != self._model_key:
             self._model_key = (id(model), generation)
-            loaded = set().union(*(m.lora_A.keys() for m in _lora_layers(model)))
-            self._adapters = {n: w for n, w in self._adapters.items() if n in loaded}
+            self._adapters.clear()
             self._stacks.clear()
         key = tuple(names)
         if key not in self._stacks:

@@ -4,7 +4,7 @@ Users of several kinds (``bench.quality_users``: facts told then asked about, fa
 short acknowledgment, a style taught through corrections, few vs many conversations, one writing in Chinese)
 are imported; each gets one training job with the default ``TrainConfig`` and the default gate (nothing
 relaxed: a rejected candidate is simply not served). Then, through the real serving path (ChatEngine +
-TransformersBackend with mixed-adapter batches + MemoryService with MiniLM, defaults):
+TransformersBackend, continuous batches with per-row LoRA, + MemoryService with MiniLM, defaults):
 
 - recall of paraphrased probes (never seen in training; right = the keyword in the greedy answer) under
   base / memory only / adapter only / adapter + memory, overall and per kind of user;
@@ -33,7 +33,7 @@ from bench.quality_users import GENERAL_QA  # the users, their facts and the gen
 CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True, False), "both": (True, True)}
 PROBE_TOKENS = 16
 QA_TOKENS = 16
-BATCH = 16  # concurrent probes decoded together (one mixed-adapter batch)
+BATCH = 16  # concurrent probes decoded together (rows of different adapters in one batch)
 QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
 """``--quick`` (a smoke run of the bench's code, never reported as a measurement) trains this little."""
 SERVE_QUANT = "auto"
