@@ -23,8 +23,8 @@ import numpy as np
 from assistant.embedder import Embedder, HashEmbedder, MiniLMConfig, MiniLMEmbedder
 from assistant.memory_cache import IndexCache, Slot
 from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig
-from assistant.memory_policy import POLICY, Derived, Hit, clip, desired, line, select, superseded
-from assistant.memory_text import facts_block
+from assistant.memory_policy import POLICY, Derived, Hit, clip, desired, line, select, superseded, topic_update
+from assistant.memory_text import facts_block, topic
 from storage.chats import clean_text
 from storage.db import Store
 from storage.memories import MAX_MEMORY_CHARS, Memory, SourceTurn
@@ -45,6 +45,10 @@ class MemoryConfig:
     min_score: float = 0.35
     """Cosine a memory needs to be retrieved (calibrated on the quality bench: paraphrased probes vs their
     own statement, general questions vs every memory; BENCHMARKS.md reports its precision and recall)."""
+    answer_min_score: float = 0.8
+    """Cosine a correction or a liked answer needs between the question asked and the question it belongs to:
+    it is served only to a question about the same thing, never as a fact to others (chosen on dev pairs:
+    BENCHMARKS.md, memory quality)."""
     relative_margin: float = 0.1
     """Only memories within this cosine of the best hit are kept (drops weak distractors)."""
     tie_epsilon: float = 0.01
@@ -72,7 +76,7 @@ class MemoryConfig:
 
     def __post_init__(self):
         _check_int("k", self.k, 1, 100)
-        for name in ("min_score", "dedupe_threshold"):
+        for name in ("min_score", "answer_min_score", "dedupe_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not -1.0 <= value <= 1.0:
                 raise ValueError(f"{name}: must be a cosine similarity from -1 to 1, got {value!r}")
@@ -139,8 +143,9 @@ class MemoryService:
             slot = self._slot(user_id)
             if not self._make_room(user_id, slot, vector, created_at=None):
                 return None
-            memory_id = self.store.memories.add(user_id, "fact", text, message_id, policy=POLICY)
+            memory_id = self.store.memories.add(user_id, "fact", text, message_id, policy=POLICY, topic=topic(text))
             self.cache.add(user_id, slot, [memory_id], vector[None])
+            self._update_topic(user_id, slot, self.store.memories.get(user_id, memory_id))
         self.cache.evict()
         return memory_id
 
@@ -175,7 +180,7 @@ class MemoryService:
         with self.cache.lock(user_id):
             slot = self._slot(user_id)
             found = [(i, s) for i, s in slot.index.search(vector, 3 * k + 8) if s >= self.config.min_score]
-            rows = self.store.memories.get_many(user_id, [i for i, _ in found])
+            rows = self.store.memories.get_many(user_id, [i for i, _ in found], current=True)
             gone = [i for i, _ in found if i not in rows]
             if gone:  # deleted behind our back (e.g. a conversation deleted): heal the index
                 slot.index.remove(gone)
@@ -184,7 +189,7 @@ class MemoryService:
         if exclude_conversation is not None and found:
             origin = self.store.memories.conversations_of(user_id, [i for i, _ in found if i in rows])
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
-        found = [(i, s) for i, s in found if i in rows]
+        found = [(i, s) for i, s in found if i in rows and (rows[i].cue is None or s >= self.config.answer_min_score)]
         return select(found, rows, k=k, budget_chars=budget, relative_margin=self.config.relative_margin,
                       tie_epsilon=self.config.tie_epsilon, item_chars=self.config.item_chars)
 
@@ -213,10 +218,13 @@ class MemoryService:
     def delete(self, user_id: int, memory_id: int) -> Memory:
         """Delete one memory for good (NotFound if it is not the user's); its text is not remembered again."""
         with self.cache.lock(user_id):
+            revived = self.store.memories.replaced_by(user_id, [memory_id]) if isinstance(memory_id, int) else []
             memory = self.store.memories.delete(user_id, memory_id)
             slot = self.cache.loaded(user_id)
             if slot is not None and slot.index.remove([memory.id]):
                 self.cache.changed(user_id, slot, 1)
+            if slot is not None:
+                self._index_again(user_id, slot, revived)
         return memory
 
     def forget_all(self, user_id: int) -> int:
@@ -268,14 +276,14 @@ class MemoryService:
     def _wanted(self, user_id: int, answer_ids: list[int]) -> tuple[list[SourceTurn], list[Derived]]:
         turns = [self.store.memories.source_turn(user_id, a) for a in answer_ids]
         wanted = list(dict.fromkeys(d for t in turns for d in desired(t, self.config.max_text_chars)))
-        excluded = self.store.memories.excluded_texts(user_id, {m for m, _, _ in wanted})
-        return turns, [d for d in wanted if (d[0], d[2]) not in excluded]
+        excluded = self.store.memories.excluded_texts(user_id, {d.message_id for d in wanted})
+        return turns, [d for d in wanted if (d.message_id, d.text) not in excluded]
 
     def _sync(self, user_id: int, answer_ids: list[int]) -> dict[int, int | None]:
         """Make the memories of these answers (and their questions) match what SQLite says about them now."""
         _, wanted = self._wanted(user_id, answer_ids)
-        have = {m.text for m in self.store.memories.derived_for(user_id, {d[0] for d in wanted})}
-        new_texts = list(dict.fromkeys(t for _, _, t in wanted if t not in have))
+        have = {m.text for m in self.store.memories.derived_for(user_id, {d.message_id for d in wanted})}
+        new_texts = list(dict.fromkeys(d.cue or d.text for d in wanted if d.text not in have))
         vectors = dict(zip(new_texts, self._embed_memories(new_texts), strict=True)) if new_texts else {}
         out: dict[int, int | None] = {}
         with self.cache.lock(user_id):
@@ -284,42 +292,70 @@ class MemoryService:
             sources = {t.answer_id for t in turns} | {t.question_id for t in turns if t.question_id}
             current = self.store.memories.derived_for(user_id, sources)
             kept = {(m.message_id, m.kind, m.text): m.id for m in current if m.policy >= POLICY}
-            stale = [m.id for m in current if (m.message_id, m.kind, m.text) not in set(wanted) or
-                     m.policy < POLICY]
+            keys = {d.key for d in wanted}
+            stale = [m.id for m in current if (m.message_id, m.kind, m.text) not in keys or m.policy < POLICY]
             if stale:
-                self.store.memories.delete_many(user_id, stale)
-                self.cache.remove(user_id, slot, stale)
+                self._delete(user_id, slot, stale)
             created = {t.answer_id: t.created_at for t in turns} | {t.question_id: t.created_at for t in turns}
             for d in wanted:
-                if d not in kept:
-                    kept[d] = self._add_derived(user_id, slot, d, created.get(d[0]), vectors)
+                if d.key not in kept:
+                    kept[d.key] = self._add_derived(user_id, slot, d, created.get(d.message_id), vectors)
             for t in turns:
-                mine = [kept.get(d) for d in wanted if d[0] == t.answer_id] + \
-                    [kept.get(d) for d in wanted if d[0] == t.question_id]
+                mine = [kept.get(d.key) for d in wanted if d.message_id == t.answer_id] + \
+                    [kept.get(d.key) for d in wanted if d.message_id == t.question_id]
                 out[t.answer_id] = next((i for i in mine if i is not None), None)
         self.cache.evict()
         return out
 
     def _add_derived(self, user_id: int, slot: Slot, d: Derived, created_at: str | None,
                      vectors: dict[str, np.ndarray]) -> int | None:
-        message_id, kind, text = d
-        vector = vectors[text] if text in vectors else self._embed_memories([text])[0]
-        if not self._make_room(user_id, slot, vector, created_at):
+        search = d.cue or d.text
+        vector = vectors[search] if search in vectors else self._embed_memories([search])[0]
+        if not self._make_room(user_id, slot, vector, created_at, cue_less=d.cue is None):
             return None
-        memory_id = self.store.memories.add(user_id, kind, text, message_id, created_at=created_at, policy=POLICY)
+        memory_id = self.store.memories.add(user_id, d.kind, d.text, d.message_id, created_at=created_at,
+                                            policy=POLICY, cue=d.cue, topic=d.topic)
         self.cache.add(user_id, slot, [memory_id], vector[None])
+        if d.topic:
+            self._update_topic(user_id, slot, self.store.memories.get(user_id, memory_id))
         return memory_id
 
-    def _make_room(self, user_id: int, slot: Slot, vector: np.ndarray, created_at: str | None) -> bool:
+    def _update_topic(self, user_id: int, slot: Slot, memory: Memory) -> None:
+        """A memory of a one-valued topic replaces the user's older ones of it (or is replaced by a newer one)."""
+        if not memory.topic:
+            return
+        older, newer = topic_update(self.store.memories.on_topic(user_id, memory.topic), memory.id,
+                                    memory.created_at)
+        if newer is not None:
+            self.store.memories.replace(user_id, [memory.id], newer)
+            self.cache.remove(user_id, slot, [memory.id])
+        elif older:
+            self.store.memories.replace(user_id, older, memory.id)
+            self.cache.remove(user_id, slot, older)
+
+    def _delete(self, user_id: int, slot: Slot, ids: list[int]) -> None:
+        """Delete memories (no exclusion recorded); the ones they had replaced are current again."""
+        revived = self.store.memories.delete_many(user_id, ids)
+        self.cache.remove(user_id, slot, ids)
+        self._index_again(user_id, slot, revived)
+
+    def _index_again(self, user_id: int, slot: Slot, ids: list[int]) -> None:
+        """Put memories that are current again (their replacement was deleted) back into the index."""
+        rows = self.store.memories.get_many(user_id, ids, current=True)
+        if rows:
+            order = sorted(rows)
+            self.cache.add(user_id, slot, order, self._embed_memories([rows[i].search_text for i in order]))
+
+    def _make_room(self, user_id: int, slot: Slot, vector: np.ndarray, created_at: str | None,
+                   cue_less: bool = True) -> bool:
         """Near-duplicates collapse (``memory_policy.superseded``): False if the new memory must not be
         stored, else the older near-duplicates it replaces are deleted and True."""
         close = [i for i, s in slot.index.search(vector, 4) if s >= self.config.dedupe_threshold]
-        older = superseded(list(self.store.memories.get_many(user_id, close).values()), created_at)
+        older = superseded(list(self.store.memories.get_many(user_id, close).values()), created_at, cue_less)
         if older is None:
             return False
         if older:
-            self.store.memories.delete_many(user_id, older)
-            self.cache.remove(user_id, slot, older)
+            self._delete(user_id, slot, older)
         return True
 
     def _embed_memories(self, texts: list[str]) -> np.ndarray:

@@ -5,11 +5,14 @@ What becomes memory (each row keyed by the message it came from):
   (``assistant.memory_text.statements``: first person, declarative; questions, requests and orders are not
   kept; long sentences are chunked);
 - ``correction``: the user's correction of an answer (it supersedes the answer: a corrected answer is
-  never remembered);
-- ``liked``: an answer the user liked;
+  never remembered). It is no fact about the user: it belongs to the question it corrects, is found by that
+  question (its ``cue``) and served only to a question about the same thing (``answer_min_score``);
+- ``liked``: an answer the user liked, kept the same way as a correction;
 - ``fact``: what the user typed into the Memory tab (or an edit of a memory).
 Never: unrated or disliked answers, replaced (retried) answers, Compare runs. Near-duplicates collapse
-into one (cosine >= ``dedupe_threshold``; the newest wins). A memory the user deleted never comes back
+into one (cosine >= ``dedupe_threshold``; the newest wins). A statement of a one-valued topic (home, job,
+name of the dog: ``memory_text.topic``) replaces the user's older ones of that topic: they stay as history
+(the Memory tab shows them as replaced) and are never retrieved. A memory the user deleted never comes back
 (its text is excluded in SQLite). Rows written under an older policy (``turn`` dumps of whole turns) are
 re-derived from the messages the first time the user's memory is opened (``POLICY``).
 
@@ -26,19 +29,39 @@ embedder or locking (``assistant.memory`` orchestrates, ``assistant.memory_cache
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from assistant.memory_text import facts_block, informative, second_person, statements
+from assistant.memory_text import facts_block, informative, second_person, statements, topic
 from storage.memories import Memory, SourceTurn
 
-POLICY = 2
-"""Version of what memory is derived from messages; rows of an older one are re-derived (m006)."""
+POLICY = 3
+"""Version of what memory is derived from messages; rows of an older one are re-derived (m006). 3: clauses
+(not sentences), corrections and liked answers found by their question, topics."""
+CUE_CHARS = 300
+"""Characters of a question kept as the cue of the correction or liked answer it belongs to."""
 VOICE = {"statement": "user", "fact": "user", "turn": "user", "correction": "assistant", "liked": "assistant"}
 """Whose words a memory kind holds: the user's are put into the second person in the prompt."""
 
-Derived = tuple[int, str, str]
-"""(message id, kind, text) of one memory a turn should give."""
+
+
+class Derived(NamedTuple):
+    """One memory a turn should give."""
+
+    message_id: int
+    kind: str
+    text: str
+    cue: str | None = None
+    """The question a correction or a liked answer belongs to (what it is found by)."""
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return self.message_id, self.kind, self.text
+
+    @property
+    def topic(self) -> str | None:
+        return topic(self.text) if VOICE.get(self.kind) == "user" else None
 
 
 @dataclass(frozen=True)
@@ -51,11 +74,18 @@ class Hit:
     created_at: str
     score: float
     message_id: int | None
+    cue: str | None = None
 
     @property
     def fact(self) -> str:
-        """The memory as a fact told to the model: the user's own words in the second person."""
-        return second_person(self.text) if VOICE.get(self.kind) == "user" else self.text
+        """The memory as told to the model: the user's own words in the second person; a correction or a
+        liked answer with the question it belongs to."""
+        if VOICE.get(self.kind) == "user":
+            return second_person(self.text)
+        if self.cue:
+            verb = "you corrected the answer to" if self.kind == "correction" else "you liked the answer"
+            return f'When you asked "{neutralize(self.cue, CUE_CHARS)}" before, {verb}: {self.text}'
+        return self.text
 
 
 def clip(text: str, limit: int) -> str:
@@ -74,22 +104,25 @@ def desired(turn: SourceTurn, max_text_chars: int) -> list[Derived]:
         return []
     out: list[Derived] = []
     if turn.question is not None and turn.question_id is not None:
-        out += [(turn.question_id, "statement", s) for s in statements(turn.question)]
+        out += [Derived(turn.question_id, "statement", s) for s in statements(turn.question)]
     if turn.replaced:
         return out
+    cue = clip(turn.question, CUE_CHARS) if turn.question and turn.question.strip() else None
     if turn.correction and turn.correction.strip():
-        out.append((turn.answer_id, "correction", clip(turn.correction, max_text_chars)))
+        out.append(Derived(turn.answer_id, "correction", clip(turn.correction, max_text_chars), cue))
     elif turn.rating == "like" and informative(turn.answer):
-        out.append((turn.answer_id, "liked", clip(turn.answer, max_text_chars)))
+        out.append(Derived(turn.answer_id, "liked", clip(turn.answer, max_text_chars), cue))
     return out
 
 
-def superseded(near_duplicates: list[Memory], created_at: str | None) -> list[int] | None:
+def superseded(near_duplicates: list[Memory], created_at: str | None, cue_less: bool = True) -> list[int] | None:
     """Near-duplicates collapse, the newest wins. ``created_at`` is the new memory's time (None: a fact
     typed now). None if the new one must not be stored (a near-duplicate is as new or newer, or is a fact
     the user typed, which a derived memory never replaces); else the ids of the older ones it replaces."""
     older: list[int] = []
     for row in near_duplicates:
+        if (row.cue is None) != cue_less:  # a question's answer never collapses with a statement
+            continue
         newer = created_at is not None and row.created_at >= created_at  # a tie: the one stored stays
         if newer or (row.kind == "fact" and created_at is not None):
             return None
@@ -112,7 +145,7 @@ def select(found: list[tuple[int, float]], rows: dict[int, Memory], *, k: int, b
     floor = max(s for _, s in found) - relative_margin
     eps = tie_epsilon or 1e-9
     hits = sorted(
-        (Hit(i, rows[i].text, rows[i].kind, rows[i].created_at, s, rows[i].message_id)
+        (Hit(i, rows[i].text, rows[i].kind, rows[i].created_at, s, rows[i].message_id, rows[i].cue)
          for i, s in found if s >= floor),
         key=lambda h: (int(np.floor(h.score / eps)), h.created_at, h.id), reverse=True,
     )
@@ -125,3 +158,13 @@ def select(found: list[tuple[int, float]], rows: dict[int, Memory], *, k: int, b
         if len(chosen) == k:
             break
     return chosen
+
+
+def topic_update(current: list[Memory], new_id: int, created_at: str) -> tuple[list[int], int | None]:
+    """A new memory of a one-valued topic among the user's ``current`` ones of that topic: (ids of the older
+    ones it replaces, id of a newer one that replaces it, or None). Equal times: the one stored later wins."""
+    others = [m for m in current if m.id != new_id]
+    newer = [m for m in others if m.created_at > created_at]
+    if newer:
+        return [], max(newer, key=lambda m: (m.created_at, m.id)).id
+    return [m.id for m in others], None

@@ -13,22 +13,27 @@ import re
 
 STATEMENT_MAX_CHARS = 300
 """A statement longer than this is cut into chunks at word boundaries."""
-STATEMENT_MIN_WORDS = 3
+STATEMENT_MIN_WORDS = 2
+"""Words a statement needs at least ("I'm vegan."); Chinese counts characters (``ZH_MIN_CHARS``)."""
+ZH_MIN_CHARS = 4
 LIKED_MIN_WORDS = 4
 """A liked answer shorter than this (an acknowledgment) is not remembered."""
 
 BLOCK_HEADER = "Facts the user told you earlier (use them only when they answer the question):"
 """The first line of the memory block in the system prompt (chosen by measurement, BENCHMARKS.md)."""
 
-_SENTENCE = re.compile(r"[^.!?。！？\n]+[.!?。！？]*", re.UNICODE)
+_SENTENCE = re.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+|(?=\n)|$)", re.UNICODE)
 _LEAD = re.compile(
-    r"^(?:(?:and|also|oh|well|so|ok(?:ay)?|btw|by the way|fyi|for the record|just so you know|"
+    r"^(?:(?:and|also|oh|well|so|ok(?:ay)?|btw|by the way|fyi|for the record|just so you know|anyway|plus|"
+    r"but|because|'?cause|since|though|although|as|actually|honestly|yeah|yes|no|hey|hi|hello|sorry|"
+    r"one more thing|"
     r"(?:please )?(?:remember|note|keep in mind)(?: that)?|don't forget(?: that)?)[,:;]?\s+)+",
     re.IGNORECASE,
 )
 _QUESTION_START = re.compile(
     r"^(?:what|who|whom|whose|where|when|why|how|which|do|does|did|can|could|would|will|should|shall|may|"
-    r"might|is|are|am|was|were|have|has|had|isn't|aren't|don't|doesn't|didn't|won't|wouldn't|can't|couldn't)\b",
+    r"might|is|are|am|was|were|have|has|had|isn't|aren't|don't|doesn't|didn't|won't|wouldn't|can't|couldn't|"
+    r"any|anything|ideas?|thoughts?|tips?|suggestions?)\b",
     re.IGNORECASE,
 )
 _IMPERATIVE_START = re.compile(
@@ -43,8 +48,35 @@ _REQUEST = re.compile(
     r"i(?:'m| am) (?:looking for|wondering|curious)|can you|could you|would you|please)\b",
     re.IGNORECASE,
 )
+_HYPOTHETICAL = re.compile(r"^(?:if|unless|whether|suppose|imagine|in case)\b", re.IGNORECASE)
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|we're|our|ours|us)\b", re.IGNORECASE)
+_SUBJECT = re.compile(
+    r"^(?:(?:when|while|after|before|once|since|because|as|now that|ever since)\s+)?"
+    r"(?:i|i'm|i've|i'd|i'll|im|ive|my|we|we're|we've|we'll|our|me and)\b", re.IGNORECASE)
+"""A clause that opens with the user as its subject ("I'm a welder there", "my son is Elio")."""
+_SUBJECT_SOON = re.compile(r"^(?:[\w'-]+,?\s+){1,2}(?:i|i'm|i've|i'd|i'll|my|we|we're|we've|our)\b(?!\s*\?)",
+                           re.IGNORECASE)
+"""... or after a word or two ("last year we moved to Bern", "yesterday my dog ate a sock")."""
+_SUBJECT_AFTER = re.compile(r"\b(?:that|because|so|said|says|thinks|told me) (?:i|i'm|i've|my|we|we're|our)\b",
+                            re.IGNORECASE)
+_FILLER = re.compile(
+    r"^(?:i (?:think|guess|mean|know|see|agree|hope|bet|suppose|understand|believe)(?: so| that| it)?|"
+    r"i(?:'m| am) (?:fine|good|ok(?:ay)?|great|sorry|glad|happy for you|so happy for you|not sure)|"
+    r"i'?d love (?:that|to)|i can imagine|me too|my pleasure|i appreciate (?:it|that|you)|thank you|"
+    r"(?:quick (?:one|question|thing) )?before i forget)[.!]*$",
+    re.IGNORECASE)
+"""Clauses of talk, not facts ("I think so", "I'm fine")."""
+_CLAUSE_BREAK = re.compile(
+    r"\s*[,;:]\s+|\s+[-–—]+\s+|\s+\((?=[^)]*\))|\)\s*"
+    r"|\s+(?=(?:and|but|so|plus|because|'cause|cause|though|although|as|since|while|whereas)\s+"
+    r"(?:i|i'm|i've|i'd|i'll|my|we|we're|we've|our|what|how|where|which|who|why|when|any|do|does|can|could|"
+    r"should|would|is|are)\b)",
+    re.IGNORECASE)
+_ZH_CLAUSE_BREAK = re.compile(r"[，,；;：:]")
 _ZH_QUESTION = re.compile(r"(?:吗|呢|什么|哪|谁|几|多少|怎么|为什么)[。.!！]*$|^(?:请|帮我|给我|告诉我)")
+_ZH_ASKS = re.compile(r"吗|呢|什么|哪|谁|多少|怎么|为什么|如何|是否|能不能|可不可以|要不要|有没有|是不是|好不好|"
+                      r"推荐|建议")
+_ZH_REQUEST = re.compile(r"^(?:请|帮我|给我|告诉我|你能|你可以|你会|你觉得|你知道|麻烦)")
 
 # First person -> second person, for the prompt block and for training answers.
 _SWAPS = {
@@ -74,18 +106,28 @@ def _is_zh(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
+def _subject_first(clause: str) -> bool:
+    """The user is the clause's subject within its first words ("I'm a welder", "last year we moved ...")."""
+    return bool(_SUBJECT.match(clause) or _SUBJECT_SOON.match(clause) or _SUBJECT_AFTER.search(clause))
+
+
 def is_statement(sentence: str) -> bool:
-    """A declarative sentence about the user (first person), not a question, a request or an order."""
+    """A declarative clause about the user (first person), not a question, a request, an order, a
+    hypothesis or a bit of talk ("I think so")."""
     s = sentence.strip()
     if not s or s.endswith(("?", "？")):
         return False
     if _is_zh(s):
-        return "我" in s and not _ZH_QUESTION.search(s) and len(s) >= 4
-    if len(s.split()) < STATEMENT_MIN_WORDS or _QUESTION_START.match(s) or _IMPERATIVE_START.match(s):
+        return "我" in s and not _ZH_ASKS.search(s) and not _ZH_REQUEST.match(s) and len(s.rstrip("。！.!")) >= \
+            ZH_MIN_CHARS
+    s = s.rstrip(".!")
+    if len(s.split()) < STATEMENT_MIN_WORDS or _FILLER.match(s) or _HYPOTHETICAL.match(s):
         return False
     if re.match(r"^call me\b", s, re.IGNORECASE):
         return True
-    return bool(_FIRST_PERSON.search(s)) and not _REQUEST.search(s)
+    if not _FIRST_PERSON.search(s) or _REQUEST.search(s):
+        return False
+    return not (_SUBJECT.match(s) is None and (_QUESTION_START.match(s) or _IMPERATIVE_START.match(s)))
 
 
 def informative(answer: str) -> bool:
@@ -93,25 +135,74 @@ def informative(answer: str) -> bool:
     return len(answer.split()) >= LIKED_MIN_WORDS or (_is_zh(answer) and len(answer.strip()) >= 8)
 
 
-def statements(text: str) -> list[str]:
-    """The short, self-contained statements about the user in one of their messages, in order.
+def _opens_clause(part: str, asks: bool) -> bool:
+    """A piece of a sentence that starts a clause of its own (rather than continuing the one before it)."""
+    if asks and _QUESTION_START.match(part):  # "my sister, who lives in Rome, is a chef": no new clause
+        return True
+    return bool(_subject_first(part) or _IMPERATIVE_START.match(part)
+                or _HYPOTHETICAL.match(part) or _REQUEST.match(part)
+                or re.match(r"^(?:you|call me|thanks|thank you)\b", part, re.I))
 
-    "Hi! My dog is called Biscuit. What breed suits flats?" -> ["My dog is called Biscuit."]
+
+def _zh_opens_clause(part: str, asks: bool) -> bool:
+    return "我" in part or bool(_ZH_ASKS.search(part) or _ZH_REQUEST.match(part) or part.startswith("你"))
+
+
+def clauses(sentence: str) -> list[str]:
+    """One sentence cut into clauses: a new clause starts where the user, a question, an order or a request
+    does; other pieces stay with the clause before them ("my sister, who lives in Rome, is a chef"). In a
+    sentence ending in a question mark, its question clause is dropped (the last one when none looks like
+    a question): "We're off to Crete in July, what should I pack?" -> ["We're off to Crete in July"]."""
+    zh = _is_zh(sentence)
+    body = sentence.strip().rstrip(" .!?。！？")
+    asks = sentence.strip().endswith(("?", "？"))
+    breaker, opens = (_ZH_CLAUSE_BREAK, _zh_opens_clause) if zh else (_CLAUSE_BREAK, _opens_clause)
+    out: list[list[str]] = []  # [clause text, separator before the next piece]
+    last = 0
+    pieces = []
+    for m in breaker.finditer(body):
+        pieces.append((body[last:m.start()], m.group(0)))
+        last = m.end()
+    pieces.append((body[last:], ""))
+    for text, sep in pieces:
+        lead = text.strip() if zh else _LEAD.sub("", text.strip()).strip()
+        if not lead:
+            continue
+        if not out or opens(lead, asks):
+            out.append([lead, sep])
+        else:
+            out[-1][0] += out[-1][1] + text.strip()
+            out[-1][1] = sep
+    found = [c for c, _ in out]
+    if asks and found:
+        questions = [c for c in found if _ZH_ASKS.search(c) or _ZH_REQUEST.match(c)] if zh else \
+            [c for c in found if not _SUBJECT.match(c) and (_QUESTION_START.match(c) or _IMPERATIVE_START.match(c))]
+        if not questions:
+            found = found[:-1]
+    return found
+
+
+def statements(text: str) -> list[str]:
+    """The short, self-contained statements about the user in one of their messages, in order: every
+    first-person clause that says something about them, wherever it sits (also inside a question or a
+    request), one per statement.
+
+    "Hi! I'm Nina, I live in Porto and I work as a nurse." -> ["I'm Nina.", "I live in Porto.",
+    "I work as a nurse."]; "I'm a welder, any tips for neck pain?" -> ["I'm a welder."]
     """
     out: list[str] = []
     for match in _SENTENCE.finditer(text or ""):
-        sentence = _LEAD.sub("", " ".join(match.group(0).split())).strip(" ,;:-")
-        head, colon, tail = sentence.partition(": ")
-        if colon and is_statement(tail):  # "Quick one before I forget: my dog is Rex." -> the part after
-            sentence = tail
-        if not is_statement(sentence):
-            continue
-        sentence = sentence[0].upper() + sentence[1:]
-        if not sentence.endswith((".", "!", "。", "！")):
-            sentence += "。" if _is_zh(sentence) else "."
-        for piece in _chunks(sentence) if len(sentence) > STATEMENT_MAX_CHARS else [sentence]:
-            if piece not in out:
-                out.append(piece)
+        sentence = " ".join(match.group(0).split())
+        for clause in clauses(sentence):
+            clause = clause.strip(" ,;:-–—")
+            if not is_statement(clause):
+                continue
+            clause = clause[0].upper() + clause[1:]
+            if not clause.endswith((".", "!", "。", "！")):
+                clause += "。" if _is_zh(clause) else "."
+            for piece in _chunks(clause) if len(clause) > STATEMENT_MAX_CHARS else [clause]:
+                if piece not in out:
+                    out.append(piece)
     return out
 
 
@@ -157,3 +248,62 @@ def with_facts(messages: list[dict], block: str) -> list[dict]:
         return messages
     last = messages[-1]
     return [*messages[:-1], {**last, "content": f"{block}\n\n{last['content']}"}]
+
+
+# Facts with one current value: a newer statement of the same topic supersedes the older one ---------------
+_ATTRIBUTES = ("birthday", "phone", "phone number", "email", "address", "car", "blood type", "shoe size", "height",
+               "weight", "team", "religion", "nationality", "hometown")
+_TOPICS_EN: list[tuple[str, re.Pattern]] = [(name, re.compile(p, re.IGNORECASE)) for name, p in [
+    ("name", r"\bmy name is\b|\bi(?:'m| am) called\b|^call me\b"),
+    ("home", r"\b(?:i|we) (?:now |currently |still |also )?(?:live|am living|'m living|are living|'re living|reside)"
+             r" (?:in|at|near)\b|\b(?:i|we) (?:just |recently |finally |have |'ve |had )*(?:moved|relocated|am moving"
+             r"|'m moving|are moving|'re moving) (?:to|into)\b|\bmy (?:home|address) is\b|\bi(?:'m| am) based in\b"),
+    ("job", r"\b(?:i|we) (?:now |currently |still )?(?:work|am working|'m working|am employed|'m employed) as\b|"
+            r"\bmy (?:new |current )?(?:job|profession|occupation|role) is\b|\bi(?:'m| am) an? [\w -]+ by "
+            r"(?:trade|profession)\b|\bi (?:just )?(?:got|started|have|took|landed) (?:a |my |the )?(?:new )?"
+            r"(?:job|position|role) as\b"),
+    ("employer", r"\bi (?:now |currently |still )?(?:work|am working|'m working) (?:at|for)\b|"
+                 r"\bi (?:just )?(?:joined|started at)\b"),
+    ("age", r"\bi(?:'m| am) (?:now )?\d{1,3}(?: years old| years of age|(?=[.!,;]|$))|\bi (?:just )?turned \d{1,3}\b"),
+]]
+_INTRODUCTION = re.compile(r"^(?:I'm|I am|Im) [A-Z][\w'-]+(?: [A-Z][\w'-]+)?[.!]?$")
+"""Introducing oneself by name ("I'm Nina."): case-sensitive, so "I'm tired." is no name."""
+_PAST = re.compile(r"\b(?:used to|previously|formerly|back then|as a kid|as a child|when i was|years ago)\b", re.I)
+_NAME_OF = re.compile(r"\bmy ((?:[a-z-]+ ){0,2}[a-z-]+?)(?:'s name is| is (?:called|named)| goes by)\b", re.I)
+_FAVOURITE = re.compile(r"\bmy (?:all-time |absolute )?favou?rite ((?:[a-z-]+ ){0,2}[a-z-]+?) (?:is|are)\b", re.I)
+_ATTRIBUTE = re.compile(r"\bmy (" + "|".join(_ATTRIBUTES) + r") (?:is|are)\b", re.I)
+_TOPICS_ZH: list[tuple[str, re.Pattern]] = [(name, re.compile(p)) for name, p in [
+    ("name", r"我叫|我的名字(?:是|叫)"),
+    ("home", r"我(?:们)?(?:现在|目前|已经)?(?:住在|住|搬到|搬去|搬家到|定居在?)"),
+    ("job", r"我(?:现在|目前)?(?:是|当)(?:一名|一位|一个|个|名)|我的(?:工作|职业)是|我(?:现在|目前)?做"),
+    ("employer", r"我(?:现在|目前)?在.{1,12}(?:工作|上班)"),
+    ("age", r"我(?:今年|现在)?\d{1,3}岁"),
+]]
+_ZH_NAME_OF = re.compile(r"我的(.{1,6}?)(?:叫|的名字是)")
+_ZH_FAVOURITE = re.compile(r"我最喜欢的(.{1,6}?)是")
+
+
+def topic(statement: str) -> str | None:
+    """The one-valued thing a statement says about the user ("home", "job", "name of dog", "favorite
+    colour"), or None. Of two statements on the same topic, the newer is current: "I moved to Lyon"
+    supersedes "I live in Porto". Past tense ("I used to live in Porto") has no topic: it replaces nothing."""
+    s = " ".join((statement or "").split())
+    if not s:
+        return None
+    if _is_zh(s):
+        if "以前" in s or "曾经" in s or "小时候" in s:
+            return None
+        for pattern, prefix in ((_ZH_FAVOURITE, "favorite "), (_ZH_NAME_OF, "name of ")):
+            m = pattern.search(s)
+            if m:
+                return prefix + m.group(1)
+        return next((name for name, p in _TOPICS_ZH if p.search(s)), None)
+    if _PAST.search(s):
+        return None
+    if _INTRODUCTION.match(s):
+        return "name"
+    for pattern, prefix in ((_FAVOURITE, "favorite "), (_NAME_OF, "name of "), (_ATTRIBUTE, "")):
+        m = pattern.search(s)
+        if m:
+            return prefix + m.group(1).lower().replace("favourite", "favorite")
+    return next((name for name, p in _TOPICS_EN if p.search(s)), None)

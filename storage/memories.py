@@ -44,6 +44,17 @@ class Memory:
     created_at: str
     policy: int = 1
     """The derivation policy the row was written under (see ``assistant.memory_policy.POLICY``)."""
+    cue: str | None = None
+    """The text the memory is found by when it is not its own text (a correction: the question it corrects)."""
+    topic: str | None = None
+    """The one-valued topic it states (``home``, ``job``, ``name of dog``...), None for most memories."""
+    replaced_by: int | None = None
+    """The newer memory of the same topic that replaced it: history, never retrieved."""
+
+    @property
+    def search_text(self) -> str:
+        """What the memory's vector is made from."""
+        return self.cue or self.text
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,7 @@ class SourceTurn:
 
 def _memory(row: dict) -> Memory:
     return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"],
-                  row.get("policy") or 1)
+                  row.get("policy") or 1, row.get("cue"), row.get("topic"), row.get("replaced_by"))
 
 
 def _like_pattern(query: str) -> str:
@@ -101,18 +112,59 @@ class Memories:
 
     # writes ----------------------------------------------------------------------------------
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
-            created_at: str | None = None, policy: int = 1) -> int:
+            created_at: str | None = None, policy: int = 1, cue: str | None = None,
+            topic: str | None = None) -> int:
         """Insert and commit one memory; returns its id (never reused, even after deletion)."""
         if kind not in KINDS:
             raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
         text = clean_text(text, what="memory", limit=MAX_MEMORY_CHARS)
+        cue = clean_text(cue, what="memory cue", limit=MAX_MEMORY_CHARS) if cue is not None else None
         if message_id is not None:
             self.store.chats.message(user_id, message_id)  # NotFound for another user's message
         with self.store.write() as db:
             return db["memories"].insert(
                 {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
-                 "created_at": created_at or utcnow(), "policy": policy}
+                 "created_at": created_at or utcnow(), "policy": policy, "cue": cue, "topic": topic}
             ).last_pk
+
+    def replace(self, user_id: int, old_ids: Iterable[int], new_id: int) -> None:
+        """Mark the user's memories ``old_ids`` as replaced by ``new_id`` (a newer statement of their topic)."""
+        ids = [_int(i) for i in old_ids]
+        with self.store.write() as db:
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start:start + _ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"UPDATE memories SET replaced_by = ? WHERE user_id = ? AND id IN ({marks})",
+                           [_int(new_id), user_id, *chunk])
+
+    def on_topic(self, user_id: int, topic: str) -> list[Memory]:
+        """The user's current (not replaced) memories of one topic, ascending id."""
+        return [_memory(r) for r in self.store.db.query(
+            "SELECT * FROM memories WHERE user_id = ? AND topic = ? AND replaced_by IS NULL ORDER BY id",
+            [user_id, topic])]
+
+    def replaced_by(self, user_id: int, memory_ids: Iterable[int]) -> list[int]:
+        """Ids of the user's memories that the memories ``memory_ids`` replaced."""
+        ids = [_int(i) for i in memory_ids]
+        out: list[int] = []
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out += [r[0] for r in self.store.db.execute(
+                f"SELECT id FROM memories WHERE user_id = ? AND replaced_by IN ({marks})", [user_id, *chunk])]
+        return out
+
+    def _revive(self, db, user_id: int, ids: list[int]) -> list[int]:
+        """Memories replaced by the deleted ``ids`` are current again; returns their ids."""
+        revived: list[int] = []
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            revived += [r[0] for r in db.execute(
+                f"SELECT id FROM memories WHERE user_id = ? AND replaced_by IN ({marks})", [user_id, *chunk])]
+            db.execute(f"UPDATE memories SET replaced_by = NULL WHERE user_id = ? AND replaced_by IN ({marks})",
+                       [user_id, *chunk])
+        return revived
 
     def set_kind(self, user_id: int, memory_id: Any, kind: str) -> None:
         """Change only the kind (e.g. ``turn`` → ``liked``); the text and so the vector stay the same."""
@@ -128,6 +180,7 @@ class Memories:
         memory = self.get(user_id, memory_id)
         with self.store.write() as db:
             db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", [memory.id, user_id])
+            self._revive(db, user_id, [memory.id])
             if memory.message_id is not None:
                 db.execute("INSERT OR IGNORE INTO memory_text_exclusions (user_id, message_id, text, created_at) "
                            "VALUES (?, ?, ?, ?)", [user_id, memory.message_id, memory.text, utcnow()])
@@ -140,19 +193,17 @@ class Memories:
                        "SELECT user_id, id, ? FROM messages WHERE user_id = ?", [utcnow(), user_id])
             return db.execute("DELETE FROM memories WHERE user_id = ?", [user_id]).rowcount
 
-    def delete_many(self, user_id: int, memory_ids: Iterable[int]) -> int:
+    def delete_many(self, user_id: int, memory_ids: Iterable[int]) -> list[int]:
         """Delete those of ``memory_ids`` that are the user's, recording no exclusion (a memory superseded
-        by a correction, or withdrawn by a dislike). Returns how many were deleted."""
+        by a correction, or withdrawn by a dislike). Memories they had replaced are current again: returns
+        the ids of those."""
         ids = [_int(i) for i in memory_ids]
-        deleted = 0
         with self.store.write() as db:
             for start in range(0, len(ids), _ID_CHUNK):
                 chunk = ids[start:start + _ID_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                deleted += db.execute(
-                    f"DELETE FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk]
-                ).rowcount
-        return deleted
+                db.execute(f"DELETE FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk])
+            return [i for i in self._revive(db, user_id, ids) if i not in set(ids)]
 
     def excluded_texts(self, user_id: int, message_ids: Iterable[int]) -> set[tuple[int, str]]:
         """(message id, text) pairs among these messages whose memory the user deleted."""
@@ -213,15 +264,17 @@ class Memories:
             raise NotFound(f"Memory {memory_id!r} does not exist (or is not yours); refresh the Memory list.")
         return _memory(rows[0])
 
-    def get_many(self, user_id: int, memory_ids: Iterable[int]) -> dict[int, Memory]:
-        """The user's memories among ``memory_ids``, by id; ids of deleted or other users' rows are absent."""
+    def get_many(self, user_id: int, memory_ids: Iterable[int], current: bool = False) -> dict[int, Memory]:
+        """The user's memories among ``memory_ids``, by id; ids of deleted or other users' rows are absent
+        (and of replaced ones with ``current``)."""
         ids = [int(i) for i in memory_ids]
         out: dict[int, Memory] = {}
+        only = " AND replaced_by IS NULL" if current else ""
         for start in range(0, len(ids), _ID_CHUNK):
             chunk = ids[start:start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             for row in self.store.db.query(
-                f"SELECT * FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk]
+                f"SELECT * FROM memories WHERE user_id = ? AND id IN ({marks}){only}", [user_id, *chunk]
             ):
                 out[row["id"]] = _memory(row)
         return out
@@ -248,38 +301,42 @@ class Memories:
         where, params = self._where(user_id, query)
         return self.store.db.execute(f"SELECT COUNT(*) FROM memories WHERE {where}", params).fetchone()[0]
 
+    # what the user's vector index holds: the current (not replaced) memories ------------------
     def ids(self, user_id: int) -> list[int]:
-        """All the user's memory ids, ascending (read from the (user_id, id) index only)."""
-        return [r[0] for r in self.store.db.execute("SELECT id FROM memories WHERE user_id = ? ORDER BY id",
-                                                    [user_id])]
+        """The user's current memory ids, ascending."""
+        return [r[0] for r in self.store.db.execute(
+            "SELECT id FROM memories WHERE user_id = ? AND replaced_by IS NULL ORDER BY id", [user_id])]
 
     def max_id(self, user_id: int) -> int:
-        """The user's newest memory id, 0 if none: one index lookup, cheap enough for every request."""
-        return self.store.db.execute("SELECT COALESCE(MAX(id), 0) FROM memories WHERE user_id = ?",
-                                     [user_id]).fetchone()[0]
+        """The user's newest current memory id, 0 if none: one index lookup, cheap enough for every request."""
+        return self.store.db.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM memories WHERE user_id = ? AND replaced_by IS NULL",
+            [user_id]).fetchone()[0]
 
     def fingerprint(self, user_id: int) -> Fingerprint:
-        """Count, max id and sum of ids of the user's rows: changes whenever a row is added or deleted."""
+        """Count, max id and sum of ids of the user's current rows: changes whenever the set changes."""
         row = self.store.db.execute(
-            "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM memories WHERE user_id = ?",
-            [user_id],
+            "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM memories WHERE user_id = ? "
+            "AND replaced_by IS NULL", [user_id],
         ).fetchone()
         return Fingerprint(*row)
 
     def iter_texts(self, user_id: int, ids: Iterable[int] | None = None,
                    batch: int = 1000) -> Iterator[list[tuple[int, str]]]:
-        """Batches of (id, text) of the user's memories (all, or those among ``ids``), ascending id."""
+        """Batches of (id, search text) of the user's current memories (all, or those among ``ids``), ascending
+        id; the search text is what the vector is made from (``Memory.search_text``)."""
         if ids is not None:
             wanted = sorted(int(i) for i in ids)
             for start in range(0, len(wanted), batch):
-                found = self.get_many(user_id, wanted[start:start + batch])
+                found = self.get_many(user_id, wanted[start:start + batch], current=True)
                 if found:
-                    yield [(i, found[i].text) for i in sorted(found)]
+                    yield [(i, found[i].search_text) for i in sorted(found)]
             return
         after = 0
         while True:
             rows = self.store.db.execute(
-                "SELECT id, text FROM memories WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?",
+                "SELECT id, COALESCE(cue, text) FROM memories WHERE user_id = ? AND id > ? AND replaced_by IS NULL "
+                "ORDER BY id LIMIT ?",
                 [user_id, after, batch],
             ).fetchall()
             if not rows:

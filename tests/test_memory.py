@@ -121,12 +121,12 @@ def test_the_current_conversation_is_not_retrieved(store, alice, memory):
 
 
 def test_recency_breaks_ties_and_k_limits(store, alice, memory):
-    blue = memory.remember_fact(alice.id, "my favourite colour is blue")
-    green = memory.remember_fact(alice.id, "my favourite colour is green")
-    hits = memory.retrieve(alice.id, "favourite colour")
+    blue = memory.remember_fact(alice.id, "my kitchen colour is blue")  # no one-valued topic: both stay
+    green = memory.remember_fact(alice.id, "my kitchen colour is green")
+    hits = memory.retrieve(alice.id, "kitchen colour")
     assert hits[0].score == pytest.approx(hits[1].score)
     assert [h.id for h in hits] == [green, blue]  # equal scores: the newer memory first
-    assert [h.id for h in memory.retrieve(alice.id, "favourite colour", k=1)] == [green]
+    assert [h.id for h in memory.retrieve(alice.id, "kitchen colour", k=1)] == [green]
 
 
 def test_near_duplicates_collapse_newest_wins(store, alice, memory):
@@ -157,8 +157,14 @@ def test_correction_replaces_the_answer(store, alice, memory):
     new = rate(store, memory, alice, aid, "correction", "A French bulldog.")
     row = store.memories.get(alice.id, new)
     assert row.kind == "correction" and row.text == "A French bulldog."
+    assert row.cue == "Which breed suits a small flat?"  # it belongs to its question and is found by it
     rate(store, memory, alice, aid, "dislike")  # a dislike of the wrong answer keeps the correction
-    assert [h.id for h in memory.retrieve(alice.id, "a french bulldog for a small flat")] == [new]
+    hits = memory.retrieve(alice.id, "which breed suits a small flat")
+    assert [h.id for h in hits] == [new]
+    assert memory.prompt_block(hits).endswith(
+        '- When you asked "Which breed suits a small flat?" before, you corrected the answer to: A French bulldog.')
+    assert memory.retrieve(alice.id, "a french bulldog for a small flat") == []  # never served as a fact
+    assert memory.retrieve(alice.id, "which breed suits a big garden") == []  # another question: not served
     newer = rate(store, memory, alice, aid, "correction", "A pug.")
     assert store.memories.get_many(alice.id, [new]) == {} and store.memories.get(alice.id, newer).text == "A pug."
 
@@ -441,6 +447,20 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
     ("I want you to write a poem about cats.", []),
     ("What is the capital of France?", []),
     ("我住在上海。你知道上海吗？", ["我住在上海。"]),
+    # facts inside questions and requests, one clause each
+    ("We're off to Crete again in July, what should I pack?", ["We're off to Crete again in July."]),
+    ("I drive an hour to the plant, I'm a welder there, any tips for neck pain?",
+     ["I drive an hour to the plant.", "I'm a welder there."]),
+    ("Hi! I'm Nina, I live in Porto and I work as a nurse.", ["I'm Nina.", "I live in Porto.", "I work as a nurse."]),
+    ("Since I'm vegan, what should I cook tonight?", ["I'm vegan."]),
+    ("I need a recipe for dinner, I'm allergic to nuts.", ["I'm allergic to nuts."]),
+    ("My sister, who lives in Rome, is a chef.", ["My sister, who lives in Rome, is a chef."]),
+    ("I have two cats, a dog and a parrot.", ["I have two cats, a dog and a parrot."]),
+    ("If I moved to Berlin, would I need a car?", []),
+    ("I think so. I'm fine, thanks!", []),
+    ("我下个月要搬到成都了，你知道那边冬天冷吗？", ["我下个月要搬到成都了。"]),
+    ("我是一名护士，在医院上夜班。能推荐一些助眠的方法吗？", ["我是一名护士，在医院上夜班。"]),
+    ("帮我写一封邮件，我的老板叫王伟。", ["我的老板叫王伟。"]),
 ])
 def test_statements_keep_what_the_user_says_about_themselves(text, expected):
     from assistant.memory_text import statements
@@ -481,3 +501,33 @@ def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_wor
     for _ in engine.send(alice.id, None, "My cat is called Miso.", source="compare"):
         pass
     assert [m.text for m in memory.list(alice.id)] == ["My dog is called Biscuit."]  # a Compare run is no memory
+
+
+@pytest.mark.parametrize("statement, expected", [
+    ("I live in Porto.", "home"), ("We just moved to Lyon.", "home"), ("I used to live in Rome.", None),
+    ("My name is Ana.", "name"), ("I'm Nina.", "name"), ("I'm tired.", None), ("My dog's name is Rex.", "name of dog"),
+    ("My favourite colour is blue.", "favorite colour"), ("I work as a nurse.", "job"), ("I'm 34.", "age"),
+    ("I'm 5 minutes away.", None), ("My sister is Clara.", None), ("I have two cats.", None),
+    ("我搬到成都了。", "home"), ("我的猫叫咪咪。", "name of 猫"), ("我是一名护士。", "job"),
+])
+def test_topics_of_one_valued_facts(statement, expected):
+    from assistant.memory_text import topic
+
+    assert topic(statement) == expected
+
+
+def test_a_newer_statement_of_a_topic_replaces_the_older_one(store, alice, memory):
+    _, first = turn(store, alice, "I live in Porto, any good bakeries near the river?", "Try Padaria Ribeiro.")
+    _, second = turn(store, alice, "We moved to Lyon last week, where can I buy a bike?", "Try a Decathlon.")
+    old = memory.remember_turn(alice.id, first)
+    new = memory.remember_turn(alice.id, second)
+    rows = {m.id: m for m in memory.list(alice.id)}
+    assert rows[old].replaced_by == new and rows[new].replaced_by is None  # history, shown as replaced
+    ask = "do i live in porto or in lyon since we moved"  # the hash embedder: words shared with both
+    assert [h.text for h in memory.retrieve(alice.id, ask)] == ["We moved to Lyon last week."]
+    memory.rebuild(alice.id)  # a rebuilt index holds the current memories only
+    assert [h.id for h in memory.retrieve(alice.id, ask)] == [new]
+    memory.backfill(alice.id)  # in any order: the newer statement stays current
+    assert {m.id: m.replaced_by for m in memory.list(alice.id)} == {old: new, new: None}
+    memory.delete(alice.id, new)  # the user deletes the new one: the old one is current again
+    assert [h.id for h in memory.retrieve(alice.id, ask)] == [old]
