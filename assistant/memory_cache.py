@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from assistant.embedder import Embedder
+from assistant.embedder import Embedder, embed_groups
 from assistant.memory_index import IndexConfig, VectorIndex, build, load, save, sidecar
 from storage.db import Store
 from storage.errors import StorageError
@@ -140,7 +140,7 @@ class IndexCache:
         if gone:
             slot.index.remove(gone)
         for batch in self.store.memories.iter_texts(user_id, ids=missing, batch=256):
-            slot.index.add([i for i, _ in batch], self.embedder.embed([t for _, t in batch]))
+            slot.index.add([i for i, _ in batch], embed_groups(self.embedder, [t for _, t in batch]))
         if gone or missing:
             log.info("Memory index of user %s brought up to date: %d removed, %d added.",
                      user_id, len(gone), len(missing))
@@ -151,7 +151,7 @@ class IndexCache:
         chunks: list[np.ndarray] = []
         for batch in self.store.memories.iter_texts(user_id, batch=256):
             ids.extend(i for i, _ in batch)
-            chunks.append(self.embedder.embed([t for _, t in batch]))
+            chunks.append(embed_groups(self.embedder, [t for _, t in batch]))
         vectors = np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.dim), dtype=np.float32)
         return build(ids, vectors, self.embedder.dim, self.index_config)
 

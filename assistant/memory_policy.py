@@ -10,7 +10,8 @@ What becomes memory (each row keyed by the message it came from):
 - ``liked``: an answer the user liked, kept the same way as a correction;
 - ``fact``: what the user typed into the Memory tab (or an edit of a memory).
 Never: unrated or disliked answers, replaced (retried) answers, Compare runs. Near-duplicates collapse
-into one (cosine >= ``dedupe_threshold``; the newest wins). A statement of a one-valued topic (home, job,
+into one (among its nearest vectors, the ones sharing at least ``dedupe_overlap`` of their words: the
+newest wins). A statement of a one-valued topic (home, job,
 name of the dog: ``memory_text.topic``) replaces the user's older ones of that topic: they stay as history
 (the Memory tab shows them as replaced) and are never retrieved. A memory the user deleted never comes back
 (its text is excluded in SQLite). Rows written under an older policy (``turn`` dumps of whole turns) are
@@ -33,14 +34,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from assistant.memory_text import facts_block, informative, second_person, statements, topic
-from storage.memories import Memory, SourceTurn
+from assistant.memory_text import _SENTENCE, facts_block, informative, second_person, statements, topic
+from storage.memories import Memory, SourceTurn, search_texts
 
 POLICY = 3
 """Version of what memory is derived from messages; rows of an older one are re-derived (m006). 3: clauses
 (not sentences), corrections and liked answers found by their question, topics."""
 CUE_CHARS = 300
 """Characters of a question kept as the cue of the correction or liked answer it belongs to."""
+CONTEXT_CHARS = 1000
+"""Characters of the message a statement was said in kept as its context (what it is found by, with it)."""
 VOICE = {"statement": "user", "fact": "user", "turn": "user", "correction": "assistant", "liked": "assistant"}
 """Whose words a memory kind holds: the user's are put into the second person in the prompt."""
 
@@ -54,6 +57,12 @@ class Derived(NamedTuple):
     text: str
     cue: str | None = None
     """The question a correction or a liked answer belongs to (what it is found by)."""
+    context: str | None = None
+    """The message a statement was said in (it is found by itself and that message together)."""
+
+    @property
+    def search_texts(self) -> tuple[str, ...]:
+        return search_texts(self.text, self.cue, self.context)
 
     @property
     def key(self) -> tuple[int, str, str]:
@@ -98,13 +107,16 @@ def neutralize(text: str, limit: int) -> str:
     return clip(" ".join(text.replace("<", "‹").replace(">", "›").split()), limit)
 
 
-def desired(turn: SourceTurn, max_text_chars: int) -> list[Derived]:
-    """(message id, kind, text) of every memory this turn should give, in order."""
+def desired(turn: SourceTurn, max_text_chars: int, deleted: frozenset[str] = frozenset()) -> list[Derived]:
+    """Every memory this turn should give, in order. ``deleted``: texts of the question's statements the
+    user deleted; they are not given, and the sentences they were said in leave the others' context."""
     if turn.excluded or turn.source == "compare":
         return []
     out: list[Derived] = []
     if turn.question is not None and turn.question_id is not None:
-        out += [Derived(turn.question_id, "statement", s) for s in statements(turn.question)]
+        context = clip(_without(turn.question, deleted), CONTEXT_CHARS)
+        out += [Derived(turn.question_id, "statement", s, context=context) for s in statements(turn.question)
+                if s not in deleted]
     if turn.replaced:
         return out
     cue = clip(turn.question, CUE_CHARS) if turn.question and turn.question.strip() else None
@@ -113,6 +125,13 @@ def desired(turn: SourceTurn, max_text_chars: int) -> list[Derived]:
     elif turn.rating == "like" and informative(turn.answer):
         out.append(Derived(turn.answer_id, "liked", clip(turn.answer, max_text_chars), cue))
     return out
+
+
+def _without(message: str, deleted: frozenset[str]) -> str:
+    """The message less the sentences that gave a deleted statement, on one line."""
+    kept = [m.group(0) for m in _SENTENCE.finditer(message or "")
+            if not deleted or not set(statements(m.group(0))) & deleted]
+    return " ".join(" ".join(kept).split())
 
 
 def superseded(near_duplicates: list[Memory], created_at: str | None, cue_less: bool = True) -> list[int] | None:
@@ -128,6 +147,13 @@ def superseded(near_duplicates: list[Memory], created_at: str | None, cue_less: 
             return None
         older.append(row.id)
     return older
+
+
+def relevant(best: float, baseline: float, about_user: bool, rel) -> bool:
+    """Whether the best memory's score says it answers the question: above ``rel.min_score`` and, by the
+    margin for the kind of question, above the question's baseline (``rel``: ``embedder.Relevance``)."""
+    margin = rel.personal_margin if about_user else rel.general_margin
+    return best >= rel.min_score and (margin < 0 or best - baseline >= margin)
 
 
 def line(hit: Hit, item_chars: int) -> str:

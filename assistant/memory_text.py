@@ -16,6 +16,10 @@ STATEMENT_MAX_CHARS = 300
 STATEMENT_MIN_WORDS = 2
 """Words a statement needs at least ("I'm vegan."); Chinese counts characters (``ZH_MIN_CHARS``)."""
 ZH_MIN_CHARS = 4
+ZH_CONTEXT_MIN_CHARS = 6
+"""Characters a Chinese clause without 我 needs (people drop the subject: 周末想约朋友打羽毛球)."""
+CONTEXT_MIN_WORDS = 7
+"""Words an English clause without "I" and without a name or a number needs to count as about the user."""
 LIKED_MIN_WORDS = 4
 """A liked answer shorter than this (an acknowledgment) is not remembered."""
 
@@ -48,6 +52,9 @@ _REQUEST = re.compile(
     r"i(?:'m| am) (?:looking for|wondering|curious)|can you|could you|would you|please)\b",
     re.IGNORECASE,
 )
+_SECOND_PERSON = re.compile(r"\b(?:you|your|you're|yours|yourself|u)\b", re.IGNORECASE)
+_EXCLAIM = re.compile(r"^(?:that|what|how|so|such|wow|oh|aw+|congrat\w*|good|great|nice|cool|awesome|"
+                      r"amazing|sounds?|looks?|glad|hope|happy|thanks?|bye|see)(?:'s)?\b", re.IGNORECASE)
 _HYPOTHETICAL = re.compile(r"^(?:if|unless|whether|suppose|imagine|in case)\b", re.IGNORECASE)
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|we're|our|ours|us)\b", re.IGNORECASE)
 _SUBJECT = re.compile(
@@ -112,22 +119,36 @@ def _subject_first(clause: str) -> bool:
 
 
 def is_statement(sentence: str) -> bool:
-    """A declarative clause about the user (first person), not a question, a request, an order, a
-    hypothesis or a bit of talk ("I think so")."""
+    """A declarative clause about the user, not a question, a request, an order, a hypothesis or a bit of
+    talk ("I think so"): in the first person, or a clause of the user's own circumstances that people say
+    without one ("Heading out to the Brule on Saturday.", "Lactose intolerant here.", "周末想去爬山")."""
     s = sentence.strip()
     if not s or s.endswith(("?", "？")):
         return False
     if _is_zh(s):
-        return "我" in s and not _ZH_ASKS.search(s) and not _ZH_REQUEST.match(s) and len(s.rstrip("。！.!")) >= \
-            ZH_MIN_CHARS
+        body = s.rstrip("。！.!")
+        if _ZH_ASKS.search(s) or _ZH_REQUEST.match(s) or s.startswith("你"):
+            return False
+        return len(body) >= (ZH_MIN_CHARS if "我" in s else ZH_CONTEXT_MIN_CHARS)
     s = s.rstrip(".!")
-    if len(s.split()) < STATEMENT_MIN_WORDS or _FILLER.match(s) or _HYPOTHETICAL.match(s):
+    if len(s.split()) < STATEMENT_MIN_WORDS or _FILLER.match(s) or _HYPOTHETICAL.match(s) or _REQUEST.search(s):
         return False
     if re.match(r"^call me\b", s, re.IGNORECASE):
         return True
-    if not _FIRST_PERSON.search(s) or _REQUEST.search(s):
+    if _SUBJECT.match(s) is None and (_QUESTION_START.match(s) or _IMPERATIVE_START.match(s)):
         return False
-    return not (_SUBJECT.match(s) is None and (_QUESTION_START.match(s) or _IMPERATIVE_START.match(s)))
+    return bool(_FIRST_PERSON.search(s)) or _circumstance(s)
+
+
+def _circumstance(s: str) -> bool:
+    """A clause without "I" that still says something of the user's life: no "you" in it, not an exclamation
+    about something ("That's amazing"), and with substance: a name, a number, "here", or many words."""
+    if _SECOND_PERSON.search(s) or _EXCLAIM.match(s):
+        return False
+    words = s.split()
+    named = any(w[:1].isupper() for w in words[1:]) or any(ch.isdigit() for ch in s)
+    return bool(re.search(r"\bhere\b", s, re.IGNORECASE)) or (len(words) >= 4 and named) or \
+        len(words) >= CONTEXT_MIN_WORDS
 
 
 def informative(answer: str) -> bool:
@@ -173,7 +194,12 @@ def clauses(sentence: str) -> list[str]:
         else:
             out[-1][0] += out[-1][1] + text.strip()
             out[-1][1] = sep
-    found = [c for c, _ in out]
+    found: list[str] = []
+    for i, (clause, sep) in enumerate(out):  # "Pilot, our greyhound, shivers" -> one clause, not "Pilot"
+        if found and not zh and len(found[-1].split()) == 1 and not _LEAD.match(found[-1] + " "):
+            found[-1] = found[-1] + out[i - 1][1] + clause
+        else:
+            found.append(clause)
     if asks and found:
         questions = [c for c in found if _ZH_ASKS.search(c) or _ZH_REQUEST.match(c)] if zh else \
             [c for c in found if not _SUBJECT.match(c) and (_QUESTION_START.match(c) or _IMPERATIVE_START.match(c))]
@@ -248,6 +274,53 @@ def with_facts(messages: list[dict], block: str) -> list[dict]:
         return messages
     last = messages[-1]
     return [*messages[:-1], {**last, "content": f"{block}\n\n{last['content']}"}]
+
+
+def _units(text: str) -> set[str]:
+    """Lower-cased words, and each Chinese character as a word of its own."""
+    return {w for w in re.findall(r"[\u4e00-\u9fff]|[^\W_]+", text.lower()) if w}
+
+
+def overlap(a: str, b: str) -> float:
+    """Share of words two texts have in common (Jaccard; a Chinese character counts as a word)."""
+    x, y = _units(a), _units(b)
+    return len(x & y) / len(x | y) if x and y else float(a.strip() == b.strip())
+
+
+# Which questions are about the user, and statements about nothing in particular ------------------------------
+_ABOUT_USER = re.compile(r"\b(?:i|i'm|i've|i'd|my|me|mine|myself|we|our|us)\b|我", re.IGNORECASE)
+_HOW_TO = re.compile(
+    r"^(?:how (?:do|can|should|would|could|might) (?:i|we)|how to|what(?:'s| is) (?:the )?(?:best|easiest|right|"
+    r"quickest|simplest) way|(?:can|could|would) you|any (?:tips|ideas|advice|suggestions)|tips? (?:for|on)|"
+    r"should i)\b|怎么|如何|怎样", re.IGNORECASE)
+
+
+def personal(question: str) -> bool:
+    """A question about the user ("what's my line of work?"), not a how-to that happens to say "I" or "my"
+    ("how do I reset my router?"): such questions may get a memory on a smaller margin."""
+    q = " ".join((question or "").split())
+    return bool(_ABOUT_USER.search(q)) and not _HOW_TO.search(q)
+
+
+NEUTRAL_STATEMENTS = (
+    "I went to the shop this morning and it was busy.", "My day was long but fine.", "I watched a film last night.",
+    "We had dinner with friends at the weekend.", "I have been pretty tired lately.",
+    "My phone battery died again.", "I cleaned the house on Sunday.", "I am reading a book at the moment.",
+    "My neighbour was playing music loudly.", "I took the bus to town.", "We went for a walk in the park.",
+    "I had a coffee with a colleague.", "I forgot my umbrella and got wet.", "My inbox is full of emails.",
+    "I cooked pasta for dinner.", "I stayed up too late yesterday.", "We talked about the holidays.",
+    "I need to buy groceries this week.", "My friend called me in the evening.",
+    "I finished a big task at work today.", "The weather has been grey all week.",
+    "I listened to a podcast on the way home.", "I have a meeting tomorrow morning.",
+    "We are thinking about the weekend.", "I spent the afternoon sorting old papers.",
+    "My back hurts a little after gardening.", "I tried a new recipe.", "I went to bed early.",
+    "I am trying to drink more water.", "We visited family over the holiday.", "我今天去超市买了点东西。",
+    "我昨天晚上看了一部电影。", "我们周末和朋友一起吃饭。", "我最近有点累。", "我早上坐公交车去上班。",
+    "我下午整理了一下房间。", "我给朋友打了个电话。", "我这周要开好几个会。", "我们打算出去走走。",
+    "我最近在看一本书。",
+)
+"""Everyday statements about nothing a question could be after: a question's best scores against them are its
+baseline (``assistant.memory``); a memory must beat that baseline, not just a fixed cosine."""
 
 
 # Facts with one current value: a newer statement of the same topic supersedes the older one ---------------

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from assistant.i18n import tr, tr_error
-from assistant.ui_render import PRIVATE
+from assistant.ui_render import PRIVATE, memory_text
 from storage.errors import AttuneError, InputError
 
 if TYPE_CHECKING:
@@ -81,18 +81,21 @@ class MemoryTab:
         if memory is not None:
             memories = memory.list(uid, q or None, limit=200)
             origin = memory.sources(uid, [m.id for m in memories])
-            data = [[m.id, tr(lang, f"mem_kind_{m.kind}"), m.text, origin.get(m.id, tr(lang, "mem_source_none")),
+            data = [[m.id, _kind(lang, m), memory_text(lang, m), origin.get(m.id, tr(lang, "mem_source_none")),
                      m.created_at[:16].replace("T", " ")] for m in memories]
         return pd.DataFrame(data, columns=[tr(lang, c) for c in MEMORY_COLUMNS])
 
     def pick(self, evt: gr.SelectData, request: gr.Request):
         """A click on a row: that memory, its text to edit, and its Save edit / Delete buttons."""
-        _, lang = self.ui.user(request)
+        uid, lang = self.ui.user(request)
         row = evt.row_value or []
-        if len(row) < 5 or row[0] in (None, ""):
+        if len(row) < 5 or row[0] in (None, "") or self.ui.engine.memory is None:
             return None, "", "", HIDE, HIDE, ""
-        about = tr(lang, "memory_picked", id=int(row[0]), kind=row[1], source=row[3], date=row[4])
-        return int(row[0]), about, row[2], gr.update(visible=True), HIDE, ""
+        found = self.ui.engine.memory.used(uid, [int(row[0])])  # the user's own row, read again
+        if not found:
+            return None, "", "", HIDE, HIDE, ""
+        about = tr(lang, "memory_picked", id=found[0].id, kind=row[1], source=row[3], date=row[4])
+        return found[0].id, about, found[0].text, gr.update(visible=True), HIDE, ""
 
     def ask_delete(self, memory_id, request: gr.Request):
         uid, lang = self.ui.user(request)
@@ -142,3 +145,9 @@ class MemoryTab:
                 raise InputError(tr(lang, "forget_confirm"))
             return tr(lang, "forgot", n=self.ui.engine.memory.forget_all(uid))
         return self._run(q, request, action)
+
+
+def _kind(lang: str, m) -> str:
+    """The kind column: who said it, and whether a newer memory of the same topic replaced it."""
+    kind = tr(lang, f"mem_kind_{m.kind}")
+    return f"{kind} · {tr(lang, 'mem_replaced', id=m.replaced_by)}" if m.replaced_by else kind

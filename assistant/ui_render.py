@@ -105,7 +105,8 @@ def summary(lang: str, m: dict) -> str:
     v = m.get("adapter_version")
     parts.append(tr(lang, "info_adapter", v=v) if v else tr(lang, "info_base"))
     n = len(m.get("memory_ids") or [])
-    parts.append(tr(lang, "info_memories", n=n) if n else tr(lang, "info_no_memories"))
+    parts.append(tr(lang, "info_memory_one") if n == 1 else tr(lang, "info_memories", n=n) if n
+                 else tr(lang, "info_no_memories"))
     if m.get("completion_tokens"):
         parts.append(tr(lang, "info_tokens", n=m["completion_tokens"]))
     if m.get("status") == "stopped":
@@ -124,7 +125,7 @@ def details(lang: str, m: dict, memories: dict, earlier: list[dict], corrections
         lines = []
         for i in ids:
             mem = memories.get(i)
-            lines.append(f"- {_esc(mem.text[:300])} <em>({mem.created_at[:10]})</em>" if mem
+            lines.append(f"- {_esc(memory_text(lang, mem)[:400])} <em>({mem.created_at[:10]})</em>" if mem
                          else f"- {tr(lang, 'info_memory_gone')}")
         body.append(f"<strong>{tr(lang, 'info_memories_title')}</strong>\n\n" + "\n".join(lines))
     if earlier:
@@ -137,6 +138,13 @@ def details(lang: str, m: dict, memories: dict, earlier: list[dict], corrections
     inner = "\n\n".join(body)
     return (f'\n\n<details class="turn-info"><summary>ℹ️ {_esc(summary(lang, m))}</summary>\n\n'
             f"{inner}\n\n</details>")
+
+
+def memory_text(lang: str, mem) -> str:
+    """A memory as the user reads it: a correction or a liked answer with the question it belongs to."""
+    if mem.cue:
+        return tr(lang, "mem_answer_text", question=mem.cue[:200], text=mem.text)
+    return mem.text
 
 
 def _esc(text: str) -> str:

@@ -212,7 +212,7 @@ def run(quick: bool = False) -> dict:
         "precision": {"relevant": relevant, "retrieved": sum(len(hs) for *_, hs in probe_hits)},
         "formats": _formats(backend, loaded.tokenizer, users, facts, PROBE_TOKENS),
         "config": {k: v for k, v in memory.config.__dict__.items() if k in ("k", "min_score", "relative_margin",
-                                                                             "dedupe_threshold", "embedder")},
+                                                                             "dedupe_overlap", "embedder")},
         "seconds": round(time.perf_counter() - started, 1), "device": device, "dtype": loaded.dtype,
     })
     backend.close()
@@ -248,7 +248,8 @@ def render(r: dict) -> str:
         "asked about (likes, corrections, a dislike), half told *in passing* in chatty messages answered with a "
         "short acknowledgment, between unrated general questions. Histories imported, memory built by "
         f"`MemoryService.backfill` with defaults (k={cfg['k']}, min_score={cfg['min_score']}, relative_margin="
-        f"{cfg['relative_margin']}, dedupe {cfg['dedupe_threshold']}, {cfg['embedder']}). Served by ChatEngine with "
+        f"{cfg['relative_margin']}, dedupe overlap {cfg['dedupe_overlap']}, {cfg['embedder']}). Served by "
+        "ChatEngine with "
         f"the adapter off ({r['dtype']}, {r['device']}, greedy, keyword match).", "",
         f"What memory kept: {mem}.", "",
         table(["condition", "paraphrased probe recall", *kinds], rec), "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import load, memory_bench, memory_quality, quality, quant, serving, training, vllm_engine
+from bench import load, memory_bench, memory_locomo, memory_quality, quality, quant, serving, training, vllm_engine
 
 SECTIONS = {
     "quant": ("Serving configuration search (chooses `--quant auto` and `--dtype auto`)", quant.render),
@@ -18,6 +18,8 @@ SECTIONS = {
     "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
     "memory_quality": ("Memory quality: what is kept, what is retrieved, recall and general answers with memory on",
                        memory_quality.render),
+    "memory_locomo": ("Memory on LoCoMo (public long conversations, dev half): kept, evidence served, answer F1",
+                      memory_locomo.render),
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),

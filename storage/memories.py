@@ -46,15 +46,24 @@ class Memory:
     """The derivation policy the row was written under (see ``assistant.memory_policy.POLICY``)."""
     cue: str | None = None
     """The text the memory is found by when it is not its own text (a correction: the question it corrects)."""
+    context: str | None = None
+    """The message a statement was said in: the memory is found by its text and this together."""
     topic: str | None = None
     """The one-valued topic it states (``home``, ``job``, ``name of dog``...), None for most memories."""
     replaced_by: int | None = None
     """The newer memory of the same topic that replaced it: history, never retrieved."""
 
     @property
-    def search_text(self) -> str:
-        """What the memory's vector is made from."""
-        return self.cue or self.text
+    def search_texts(self) -> tuple[str, ...]:
+        """What the memory's vector is made from (the mean of theirs)."""
+        return search_texts(self.text, self.cue, self.context)
+
+
+def search_texts(text: str, cue: str | None, context: str | None) -> tuple[str, ...]:
+    """The texts a memory is found by: its cue alone, else its text (with the message it was said in)."""
+    if cue:
+        return (cue,)
+    return (text, context) if context and context != text else (text,)
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ class SourceTurn:
 
 def _memory(row: dict) -> Memory:
     return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"],
-                  row.get("policy") or 1, row.get("cue"), row.get("topic"), row.get("replaced_by"))
+                  row.get("policy") or 1, row.get("cue"), row.get("context"), row.get("topic"), row.get("replaced_by"))
 
 
 def _like_pattern(query: str) -> str:
@@ -113,18 +122,20 @@ class Memories:
     # writes ----------------------------------------------------------------------------------
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
             created_at: str | None = None, policy: int = 1, cue: str | None = None,
-            topic: str | None = None) -> int:
+            context: str | None = None, topic: str | None = None) -> int:
         """Insert and commit one memory; returns its id (never reused, even after deletion)."""
         if kind not in KINDS:
             raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
         text = clean_text(text, what="memory", limit=MAX_MEMORY_CHARS)
         cue = clean_text(cue, what="memory cue", limit=MAX_MEMORY_CHARS) if cue is not None else None
+        context = clean_text(context, what="memory context", limit=MAX_MEMORY_CHARS) if context is not None else None
         if message_id is not None:
             self.store.chats.message(user_id, message_id)  # NotFound for another user's message
         with self.store.write() as db:
             return db["memories"].insert(
                 {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
-                 "created_at": created_at or utcnow(), "policy": policy, "cue": cue, "topic": topic}
+                 "created_at": created_at or utcnow(), "policy": policy, "cue": cue, "context": context,
+                 "topic": topic}
             ).last_pk
 
     def replace(self, user_id: int, old_ids: Iterable[int], new_id: int) -> None:
@@ -322,26 +333,26 @@ class Memories:
         return Fingerprint(*row)
 
     def iter_texts(self, user_id: int, ids: Iterable[int] | None = None,
-                   batch: int = 1000) -> Iterator[list[tuple[int, str]]]:
-        """Batches of (id, search text) of the user's current memories (all, or those among ``ids``), ascending
-        id; the search text is what the vector is made from (``Memory.search_text``)."""
+                   batch: int = 1000) -> Iterator[list[tuple[int, tuple[str, ...]]]]:
+        """Batches of (id, search texts) of the user's current memories (all, or those among ``ids``), ascending
+        id; the search texts are what the vector is made from (``Memory.search_texts``)."""
         if ids is not None:
             wanted = sorted(int(i) for i in ids)
             for start in range(0, len(wanted), batch):
                 found = self.get_many(user_id, wanted[start:start + batch], current=True)
                 if found:
-                    yield [(i, found[i].search_text) for i in sorted(found)]
+                    yield [(i, found[i].search_texts) for i in sorted(found)]
             return
         after = 0
         while True:
             rows = self.store.db.execute(
-                "SELECT id, COALESCE(cue, text) FROM memories WHERE user_id = ? AND id > ? AND replaced_by IS NULL "
+                "SELECT id, text, cue, context FROM memories WHERE user_id = ? AND id > ? AND replaced_by IS NULL "
                 "ORDER BY id LIMIT ?",
                 [user_id, after, batch],
             ).fetchall()
             if not rows:
                 return
-            yield [(r[0], r[1]) for r in rows]
+            yield [(r[0], search_texts(r[1], r[2], r[3])) for r in rows]
             after = rows[-1][0]
 
     # the messages memories come from --------------------------------------------------------
@@ -373,6 +384,18 @@ class Memories:
             excluded=self.excluded(user_id, answer["id"]), created_at=answer["created_at"], sibling_ids=siblings,
             source=answer["source"], conversation_id=conv,
         )
+
+    def answers_to(self, user_id: int, message_id: int) -> list[int]:
+        """Ids of the user's answers to one of their messages (those after it, before their next message)."""
+        row = self.store.db.execute("SELECT conversation_id FROM messages WHERE id = ? AND user_id = ?",
+                                    [message_id, user_id]).fetchone()
+        if row is None:
+            return []
+        return [r[0] for r in self.store.db.execute(
+            "SELECT id FROM messages WHERE conversation_id = ? AND user_id = ? AND role = 'assistant' AND id > ? "
+            "AND id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation_id = ? AND user_id = ? AND "
+            "role = 'user' AND id > ?), 9223372036854775807) ORDER BY id",
+            [row[0], user_id, message_id, row[0], user_id, message_id])]
 
     def answer_ids(self, user_id: int) -> list[int]:
         """Ids of all the user's assistant messages, oldest first (what ``backfill`` walks)."""

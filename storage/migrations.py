@@ -259,13 +259,15 @@ def m007_sessions_and_key_names(db: Database) -> None:
 @migrations()
 def m008_memory_cues_and_updates(db: Database) -> None:
     """A memory may be found by another text than its own (``cue``: a correction or a liked answer is found
-    by the question it answers, never served as a fact to other questions), may say what one-valued topic
-    of the user it is about (``topic``: home, job, name of the dog...), and may be replaced by a newer
-    memory of the same topic (``replaced_by``: kept as history for the Memory tab, never retrieved)."""
+    by the question it answers, never served as a fact to other questions) or by its own text together with
+    the message it was said in (``context``), may say what one-valued topic of the user it is about
+    (``topic``: home, job, name of the dog...), and may be replaced by a newer memory of the same topic
+    (``replaced_by``: kept as history for the Memory tab, never retrieved)."""
     _run(
         db,
         """
         ALTER TABLE memories ADD COLUMN cue TEXT;
+        ALTER TABLE memories ADD COLUMN context TEXT;
         ALTER TABLE memories ADD COLUMN topic TEXT;
         ALTER TABLE memories ADD COLUMN replaced_by INTEGER;
         CREATE INDEX idx_memories_topic ON memories(user_id, topic) WHERE topic IS NOT NULL;

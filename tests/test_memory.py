@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from assistant.embedder import HashEmbedder, HashEmbedderConfig, MiniLMEmbedder
+from assistant.embedder import E5Embedder, HashEmbedder, HashEmbedderConfig, MiniLMEmbedder
 from assistant.memory import MemoryConfig, MemoryService
 from assistant.memory_text import BLOCK_HEADER
 from storage import InputError, NotFound, Store
@@ -386,15 +386,17 @@ def test_backfill_of_an_imported_history_follows_feedback(store, alice, memory, 
 
 # the real embedder -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_minilm_finds_a_paraphrased_personal_fact(tmp_path):
+@pytest.mark.parametrize("embedder", ["e5", "minilm"])
+def test_a_real_embedder_finds_a_paraphrased_personal_fact(tmp_path, embedder):
     store = Store(tmp_path / "data")
     try:
         user, other = store.users.create("dana", "long enough"), store.users.create("eve", "long enough")
-        memory = MemoryService(store, MemoryConfig())
-        assert isinstance(memory.embedder, MiniLMEmbedder) and memory.embedder.dim == 384
-        _, fact = turn(store, user, "My dog is called Biscuit.", "What a lovely name for a dog!")
+        memory = MemoryService(store, MemoryConfig(embedder=embedder))
+        kind = E5Embedder if embedder == "e5" else MiniLMEmbedder
+        assert isinstance(memory.embedder, kind) and memory.embedder.dim == 384
+        _, fact = turn(store, user, "My dog is called Biscuit, is a flat big enough for him?", "It can be, with walks.")
         for q, a in [("I boil my eggs for nine minutes.", "Sounds right."),
-                     ("I am going to Paris in May.", "Enjoy!"),
+                     ("I am going to Paris in May, what should I pack?", "Layers and an umbrella."),
                      ("I love sci-fi books.", "Try 'The Left Hand of Darkness'.")]:
             memory.remember_turn(user.id, turn(store, user, q, a)[1])
         fact_mid = memory.remember_turn(user.id, fact)
@@ -403,6 +405,25 @@ def test_minilm_finds_a_paraphrased_personal_fact(tmp_path):
         assert hits and hits[0].id == fact_mid and "Biscuit" in memory.prompt_block(hits)
         assert "Rex" not in memory.prompt_block(memory.retrieve(user.id, "What's my pet's name?", k=10))
         assert memory.retrieve(user.id, "How many legs does a spider have?") == []  # general: no memory
+        assert [h.text for h in memory.retrieve(user.id, "Where am I travelling this spring?")][:1] == \
+            ["I am going to Paris in May."]
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_e5_finds_a_fact_said_in_passing_in_chinese(tmp_path):
+    store = Store(tmp_path / "data")
+    try:
+        user = store.users.create("li", "long enough")
+        memory = MemoryService(store, MemoryConfig(embedder="e5"))
+        for q, a in [("我下个月要搬到成都了，你知道那边冬天冷吗？", "成都冬天湿冷，记得带厚外套。"),
+                     ("我女儿小米今年上一年级，早餐吃什么好？", "鸡蛋、牛奶和全麦面包都不错。"),
+                     ("周末想去爬山，膝盖不太好，有什么建议？", "选缓坡路线，带登山杖。")]:
+            memory.remember_turn(user.id, turn(store, user, q, a)[1])
+        assert memory.retrieve(user.id, "我要搬去哪个城市？")[0].text == "我下个月要搬到成都了。"
+        assert "小米" in memory.retrieve(user.id, "我孩子叫什么名字？")[0].text
+        assert memory.retrieve(user.id, "地球到月球有多远？") == []  # a general question: no memory
     finally:
         store.close()
 
