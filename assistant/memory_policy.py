@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from assistant.memory_text import _SENTENCE, facts_block, informative, second_person, statements, topic
+from assistant.memory_text import _SENTENCE, facts_block, informative, says_change, second_person, statements, topic
 from storage.memories import Memory, SourceTurn, search_texts
 
 POLICY = 3
@@ -175,6 +175,7 @@ def select(found: list[tuple[int, float]], rows: dict[int, Memory], *, k: int, b
          for i, s in found if s >= floor),
         key=lambda h: (int(np.floor(h.score / eps)), h.created_at, h.id), reverse=True,
     )
+    hits = _after_changes(hits)
     chosen, used = [], len(facts_block(["x"])) - 1
     for hit in hits:
         cost = len(line(hit, item_chars)) + 3
@@ -184,6 +185,14 @@ def select(found: list[tuple[int, float]], rows: dict[int, Memory], *, k: int, b
         if len(chosen) == k:
             break
     return chosen
+
+
+def _after_changes(hits: list[Hit]) -> list[Hit]:
+    """When the best statement found says something changed ("I traded my pickup for a Subaru", "改学围棋了"),
+    it answers the question over older statements found for it: those are dropped (they are what changed)."""
+    if not hits or VOICE.get(hits[0].kind) != "user" or not says_change(hits[0].text):
+        return hits
+    return [h for h in hits if VOICE.get(h.kind) != "user" or h.created_at >= hits[0].created_at]
 
 
 def topic_update(current: list[Memory], new_id: int, created_at: str) -> tuple[list[int], int | None]:

@@ -356,6 +356,16 @@ _ZH_NAME_OF = re.compile(r"我的(.{1,6}?)(?:叫|的名字是)")
 _ZH_FAVOURITE = re.compile(r"我最喜欢的(.{1,6}?)是")
 
 
+_CHANGE = re.compile(
+    r"\b(?:traded|trade(?:d)? in|switched|swapped|moved|the move|sold|given up|gave up|quit|no longer|not any ?more|"
+    r"instead of|replaced|changed (?:to|jobs?)|left my)\b|改|换成|换了|搬到|搬去|搬家|不再|不干了|辞职", re.IGNORECASE)
+
+
+def says_change(statement: str) -> bool:
+    """A statement that says something of the user changed ("I sold the truck", "we moved to Lyon")."""
+    return bool(_CHANGE.search(statement or ""))
+
+
 def topic(statement: str) -> str | None:
     """The one-valued thing a statement says about the user ("home", "job", "name of dog", "favorite
     colour"), or None. Of two statements on the same topic, the newer is current: "I moved to Lyon"

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import load, memory_bench, memory_locomo, memory_quality, quality, quant, serving, training, vllm_engine
+from bench import (
+    load,
+    memory_bench,
+    memory_locomo,
+    memory_passing,
+    memory_quality,
+    quality,
+    quant,
+    serving,
+    training,
+    vllm_engine,
+)
 
 SECTIONS = {
     "quant": ("Serving configuration search (chooses `--quant auto` and `--dtype auto`)", quant.render),
@@ -20,6 +31,8 @@ SECTIONS = {
                        memory_quality.render),
     "memory_locomo": ("Memory on LoCoMo (public long conversations, dev half): kept, evidence served, answer F1",
                       memory_locomo.render),
+    "memory_passing": ("Memory on facts said once in passing (dev users tune, test users report): served, recalled",
+                       memory_passing.render),
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),

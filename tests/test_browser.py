@@ -299,7 +299,7 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     page.get_by_role("button", name="New conversation").click()
     ask(page, server, "What is the name of my pet?", user="carol")
     info = bot(page).last.locator(".turn-info")
-    expect(info).to_contain_text("memories used", timeout=20_000)
+    expect(info).to_contain_text("1 memory used", timeout=20_000)
     expect(info).to_contain_text("Biscuit")
     carol = db_rows(server, "SELECT id FROM users WHERE name = 'carol'")[0]["id"]
     last = db_rows(server, "SELECT * FROM messages WHERE user_id = ? AND role = 'assistant' ORDER BY id DESC",
@@ -354,6 +354,56 @@ def test_memory_recalls_a_fact_in_a_new_conversation_only_for_its_user(browser, 
     ask(page, server, "What is the name of my pet?", user="dave")
     expect(bot(page).last.locator(".turn-info summary")).to_contain_text("SmolLM2", timeout=20_000)
     expect(bot(page).last.locator(".turn-info")).not_to_contain_text("Biscuit")
+    page.context.close()
+
+
+def test_facts_said_in_passing_are_found_corrections_stay_with_their_question(browser, server):
+    """Issue 24, item 5, as a new user tries it: an introduction inside a greeting is three facts found again in
+    a new conversation; a correction shows in the Memory tab with its question; a move replaces the old city."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    sign_up(page, "nina", "correct horse")
+    ask(page, server, "Hi! I'm Nina, I live in Porto and I work as a nurse.", user="nina")
+    nina = db_rows(server, "SELECT id FROM users WHERE name = 'nina'")[0]["id"]
+    texts = {r["text"] for r in db_rows(server, "SELECT text FROM memories WHERE user_id = ?", [nina])}
+    assert {"I'm Nina.", "I live in Porto.", "I work as a nurse."} <= texts  # one fact per memory
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "Where do I live?", user="nina")
+    info = bot(page).last.locator(".turn-info")
+    expect(info).to_contain_text(re.compile(r"\d+ memor(y|ies) used"), timeout=20_000)
+    expect(info).to_contain_text("I live in Porto.")
+
+    # A correction made with the edit button belongs to its question: listed with it, not served as a fact.
+    ask(page, server, "What is the capital of Portugal?", user="nina")
+    chat = page.locator("#chatbot")
+    bar = chat.locator(".message-buttons-left").last
+    bar.get_by_role("button", name="Edit", exact=True).click()
+    chat.locator("textarea.edit-textarea").fill("Lisbon, on the Tagus.")
+    bar.get_by_role("button", name="Submit", exact=True).click()
+    wait_for(lambda: db_rows(server, "SELECT * FROM memories WHERE user_id = ? AND kind = 'correction'", [nina]),
+             what="the correction's memory")
+    page.get_by_role("tab", name="Memory").click()
+    table = page.locator("#memory-table")
+    expect(table).to_contain_text("your correction", timeout=15_000)
+    expect(table).to_contain_text("What is the capital of Portugal?")
+    expect(table).to_contain_text("Lisbon, on the Tagus.")
+
+    # Moving replaces the old city: the Memory tab shows it as replaced, and it is not served any more.
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "We moved to Lyon last month, any tips for the first winter?", user="nina")
+    page.get_by_role("tab", name="Memory").click()
+    expect(table).to_contain_text("replaced by", timeout=15_000)
+    rows = db_rows(server, "SELECT * FROM memories WHERE user_id = ? AND text = 'I live in Porto.'", [nina])
+    assert rows[0]["replaced_by"] is not None
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="New conversation").click()
+    ask(page, server, "Where do I live?", user="nina")
+    expect(bot(page).last.locator(".turn-info summary")).to_contain_text("SmolLM2", timeout=20_000)
+    expect(bot(page).last.locator(".turn-info")).not_to_contain_text("I live in Porto.")
     page.context.close()
 
 

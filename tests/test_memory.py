@@ -552,3 +552,23 @@ def test_a_newer_statement_of_a_topic_replaces_the_older_one(store, alice, memor
     assert {m.id: m.replaced_by for m in memory.list(alice.id)} == {old: new, new: None}
     memory.delete(alice.id, new)  # the user deletes the new one: the old one is current again
     assert [h.id for h in memory.retrieve(alice.id, ask)] == [old]
+
+
+def test_a_statement_saying_something_changed_answers_over_the_older_ones(store, alice):
+    memory = make_service(store, min_score=0.1)
+    _, first = turn(store, alice, "My pickup truck is a Ford Ranger, how often should I change its oil?", "Every 5k.")
+    _, second = turn(store, alice, "I traded my pickup truck for a Subaru, do I need winter tyres?", "Yes.")
+    memory.remember_turn(alice.id, first)
+    memory.remember_turn(alice.id, second)
+    hits = memory.retrieve(alice.id, "what pickup truck do i drive, my ford or my subaru")
+    assert [h.text for h in hits] == ["I traded my pickup truck for a Subaru."]  # the older one is what changed
+    assert {m.replaced_by for m in memory.list(alice.id)} == {None}  # both kept: no topic rule knows cars
+
+
+def test_personal_questions_and_how_tos():
+    from assistant.memory_text import personal, says_change
+
+    assert personal("What's my line of work?") and personal("我住哪儿？") and personal("Where am I travelling?")
+    assert not personal("How do I reset my router?") and not personal("What is the capital of Canada?")
+    assert not personal("我应该怎么煮米饭？")
+    assert says_change("We moved to Lyon.") and says_change("最近改学围棋了。") and not says_change("I have a cat.")
