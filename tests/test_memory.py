@@ -572,3 +572,16 @@ def test_personal_questions_and_how_tos():
     assert not personal("How do I reset my router?") and not personal("What is the capital of Canada?")
     assert not personal("我应该怎么煮米饭？")
     assert says_change("We moved to Lyon.") and says_change("最近改学围棋了。") and not says_change("I have a cat.")
+
+
+@pytest.mark.slow
+def test_e5_takes_any_text_quickly(tmp_path):
+    """Bad input: any script, emoji, control characters, a huge paste: a vector each, in well under a second."""
+    import time
+
+    embedder = E5Embedder()
+    texts = ["", "🙂🙂", "مرحبا أنا أعيش في القاهرة", "x" * 50_000, "word " * 20_000, "\x00\x01", "Привет"]
+    started = time.perf_counter()
+    vectors = embedder.embed_query(texts)
+    assert vectors.shape == (len(texts), 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert time.perf_counter() - started < 10  # the huge pastes are cut to the model's window (46 s uncut)
