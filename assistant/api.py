@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from assistant import protocol
+from assistant.auth import address_of
 from assistant.engine import ChatEngine, Turn
 from assistant.protocol import ChatRequest, error, error_for
 from storage.errors import CLI, AttuneError, AuthError
@@ -30,9 +31,15 @@ class KeyCache:
         self._lock = threading.Lock()
 
     def user_id(self, request: Request) -> int:
+        """The key's user; a bad key counts against the client's address (``storage.throttle``)."""
+        address = address_of(request)
+        self.store.throttle.check_key(address)
+        header = request.headers.get("authorization", "")
         try:
-            return self._user_id(request.headers.get("authorization", ""))
+            return self._user_id(header)
         except AuthError as e:
+            if header.strip():
+                self.store.throttle.failed_key(address)
             if self.store.users.count() == 0:  # a fresh install: there is nobody to make a key for yet
                 raise AuthError(f"No user exists yet. Add one with: {CLI} users add NAME, then create an API key "
                                 f"with: {CLI} users key NAME") from e

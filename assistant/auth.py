@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from assistant.i18n import lang_of, tr, tr_error
 from storage.db import Store
-from storage.errors import AttuneError, AuthError
+from storage.errors import AttuneError, AuthError, TooManyAttempts
 from storage.users import User
 
 log = logging.getLogger("attune.auth")
@@ -134,14 +134,26 @@ class WebAuth:
             return self._page(request, "", tr(lang, "cross_site"), 403)
         form = await request.form()
         name, password = str(form.get("username") or ""), str(form.get("password") or "")
+        address = address_of(request)
         try:
             if create:
                 if not self.config.allow_signup:
                     return self._page(request, name, tr(lang, "signup_closed"), 403)
                 self.store.users.create(name, password)
+            else:
+                self.store.throttle.check_password(name, address)
             user = self.store.users.authenticate(name, password)
+        except TooManyAttempts as e:
+            minutes = max(1, -(-e.retry_after // 60))
+            page = self._page(request, name, tr(lang, "too_many_attempts", minutes=minutes), 429)
+            page.headers["Retry-After"] = str(e.retry_after)
+            return page
         except AttuneError as e:
+            if isinstance(e, AuthError) and not create:
+                self.store.throttle.failed_password(name, address)
             return self._page(request, name, tr_error(lang, e), e.status if e.status < 500 else 400)
+        if not create:
+            self.store.throttle.signed_in(name)
         return self.start_session(request, user)
 
     def start_session(self, request: Request, user: User) -> Response:
@@ -156,6 +168,12 @@ class WebAuth:
         first_run = self.config.allow_signup and self.store.users.count() == 0
         return HTMLResponse(signin_html(lang, name, message, first_run, self.config.allow_signup),
                             status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def address_of(request) -> str:
+    """The client's address as the server sees it (behind a proxy: the proxy's)."""
+    client = getattr(request, "client", None)
+    return str(client.host) if client is not None and client.host else ""
 
 
 def _same_origin(request: Request) -> bool:

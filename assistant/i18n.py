@@ -18,6 +18,8 @@ EN = {
     "create_account": "Create account",
     "sign_out": "Sign out",
     "signup_closed": "Sign-up is closed here; ask the person who runs Attune for an account.",
+    "too_many_attempts": "Too many failed sign-ins for this account or from this address. Try again in {minutes} "
+                         "min (each further attempt until then makes the wait longer).",
     "cross_site": "This form must be sent from Attune's own page; reload it and try again.",
     "session_ended": "You are signed out (the session ended). Reload the page and sign in again.",
     # chat
@@ -232,6 +234,8 @@ ZH = {
     "create_account": "创建账户",
     "sign_out": "退出登录",
     "signup_closed": "此处不开放注册；请向运行 Attune 的人申请账户。",
+    "too_many_attempts": "此账户或此地址的登录失败次数过多。请在 {minutes} 分钟后再试"
+                         "（在此之前每次尝试都会延长等待时间）。",
     "cross_site": "此表单必须从 Attune 自己的页面提交；请刷新页面后重试。",
     "session_ended": "你已退出登录（会话已结束）。请刷新页面并重新登录。",
     "tab_chat": "聊天",

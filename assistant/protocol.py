@@ -19,7 +19,8 @@ from storage.errors import AttuneError, InputError, NotFound
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FEEDBACK_VALUES = ("like", "dislike", "clear")
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 400: "invalid_request_error"}
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 400: "invalid_request_error",
+                429: "rate_limit_error"}
 
 
 # requests --------------------------------------------------------------------------------------
@@ -127,7 +128,10 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 def error_for(e: AttuneError) -> JSONResponse:
-    return error(e.status, str(e), _ERROR_TYPES.get(e.status, "server_error"))
+    response = error(e.status, str(e), _ERROR_TYPES.get(e.status, "server_error"))
+    if getattr(e, "retry_after", None):
+        response.headers["Retry-After"] = str(e.retry_after)
+    return response
 
 
 def fingerprint(turn: Turn) -> str:

@@ -25,6 +25,7 @@ from storage.migrations import migrations
 from storage.paths import DataDir
 from storage.replay import Replay
 from storage.sessions import Sessions
+from storage.throttle import Throttle
 from storage.users import Users
 
 __all__ = ["Store", "utcnow"]  # utcnow lives in storage.common; re-exported for older imports
@@ -54,6 +55,7 @@ class Store:
         self.users = Users(self)
         self.chats = Chats(self)
         self.memories = Memories(self)
+        self.throttle = Throttle(self)
         self.adapters = Adapters(self)
         self.jobs = Jobs(self)
         self.replay = Replay(self)

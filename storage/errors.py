@@ -26,6 +26,17 @@ class AuthError(AttuneError):
     status = 401
 
 
+class TooManyAttempts(AuthError):
+    """Too many wrong passwords or API keys lately: wait ``retry_after`` seconds (HTTP 429)."""
+
+    status = 429
+
+    def __init__(self, retry_after: int):
+        self.retry_after = int(retry_after)
+        minutes = max(1, -(-self.retry_after // 60))
+        super().__init__(f"Too many failed attempts. Try again in {minutes} minute{'s' if minutes > 1 else ''}.")
+
+
 class NotFound(AttuneError):
     """An id that does not exist for this user (other users' ids look exactly the same)."""
 

@@ -274,3 +274,23 @@ def m008_memory_cues_and_updates(db: Database) -> None:
         CREATE INDEX idx_memories_replaced_by ON memories(replaced_by) WHERE replaced_by IS NOT NULL
         """,
     )
+
+
+@migrations()
+def m009_auth_failures(db: Database) -> None:
+    """Failed sign-ins and bad API keys, so guessing can be throttled across restarts and server processes
+    (``storage.throttle``); rows older than their window are deleted as new ones come."""
+    _run(
+        db,
+        """
+        CREATE TABLE auth_failures (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('password', 'api_key')),
+            name TEXT NOT NULL DEFAULT '',
+            address TEXT NOT NULL DEFAULT '',
+            at REAL NOT NULL
+        );
+        CREATE INDEX idx_auth_failures_name ON auth_failures(kind, name, at);
+        CREATE INDEX idx_auth_failures_address ON auth_failures(kind, address, at)
+        """,
+    )

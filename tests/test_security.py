@@ -177,3 +177,76 @@ def test_ids_of_another_user_look_like_missing_ones(store, alice, bob):
                    lambda: store.adapters.get(bob.id, 1)):
         with pytest.raises(NotFound):
             getter()
+
+
+# throttling of guesses (issue 28) ------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_wrong_passwords_lock_that_name_then_the_address_growing_and_across_restarts(engine, store, alice, bob):
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+    from storage import Store
+    from storage.throttle import Throttle
+
+    clock = Clock()
+    store.throttle = Throttle(store, clock=clock)
+    client = TestClient(build_app(engine), client=("10.0.0.1", 5000), follow_redirects=False)
+
+    def sign_in(name, password, c=client):
+        return c.post("/auth/signin", data={"username": name, "password": password})
+
+    for _ in range(5):
+        assert sign_in("alice", "wrong horse").status_code == 401
+    locked = sign_in("alice", "correct horse")  # the right password is refused too while it lasts
+    assert locked.status_code == 429 and 0 < int(locked.headers["Retry-After"]) <= 15 * 60
+    assert "Try again in 15 min" in locked.text
+    assert sign_in("bob", "battery staple").status_code == 303  # another name from the same address: fine
+    for _ in range(6):  # a guesser trying on while locked, once a minute: the wait grows instead of running out
+        clock.now += 60
+        again = sign_in("alice", "correct horse")
+        assert again.status_code == 429
+    assert int(again.headers["Retry-After"]) > int(locked.headers["Retry-After"]) - 6 * 60
+    clock.now += 4 * 60
+    zh = TestClient(build_app(engine), client=("10.0.0.9", 5000), headers={"Accept-Language": "zh-CN"})
+    assert "分钟后再试" in zh.post("/auth/signin", data={"username": "alice", "password": "x" * 10}).text
+    reopened = Store(store.data_dir)  # the lock is rows: a restarted (or another) server process sees it
+    try:
+        assert Throttle(reopened, clock=clock)._wait("password", "name", "alice", 5, 15 * 60) > 0
+    finally:
+        reopened.close()
+    clock.now += 16 * 60
+    assert sign_in("alice", "correct horse").status_code == 303  # the window passed: the right password works
+    assert store.db.execute("SELECT COUNT(*) FROM auth_failures WHERE name = 'alice'").fetchone()[0] == 0
+    for n in range(20):  # many names from one address lock the address
+        sign_in(f"nobody{n}", "wrong horse")
+    assert sign_in("bob", "battery staple").status_code == 429
+    other = TestClient(build_app(engine), client=("10.0.0.2", 5000), follow_redirects=False)
+    assert sign_in("bob", "battery staple", other).status_code == 303  # another address is not affected
+
+
+def test_bad_api_keys_from_one_address_get_429(engine, store, alice):
+    from fastapi.testclient import TestClient
+
+    from assistant.server import build_app
+    from storage.throttle import Throttle
+
+    clock = Clock()
+    store.throttle = Throttle(store, clock=clock)
+    guesser = TestClient(build_app(engine), client=("10.0.0.3", 5000))
+    for n in range(20):
+        r = guesser.get("/v1/models", headers={"Authorization": f"Bearer attune-guess{n}-xxxxxxxx"})
+        assert r.status_code == 401
+    key = store.users.new_api_key(alice.id, "laptop")
+    r = guesser.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["Retry-After"]
+    honest = TestClient(build_app(engine), client=("10.0.0.4", 5000))
+    assert honest.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    clock.now += 61
+    assert guesser.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
