@@ -17,7 +17,7 @@ from storage.transfer import import_history
 
 
 def make_service(store, **overrides) -> MemoryService:
-    config = MemoryConfig(**{"embedder": "hash", "min_score": 0.2, "relative_margin": 2.0, **overrides})
+    config = MemoryConfig(**{"embedder": "hash", "min_score": 0.2, "relative_margin": 2.0, "k": 3, **overrides})
     return MemoryService(store, config)
 
 
@@ -255,7 +255,7 @@ def test_missing_corrupt_and_stale_index_files_are_rebuilt(store, alice, memory,
     assert probe() == ["I am allergic to peanuts"]
     store.memories.add(alice.id, "fact", "I am allergic to peanuts and cats")  # stale: added elsewhere
     assert probe() == ["I am allergic to peanuts", "I am allergic to peanuts and cats"]
-    other = MemoryService(store, MemoryConfig(embedder="hash", min_score=0.2),
+    other = MemoryService(store, MemoryConfig(embedder="hash", min_score=0.2, k=3),
                           HashEmbedder(HashEmbedderConfig(dim=64)))  # another embedder
     assert len(other.retrieve(alice.id, "allergic peanuts")) == 2
     assert json.loads(index_path.with_suffix(".json").read_text())["dim"] == 64
