@@ -25,7 +25,7 @@ from dataclasses import MISSING, fields
 from functools import cache
 from pathlib import Path
 
-COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget")
+COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget", "backup", "restore")
 _TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -156,6 +156,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     f = sub.add_parser("forget", parents=[quiet], help="delete all of a user's data")
     f.add_argument("name")
     f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub.add_parser("backup", parents=[quiet], help="back up the data dir (safe while serving) into a new folder"
+                   ).add_argument("dir", type=Path)
+    sub.add_parser("restore", parents=[quiet], help="restore a backup into an empty data dir").add_argument(
+        "dir", type=Path)
     return p, {"users": u, "memory": m}
 
 
@@ -294,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
     from storage import Store
     from storage.transfer import export_user
 
+    if args.command == "restore":  # before anything creates a database in the (empty) data dir
+        from storage.backup import restore
+        from storage.paths import DataDir
+
+        print(json.dumps(restore(args.dir, DataDir(Path(args.data_dir)))))
+        return 0
     store = Store(args.data_dir)
     if args.command == "serve":
         serve(store, args)
@@ -314,6 +324,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(export_user(store, store.users.by_name(args.name).id), ensure_ascii=False, indent=1))
     elif args.command == "forget":
         return forget(store, args)
+    elif args.command == "backup":
+        from storage.backup import backup
+
+        manifest = backup(store, args.dir)
+        print(json.dumps({"backup": str(args.dir), "files": len(manifest["files"]),
+                          "bytes": sum(f["bytes"] for f in manifest["files"].values())}))
     return 0
 
 
