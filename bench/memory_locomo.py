@@ -350,8 +350,8 @@ def run(quick: bool = False, answers: bool = True) -> dict:
             "conversations": [QUICK_CONVERSATION] if quick else sorted(i for ids in SPLITS.values() for i in ids),
             "users": len(users), **{k: round(v, 1) if isinstance(v, float) else v for k, v in totals.items()},
             "retrieval": _by_split(rows, _summary), "dragon": DRAGON,
-            "config": {"k": cfg.k, "min_score": cfg.min_score, "relative_margin": cfg.relative_margin,
-                       "embedder": cfg.embedder},
+            "config": {"k": cfg.k, "min_score": memory.relevance.min_score,
+                       "relative_margin": memory.relevance.relative_margin, "embedder": memory.embedder.name},
             "examples": [{"original": q["original"], "asked": q["question"]} for q in questions[:: max(
                 len(questions) // 5, 1)][:5]],
         }

@@ -134,6 +134,10 @@ def run(quick: bool = False) -> dict:
         users, general = _users(split)
         users = users[:2] if quick else users
         data, store, memory, ids = setup(users)
+        rel = memory.relevance
+        result["config"] = {"k": memory.config.k, "embedder": memory.embedder.name, "min_score": rel.min_score,
+                            "personal_margin": rel.personal_margin, "general_margin": rel.general_margin,
+                            "answer_min_score": rel.answer_min_score, "relative_margin": rel.relative_margin}
         r = {"users": len(users), "languages": sorted({u["lang"] for u in users}),
              "probes": sum(len(u["probes"]) for u in users), "general": len(general),
              "retrieval": retrieval(store, memory, users, ids, general)}
@@ -147,11 +151,6 @@ def run(quick: bool = False) -> dict:
         store.close()
         _remove(data.root)
         result[split] = r
-    from assistant.memory import MemoryConfig
-
-    cfg = MemoryConfig()
-    result["config"] = {k: getattr(cfg, k) for k in ("k", "min_score", "answer_min_score", "relative_margin",
-                                                      "embedder")}
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -181,9 +180,10 @@ def render(r: dict) -> str:
         f"Users who mention facts once inside requests and questions, with real replies (`bench/passing_users.py`): "
         f"**dev** ({r['dev']['users']} users, {r['dev']['probes']} probes, {', '.join(r['dev']['languages'])}) is "
         f"what defaults may be tuned on; **test** ({r['test']['users']} users, {r['test']['probes']} probes, "
-        f"{', '.join(r['test']['languages'])}) is only reported. Defaults: k={cfg['k']}, min_score="
-        f"{cfg['min_score']}, answer_min_score={cfg['answer_min_score']}, relative_margin={cfg['relative_margin']}, "
-        f"embedder {cfg['embedder']}. Answers: ChatEngine, adapter off, greedy, {ANSWER_TOKENS} tokens, "
+        f"{', '.join(r['test']['languages'])}) is only reported. Defaults: k={cfg['k']}, embedder {cfg['embedder']}, "
+        f"min_score={cfg['min_score']}, margin over the question's baseline {cfg.get('personal_margin')} (questions "
+        f"about the user) / {cfg.get('general_margin')} (others), answer_min_score={cfg['answer_min_score']}, "
+        f"relative_margin={cfg['relative_margin']}. Answers: ChatEngine, adapter off, greedy, {ANSWER_TOKENS} tokens, "
         f"{r['test'].get('dtype')}, {r['device']}; a keyword of the fact in the answer (an updated fact: the new "
         "value, never the old).", "",
         table(["split", "probe kind", "right memory served", "answer recall, memory off", "memory on"], rows), "",

@@ -4,9 +4,11 @@ Synthetic users (facts and paraphrased probes from ``bench.quality.SLOTS``) of t
 then asked about (``quality_users.told_then_asked``: likes, corrections, a dislike), and facts told *in passing*
 inside chatty messages that get a short acknowledgment, mixed with unrated general questions (how people
 talk). Their histories are imported and turned into memory by ``MemoryService.backfill`` with defaults
-(MiniLM). Then:
+(the default embedder). These users' probes are the ones earlier defaults were calibrated on (in-sample);
+the out-of-sample numbers are ``bench/memory_passing.py``'s test users. Then:
 
-- calibration (embeddings only): for thresholds around the default, recall of the probe's own fact among
+- calibration (embeddings only): for thresholds around the default (the embedder's gate: min_score, or the
+  margin over the question's baseline), recall of the probe's own fact among
   the retrieved memories, precision of what is retrieved, and the share of general questions (the 20
   general-QA questions + 60 everyday anchor prompts) that would get any memory injected;
 - memory-only recall of the probes through ChatEngine (adapter off, memory on, greedy, keyword match),
@@ -25,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+"""min_score values tried for an embedder whose gate is the cosine itself (MiniLM)."""
+MARGINS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06)
+"""Margins over the question's baseline tried for an embedder gated by them (e5; questions about the user)."""
 FORMATS = ("facts_second_person", "facts_first_person", "turn_dump", "in_user_message")
 N_ANCHOR_GENERAL = 60
 
@@ -38,12 +43,14 @@ def _general_questions() -> list[str]:
 
 
 def _calibrate(memory, store, users: list[int], facts: dict, general: list[str]) -> dict:
-    """Per threshold: probe recall (own fact retrieved), precision, share of general questions with a memory."""
+    """Per threshold (the embedder's gate: min_score, or the margin over the question's baseline): probe recall
+    (own fact retrieved), precision, share of general questions with a memory."""
     from assistant.memory import MemoryService
 
     rows = []
-    for threshold in THRESHOLDS:
-        svc = MemoryService(store, dataclasses.replace(memory.config, min_score=threshold), memory.embedder)
+    knob = "personal_margin" if memory.relevance.personal_margin >= 0 else "min_score"
+    for threshold in MARGINS if knob == "personal_margin" else THRESHOLDS:
+        svc = MemoryService(store, dataclasses.replace(memory.config, **{knob: threshold}), memory.embedder)
         found = relevant = retrieved = 0
         for uid in users:
             for f in facts[uid]:
@@ -54,11 +61,11 @@ def _calibrate(memory, store, users: list[int], facts: dict, general: list[str])
                 retrieved += len(hits)
         injected = sum(bool(svc.retrieve(uid, q)) for uid in users for q in general)
         probes = sum(len(facts[u]) for u in users)
-        rows.append({"min_score": threshold, "probe_recall": found / probes,
+        rows.append({"min_score": threshold, "knob": knob, "probe_recall": found / probes,
                      "precision": relevant / retrieved if retrieved else None,
                      "general_injected": injected / (len(users) * len(general))})
-    return {"rows": rows, "default": memory.config.min_score, "k": memory.config.k,
-            "relative_margin": memory.config.relative_margin}
+    return {"rows": rows, "default": getattr(memory.relevance, knob), "knob": knob, "k": memory.config.k,
+            "relative_margin": memory.relevance.relative_margin}
 
 
 def _format_prompt(fmt: str, fact: str, distractors: list[str], probe: str) -> list[dict]:
@@ -211,8 +218,9 @@ def run(quick: bool = False) -> dict:
         "general_injected": {"with_memory": sum(bool(h) for *_, h in injected), "total": len(injected)},
         "precision": {"relevant": relevant, "retrieved": sum(len(hs) for *_, hs in probe_hits)},
         "formats": _formats(backend, loaded.tokenizer, users, facts, PROBE_TOKENS),
-        "config": {k: v for k, v in memory.config.__dict__.items() if k in ("k", "min_score", "relative_margin",
-                                                                             "dedupe_overlap", "embedder")},
+        "config": {"k": memory.config.k, "min_score": memory.relevance.min_score,
+                   "relative_margin": memory.relevance.relative_margin, "dedupe_overlap": memory.config.dedupe_overlap,
+                   "embedder": memory.embedder.name},
         "seconds": round(time.perf_counter() - started, 1), "device": device, "dtype": loaded.dtype,
     })
     backend.close()
@@ -260,9 +268,10 @@ def render(r: dict) -> str:
         f"Precision of memories retrieved for the probes: {pr['relevant']}/{pr['retrieved']} relevant. "
         f"Leakage: **{r['leakage']}** keywords of another user in memory-on answers, **{r['foreign_memories']}** "
         "memories of another user retrieved.", "",
-        "Threshold calibration (embeddings only, same users; the default is "
-        f"{r['calibration']['default']}):", "",
-        table(["min_score", "probe's fact retrieved", "precision", "general questions with a memory"], cal), "",
+        f"Threshold calibration (embeddings only, same users; `{r['calibration'].get('knob', 'min_score')}`, the "
+        f"default is {r['calibration']['default']}):", "",
+        table([r["calibration"].get("knob", "min_score"), "probe's fact retrieved", "precision",
+               "general questions with a memory"], cal), "",
         "How the block is shown (the probe's own statement plus two unrelated statements of the same user handed "
         "in, no retrieval):", "",
         table(["format", "probe recall"], fmts), "",
