@@ -144,8 +144,7 @@ class WebAuth:
                 self.store.throttle.check_password(name, address)
             user = self.store.users.authenticate(name, password)
         except TooManyAttempts as e:
-            minutes = max(1, -(-e.retry_after // 60))
-            page = self._page(request, name, tr(lang, "too_many_attempts", minutes=minutes), 429)
+            page = self._page(request, name, tr(lang, "too_many_attempts", minutes=e.minutes), 429)
             page.headers["Retry-After"] = str(e.retry_after)
             return page
         except AttuneError as e:

@@ -285,7 +285,7 @@ class MemoryService:
     def delete(self, user_id: int, memory_id: int) -> Memory:
         """Delete one memory for good (NotFound if it is not the user's); its text is not remembered again."""
         with self.cache.lock(user_id):
-            revived = self.store.memories.replaced_by(user_id, [memory_id]) if isinstance(memory_id, int) else []
+            revived = self.store.memories.replaced_by(user_id, [self.store.memories.get(user_id, memory_id).id])
             memory = self.store.memories.delete(user_id, memory_id)
             slot = self.cache.loaded(user_id)
             if slot is not None and slot.index.remove([memory.id]):

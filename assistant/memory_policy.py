@@ -34,7 +34,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from assistant.memory_text import _SENTENCE, facts_block, informative, says_change, second_person, statements, topic
+from assistant.memory_text import (
+    facts_block,
+    informative,
+    says_change,
+    second_person,
+    sentences,
+    statements,
+    topic,
+)
 from storage.memories import Memory, SourceTurn, search_texts
 
 POLICY = 3
@@ -129,8 +137,7 @@ def desired(turn: SourceTurn, max_text_chars: int, deleted: frozenset[str] = fro
 
 def _without(message: str, deleted: frozenset[str]) -> str:
     """The message less the sentences that gave a deleted statement, on one line."""
-    kept = [m.group(0) for m in _SENTENCE.finditer(message or "")
-            if not deleted or not set(statements(m.group(0))) & deleted]
+    kept = [s for s in sentences(message) if not deleted or not set(statements(s)) & deleted]
     return " ".join(" ".join(kept).split())
 
 

@@ -208,6 +208,11 @@ def clauses(sentence: str) -> list[str]:
     return found
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of a message, each with its end mark (a line break ends one too)."""
+    return [m.group(0) for m in _SENTENCE.finditer(text or "")]
+
+
 def statements(text: str) -> list[str]:
     """The short, self-contained statements about the user in one of their messages, in order: every
     first-person clause that says something about them, wherever it sits (also inside a question or a
@@ -217,8 +222,8 @@ def statements(text: str) -> list[str]:
     "I work as a nurse."]; "I'm a welder, any tips for neck pain?" -> ["I'm a welder."]
     """
     out: list[str] = []
-    for match in _SENTENCE.finditer(text or ""):
-        sentence = " ".join(match.group(0).split())
+    for sentence in sentences(text):
+        sentence = " ".join(sentence.split())
         for clause in clauses(sentence):
             clause = clause.strip(" ,;:-–—")
             if not is_statement(clause):

@@ -33,8 +33,10 @@ class TooManyAttempts(AuthError):
 
     def __init__(self, retry_after: int):
         self.retry_after = int(retry_after)
-        minutes = max(1, -(-self.retry_after // 60))
-        super().__init__(f"Too many failed attempts. Try again in {minutes} minute{'s' if minutes > 1 else ''}.")
+        self.minutes = max(1, -(-self.retry_after // 60))
+        """The wait in whole minutes, rounded up."""
+        super().__init__(f"Too many failed attempts. Try again in {self.minutes} minute"
+                         f"{'s' if self.minutes > 1 else ''}.")
 
 
 class NotFound(AttuneError):

@@ -32,6 +32,13 @@ MAX_PAGE = 500
 _ID_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
 
 
+def _chunks(ids: list[int]) -> Iterator[tuple[list[int], str]]:
+    """``ids`` in chunks for ``IN (...)`` queries: (chunk, its "?,?,..." placeholders)."""
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start:start + _ID_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 @dataclass(frozen=True)
 class Memory:
     """One stored memory of one user."""
@@ -105,6 +112,14 @@ class SourceTurn:
     conversation_id: int = 0
 
 
+def _replaced_by(db, user_id: int, ids: list[int]) -> list[int]:
+    out: list[int] = []
+    for chunk, marks in _chunks(ids):
+        out += [r[0] for r in db.execute(
+            f"SELECT id FROM memories WHERE user_id = ? AND replaced_by IN ({marks})", [user_id, *chunk])]
+    return out
+
+
 def _memory(row: dict) -> Memory:
     return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"],
                   row.get("policy") or 1, row.get("cue"), row.get("context"), row.get("topic"), row.get("replaced_by"))
@@ -142,9 +157,7 @@ class Memories:
         """Mark the user's memories ``old_ids`` as replaced by ``new_id`` (a newer statement of their topic)."""
         ids = [_int(i) for i in old_ids]
         with self.store.write() as db:
-            for start in range(0, len(ids), _ID_CHUNK):
-                chunk = ids[start:start + _ID_CHUNK]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _chunks(ids):
                 db.execute(f"UPDATE memories SET replaced_by = ? WHERE user_id = ? AND id IN ({marks})",
                            [_int(new_id), user_id, *chunk])
 
@@ -156,23 +169,13 @@ class Memories:
 
     def replaced_by(self, user_id: int, memory_ids: Iterable[int]) -> list[int]:
         """Ids of the user's memories that the memories ``memory_ids`` replaced."""
-        ids = [_int(i) for i in memory_ids]
-        out: list[int] = []
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            out += [r[0] for r in self.store.db.execute(
-                f"SELECT id FROM memories WHERE user_id = ? AND replaced_by IN ({marks})", [user_id, *chunk])]
-        return out
+        return _replaced_by(self.store.db, user_id, [_int(i) for i in memory_ids])
 
-    def _revive(self, db, user_id: int, ids: list[int]) -> list[int]:
+    @staticmethod
+    def _revive(db, user_id: int, ids: list[int]) -> list[int]:
         """Memories replaced by the deleted ``ids`` are current again; returns their ids."""
-        revived: list[int] = []
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            revived += [r[0] for r in db.execute(
-                f"SELECT id FROM memories WHERE user_id = ? AND replaced_by IN ({marks})", [user_id, *chunk])]
+        revived = _replaced_by(db, user_id, ids)
+        for chunk, marks in _chunks(ids):
             db.execute(f"UPDATE memories SET replaced_by = NULL WHERE user_id = ? AND replaced_by IN ({marks})",
                        [user_id, *chunk])
         return revived
@@ -210,9 +213,7 @@ class Memories:
         the ids of those."""
         ids = [_int(i) for i in memory_ids]
         with self.store.write() as db:
-            for start in range(0, len(ids), _ID_CHUNK):
-                chunk = ids[start:start + _ID_CHUNK]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _chunks(ids):
                 db.execute(f"DELETE FROM memories WHERE user_id = ? AND id IN ({marks})", [user_id, *chunk])
             return [i for i in self._revive(db, user_id, ids) if i not in set(ids)]
 
@@ -220,9 +221,7 @@ class Memories:
         """(message id, text) pairs among these messages whose memory the user deleted."""
         ids = [int(i) for i in message_ids]
         out: set[tuple[int, str]] = set()
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(ids):
             out.update((r[0], r[1]) for r in self.store.db.execute(
                 f"SELECT message_id, text FROM memory_text_exclusions WHERE user_id = ? AND message_id IN ({marks})",
                 [user_id, *chunk]))
@@ -232,9 +231,7 @@ class Memories:
         """The user's memories derived from these messages (every kind but ``fact``), ascending id."""
         ids = [int(i) for i in message_ids]
         out: list[Memory] = []
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(ids):
             out += [_memory(r) for r in self.store.db.query(
                 f"SELECT * FROM memories WHERE user_id = ? AND kind != 'fact' AND message_id IN ({marks})",
                 [user_id, *chunk])]
@@ -252,9 +249,7 @@ class Memories:
         memories without a message (facts the user added) are absent."""
         ids = [int(i) for i in memory_ids]
         out: dict[int, tuple[int, str, str]] = {}
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(ids):
             for r in self.store.db.execute(
                 "SELECT m.id, c.id, c.title, g.role FROM memories m JOIN messages g ON g.id = m.message_id "
                 "AND g.user_id = m.user_id JOIN conversations c ON c.id = g.conversation_id AND c.user_id = m.user_id "
@@ -281,9 +276,7 @@ class Memories:
         ids = [int(i) for i in memory_ids]
         out: dict[int, Memory] = {}
         only = " AND replaced_by IS NULL" if current else ""
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start:start + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(ids):
             for row in self.store.db.query(
                 f"SELECT * FROM memories WHERE user_id = ? AND id IN ({marks}){only}", [user_id, *chunk]
             ):
@@ -369,12 +362,7 @@ class Memories:
         ).fetchone()
         siblings: tuple[int, ...] = ()
         if question is not None:
-            siblings = tuple(r[0] for r in db.execute(
-                "SELECT id FROM messages WHERE conversation_id = ? AND user_id = ? AND role = 'assistant' "
-                "AND id > ? AND id != ? AND id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation_id = ? "
-                "AND user_id = ? AND role = 'user' AND id > ?), 9223372036854775807) ORDER BY id",
-                [conv, user_id, question[0], answer["id"], conv, user_id, question[0]],
-            ))
+            siblings = tuple(i for i in self._answers_after(user_id, conv, question[0]) if i != answer["id"])
         state = self.store.chats.feedback_state(user_id, answer["id"])
         return SourceTurn(
             answer_id=answer["id"], question=question[1] if question else None,
@@ -389,13 +377,14 @@ class Memories:
         """Ids of the user's answers to one of their messages (those after it, before their next message)."""
         row = self.store.db.execute("SELECT conversation_id FROM messages WHERE id = ? AND user_id = ?",
                                     [message_id, user_id]).fetchone()
-        if row is None:
-            return []
+        return [] if row is None else self._answers_after(user_id, row[0], message_id)
+
+    def _answers_after(self, user_id: int, conversation_id: int, question_id: int) -> list[int]:
         return [r[0] for r in self.store.db.execute(
             "SELECT id FROM messages WHERE conversation_id = ? AND user_id = ? AND role = 'assistant' AND id > ? "
             "AND id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation_id = ? AND user_id = ? AND "
             "role = 'user' AND id > ?), 9223372036854775807) ORDER BY id",
-            [row[0], user_id, message_id, row[0], user_id, message_id])]
+            [conversation_id, user_id, question_id, conversation_id, user_id, question_id])]
 
     def answer_ids(self, user_id: int) -> list[int]:
         """Ids of all the user's assistant messages, oldest first (what ``backfill`` walks)."""
