@@ -195,7 +195,7 @@ def select(found: list[tuple[int, float]], rows: dict[int, Memory], *, k: int, b
 
 
 def _after_changes(hits: list[Hit]) -> list[Hit]:
-    """When the best statement found says something changed ("I traded my pickup for a Subaru", "改学围棋了"),
+    """When the best statement found says something changed ("I swapped my bike for a scooter", "改学日语了"),
     it answers the question over older statements found for it: those are dropped (they are what changed)."""
     if not hits or VOICE.get(hits[0].kind) != "user" or not says_change(hits[0].text):
         return hits

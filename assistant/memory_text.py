@@ -17,7 +17,7 @@ STATEMENT_MIN_WORDS = 2
 """Words a statement needs at least ("I'm vegan."); Chinese counts characters (``ZH_MIN_CHARS``)."""
 ZH_MIN_CHARS = 4
 ZH_CONTEXT_MIN_CHARS = 6
-"""Characters a Chinese clause without 我 needs (people drop the subject: 周末想约朋友打羽毛球)."""
+"""Characters a Chinese clause without 我 needs (people drop the subject: 明天要去北京出差)."""
 CONTEXT_MIN_WORDS = 7
 """Words an English clause without "I" and without a name or a number needs to count as about the user."""
 LIKED_MIN_WORDS = 4
@@ -121,7 +121,7 @@ def _subject_first(clause: str) -> bool:
 def is_statement(sentence: str) -> bool:
     """A declarative clause about the user, not a question, a request, an order, a hypothesis or a bit of
     talk ("I think so"): in the first person, or a clause of the user's own circumstances that people say
-    without one ("Heading out to the Brule on Saturday.", "Lactose intolerant here.", "周末想去爬山")."""
+    without one ("Off to Lisbon on Friday.", "Vegetarian here.", "明天要去北京出差")."""
     s = sentence.strip()
     if not s or s.endswith(("?", "？")):
         return False
