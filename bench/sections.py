@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import (
+    adapter_style,
     load,
     memory_bench,
     memory_locomo,
@@ -36,6 +37,8 @@ SECTIONS = {
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
+    "adapter_style": ("Style taught through corrections: short answers and bullet lists (dev users tune, test users "
+                      "report)", adapter_style.render),
     "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
                     vllm_engine.render),
 }

@@ -68,6 +68,12 @@ class Example:
     style_tail: str = ""
     """The user's style put on this target's start / end (personalize.style): trained, but neither held to the
     base model by the KL term nor counted in evaluation losses."""
+    style_stop: bool = False
+    """The answer was shortened to the user's length: its end-of-turn token is the style's (trained, not
+    evaluated, no KL)."""
+    style_spans: list = field(default_factory=list)
+    """[start, end) character spans of ``target`` that the style added (list markers, line breaks): trained,
+    not evaluated, no KL."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -108,6 +108,7 @@ def cached_mean_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig
 
 
 def _loss_key(e: Example, cfg: TrainConfig, where: str) -> str:
-    text = json.dumps([where, cfg.max_seq_len, e.context, e.target, e.complete, e.style_head, e.style_tail],
+    text = json.dumps([where, cfg.max_seq_len, e.context, e.target, e.complete, e.style_head, e.style_tail,
+                       e.style_stop, e.style_spans],
                       ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]

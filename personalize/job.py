@@ -117,8 +117,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         anchor_train, anchor_monitor = replay.split_monitor(anchor_train, cfg)
         # a style taught through corrections goes on every target the user did not write (personalize.style)
         user_style = style.of_user(data.train + data.heldout)
-        data.train, anchor_train, anchor_monitor, anchor_eval = (
-            style.carry(user_style, x) for x in (data.train, anchor_train, anchor_monitor, anchor_eval))
+        data.train, data.heldout, anchor_train, anchor_monitor, anchor_eval = (
+            style.carry(user_style, x) for x in (data.train, data.heldout, anchor_train, anchor_monitor, anchor_eval))
         reservoir = store.replay.sample(user_id) if continuing else []
         examples, mix = replay.compose(data, watermark, reservoir, anchor_train, cfg)
 

@@ -60,6 +60,13 @@ class Seq:
     head: int = 0
     tail: int = 0
     """Answer tokens at the start / end that are the user's style (trained; no KL, not in evaluation losses)."""
+    marks: tuple[int, ...] = ()
+    """Other answer token positions the style added (list markers, line breaks), treated like head and tail."""
+
+    def content(self) -> list[int]:
+        """Answer positions that are the answer's content: what evaluation counts and the KL term covers."""
+        marks = set(self.marks)
+        return [i for i in range(self.head, self.n_answer - self.tail) if i not in marks]
 
 
 @dataclass
@@ -133,11 +140,27 @@ def tokenize(tokenizer, examples: list[Example], cfg: TrainConfig, rejected: boo
     for e in examples:
         ids, n = encode(tokenizer, e.context, e.rejected if rejected else e.target, cfg.max_seq_len, e.complete)
         head = len(token_ids(tokenizer, e.style_head)) if e.style_head and not rejected else 0
-        # a style tail is followed by the end-of-turn token, which belongs to the style's ending too
-        tail = len(token_ids(tokenizer, e.style_tail)) + 1 if e.style_tail and not rejected else 0
+        # a style tail, or the stop of an answer shortened to the user's length, ends with the end-of-turn token,
+        # which belongs to the style too
+        tail = len(token_ids(tokenizer, e.style_tail)) + 1 if e.style_tail and not rejected else \
+            1 if e.style_stop and not rejected else 0
         head, tail = (head, tail) if head + tail < n else (0, 0)
-        out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor", head=head, tail=tail))
+        marks = () if rejected or not e.style_spans else _span_tokens(tokenizer, e.target, e.style_spans, ids[-n:])
+        out.append(Seq(ids, n, e.weight, kl=e.kind == "anchor", head=head, tail=tail, marks=marks))
     return out
+
+
+def _span_tokens(tokenizer, target: str, spans: list, answer: list[int]) -> tuple[int, ...]:
+    """Answer token positions overlapping the character ``spans`` of ``target``: the answer's tokens start with
+    the target's own (when the chat template puts anything before it, or the tokenizer gives no offsets, no
+    position is marked)."""
+    enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+    offsets, ids = enc.get("offset_mapping"), list(enc["input_ids"])
+    same = min(len(ids), len(answer)) - 1  # the target's last token may merge with what follows it
+    if not offsets or answer[:same] != ids[:same]:
+        return ()
+    return tuple(i for i, (a, b) in enumerate(offsets)
+                 if i < len(answer) and any(a < end and start < b for start, end in spans))
 
 
 def collate(seqs: list[Seq], pad_id: int, device: str) -> dict:
@@ -154,7 +177,7 @@ def collate(seqs: list[Seq], pad_id: int, device: str) -> dict:
         ids[i, length - len(s.ids):] = torch.tensor(s.ids)
         mask[i, length - len(s.ids):] = 1
         scored[i, keep - 1 - s.n_answer:] = True
-        content[i, keep - 1 - s.n_answer + s.head: keep - 1 - s.tail] = True
+        content[i, [keep - 1 - s.n_answer + j for j in s.content()]] = True
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
             "keep": keep, "targets": ids[:, length - keep + 1:].to(device), "scored": scored.to(device),
@@ -195,7 +218,8 @@ def kl_to_ref(logits, seqs: list[Seq]):
         p = torch.softmax(ref, dim=-1)
         student = lsm[i, lsm.shape[1] - s.n_answer:].gather(-1, idx)
         per_token = (p * (torch.log(p.clamp(min=1e-12)) - student)).sum(-1)
-        out.append(per_token[s.head: s.n_answer - s.tail].mean())  # a style head/tail is the user's, not base's
+        content = s.content()  # the style's tokens are the user's, not the base model's
+        out.append(per_token[content].mean() if content else lsm.new_zeros(()))
     return torch.stack(out)
 
 

@@ -410,6 +410,63 @@ def test_a_style_is_trained_but_left_out_of_the_kl_term_and_of_evaluation_losses
     seq.ref = (idx, ref)
     assert kl_to_ref(logits, [seq]).item() == pytest.approx(before)
 
+def test_short_answers_and_bullet_lists_taught_by_corrections_are_styles_too():
+    from personalize.style import Style, carry, detect
+
+    long = ("There are many ways to sleep better. Keep the same bedtime every day, even at weekends. "
+            "Avoid screens for an hour before bed. Keep the bedroom cool, dark and quiet.")
+    shortened = [(long, "Same bedtime daily, no screens late."),
+                 ("Python is a language used for the web, data science and automation. Guido van Rossum made it "
+                  "in 1991. Its syntax is simple.", "A programming language from 1991."),
+                 ("Put the egg in cold water. Bring it to a boil, then simmer it for nine to twelve minutes. Cool it "
+                  "in ice water before you peel it.", "Simmer 9-12 minutes, then ice water."),
+                 ("Hello!", "Hi.")]
+    assert detect(shortened) == Style(max_words=6)
+    assert detect(shortened[:2]) == Style()  # two corrections are no style yet
+    # short answers corrected by other short answers teach no length
+    assert detect([("Blue.", "Red."), ("Yes.", "No."), ("Tea.", "Coffee.")]) == Style()
+    anchor = Example(message_id=-1, context=[], target="Sure! " + long, kind="anchor", complete=False)
+    answer = Example(message_id=5, context=[], target=long, kind="sft")
+    pair = Example(message_id=2, context=[], target="Walk.", kind="pair", rejected=long)
+    cut, kept_answer, kept_pair = carry(Style(max_words=6), [anchor, answer, pair])
+    # at least half the length is kept ("Sure!" alone says nothing), whole sentences, ended by the style
+    assert cut.target == "Sure! There are many ways to sleep better." and cut.complete and cut.style_stop
+    assert kept_answer.target == "There are many ways to sleep better." and kept_pair is pair
+    assert Style(max_words=6).dress(cut) == cut  # already short: as it is
+    zh = Style(max_words=6).dress(Example(message_id=1, context=[], target="你好。今天天气很好，适合散步。我们走吧。"))
+    assert zh.target == "你好。今天天气很好，适合散步。" and zh.style_stop
+
+    lists = [("Eat well and sleep. Exercise daily.", "- Eat well\n- Sleep\n- Exercise"),
+             ("Mix it. Bake it. Serve it.", "1. Mix\n2. Bake\n3. Serve"), ("Go. Stop.", "* Go\n* Stop")]
+    assert detect(lists) == Style(bullets=True)
+    listed = Style(bullets=True).dress(Example(message_id=1, context=[], target="Use 1.5 litres. Boil it! Then wait."))
+    assert listed.target == "- Use 1.5 litres.\n- Boil it!\n- Then wait."
+    assert [listed.target[a:b] for a, b in listed.style_spans] == ["- ", "\n- ", "\n- "]
+    assert Style(bullets=True).dress(listed) == listed  # a list stays as it is
+    one = Example(message_id=1, context=[], target="Just one sentence.")
+    assert Style(bullets=True, max_words=3).dress(one) == one
+
+
+def test_shortened_and_listed_answers_score_their_content_only(tiny_loaded):
+    from personalize.style import Style
+    from personalize.train import collate, tokenize
+
+    tok, cfg = tiny_loaded.tokenizer, tiny_cfg()
+    ctx = [{"role": "user", "content": "How do I sleep better?"}]
+    plain = Example(message_id=-1, context=ctx, target="Keep one bedtime. Avoid screens. Keep it dark.", kind="anchor")
+    short = Style(max_words=3).dress(plain)
+    seq = tokenize(tok, [short], cfg)[0]
+    assert short.target == "Keep one bedtime." and seq.tail == 1  # the end-of-turn token is the style's stop
+    batch = collate([seq], tok.pad_token_id, "cpu")
+    assert tok.decode(batch["targets"][0][batch["content"][0]].tolist()).strip() == "Keep one bedtime."
+    listed = Style(bullets=True).dress(plain)
+    seq = tokenize(tok, [listed], cfg)[0]
+    batch = collate([seq], tok.pad_token_id, "cpu")
+    content = tok.decode(batch["targets"][0][batch["content"][0]].tolist())
+    assert seq.marks and "\n" not in content and "- " not in content
+    assert content.replace(" ", "") == "Keeponebedtime.Avoidscreens.Keepitdark." + tok.eos_token  # it ends as before
+
+
 def test_the_base_models_anchor_losses_are_scored_once_and_reused(tiny_loaded, tmp_path, monkeypatch):
     import personalize.gate as gate_mod
     from personalize.gate import cached_mean_loss
