@@ -14,8 +14,10 @@ answers shown as their corrections (what the user now sees). Then:
 - filler (an uncorrected short acknowledgment of a message that asks nothing: "Noted!", "Got it,
   you live in Lyon.") weighs ``filler_weight`` (0: dropped), and at most ``max_target_repeats``
   examples share one near-identical target (the newest are kept);
-- every statement the user made about themselves becomes ``fact_questions`` question/answer
-  examples (personalize.facts) with the statement in second person as the answer.
+- every statement the user made about themselves (the clauses memory keeps: ``memory_text.statements``)
+  becomes ``fact_questions`` question/answer examples (personalize.facts) with the statement in second
+  person as the answer; a statement a newer one replaced ("I moved to Lyon" after "I live in Porto", the
+  one-valued topics of ``memory_text.topic``) is left out, so only the current value is trained.
 
 Examples are rendered as serving renders them: a ``memory_fraction`` share of fact and answer
 examples that have a relevant fact get the memory block (``facts_block`` of the relevant fact and 0-2
@@ -37,7 +39,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from assistant.memory_text import facts_block, second_person, statements, with_facts
+from assistant.memory_text import facts_block, second_person, statements, topic, with_facts
 from personalize.config import TrainConfig
 from personalize.facts import fact_questions, is_filler, target_key
 
@@ -144,6 +146,7 @@ def build_examples(store: Store, user_id: int, cfg: TrainConfig) -> UserData:
                                "feedback_id": max((f["id"] for f in feedback), default=0)})
     examples: list[Example] = []
     said: dict[str, int] = {}  # statement -> id of the (first) user message that said it
+    last: dict[str, int] = {}  # statement -> id of the newest user message that said it
     for cid, msgs in conversations.items():
         shown: list[dict] = []  # the conversation as the user sees it now
         for m in msgs:
@@ -160,13 +163,26 @@ def build_examples(store: Store, user_id: int, cfg: TrainConfig) -> UserData:
                 if m["role"] == "user":
                     for st in statements(m["content"]):
                         said.setdefault(st, m["id"])
+                        last[st] = max(last.get(st, 0), m["id"])
     examples = _cap_repeats(examples, cfg.max_target_repeats, data)
-    newest = sorted(said.items(), key=lambda kv: kv[1])[-cfg.max_facts:] if cfg.max_facts else []
+    current = {st: i for st, i in said.items() if st not in superseded(last)}
+    newest = sorted(current.items(), key=lambda kv: kv[1])[-cfg.max_facts:] if cfg.max_facts else []
     data.facts = [second_person(st) for st, _ in newest]
     facts = fact_examples(newest, cfg)
     _split(user_id, examples + facts, cfg.heldout_fraction, data)
     render_memory(data, user_id, cfg)
     return data
+
+
+def superseded(said: dict[str, int]) -> set[str]:
+    """Statements a newer one of the same one-valued topic replaced (``memory_text.topic``: "I moved to Lyon"
+    after "I live in Porto"), by the id of the newest message that said each: never trained as current."""
+    newest: dict[str, tuple[int, str]] = {}
+    for st, i in said.items():
+        t = topic(st)
+        if t is not None and i >= newest.get(t, (-1, ""))[0]:
+            newest[t] = (i, st)
+    return {st for st in said if (t := topic(st)) is not None and newest[t][1] != st}
 
 
 def _cap_repeats(examples: list[Example], limit: int, data: UserData) -> list[Example]:

@@ -292,6 +292,21 @@ def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, 
     assert [e.weight for e in off.train + off.heldout if e.target == "Noted!"] == [0.5] * 4
 
 
+def test_a_fact_said_again_with_a_new_value_trains_only_the_new_one(store, alice, tmp_path):
+    said = ["I live in Porto, what's a good day trip from here?", "My dog is called Pixel.",
+            "We moved to Lyon last month, any tips for cheap furniture?", "我住在上海。", "我搬到北京了。"]
+    convs = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Here are ideas."}]}
+             for t in said]
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in convs))
+    import_history(store, alice.id, path)
+    data = build_examples(store, alice.id, TrainConfig(fact_questions=2))
+    # one home at a time, whatever the language it was said in: the newest
+    assert data.facts == ["Your dog is called Pixel.", "你搬到北京了。"]
+    targets = {e.target for e in data.train + data.heldout if e.origin == "fact"}
+    assert targets == set(data.facts) and not any(w in t for t in targets for w in ("Porto", "Lyon", "上海"))
+
+
 class _Scripted:
     """A one-parameter "adapter" and scripted (held-out, anchor) losses for BestCheckpoint."""
 
