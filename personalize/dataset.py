@@ -95,8 +95,9 @@ class UserData:
     """The newest message and feedback ids this data was built from."""
     facts: list[str] = field(default_factory=list)
     """The user's statements about themselves in second person, as the memory block shows them."""
-    dropped: dict = field(default_factory=lambda: {"filler": 0, "repeats": 0})
-    """How many answers were left out as filler or as repeats of a near-identical target."""
+    dropped: dict = field(default_factory=lambda: {"filler": 0, "repeats": 0, "heldout_duplicates": 0})
+    """How many answers were left out as filler or as repeats of a near-identical target, and how many held-out
+    answers were trained on instead because a training answer says the same."""
 
     def counts(self) -> dict:
         out: dict[str, Any] = {}
@@ -315,6 +316,19 @@ def _split(user_id: int, examples: list[Example], fraction: float, data: UserDat
         held.discard(max(answers, key=keys.__getitem__))
     for e in examples:
         (data.heldout if e.message_id in held else data.train).append(e)
+    _dedupe_heldout(data)
+
+
+def _dedupe_heldout(data: UserData) -> None:
+    """A held-out answer whose target is also trained on (near-identical: ``target_key``) measures memorizing,
+    not generalizing: it is trained on instead, unless that would leave no held-out answer at all."""
+    trained = {target_key(e.target) for e in data.train if e.kind == "sft"}
+    dupes = {id(e) for e in data.heldout if e.kind == "sft" and target_key(e.target) in trained}
+    if not dupes or len(dupes) == len(data.of("sft", heldout=True)):
+        return
+    data.train += [e for e in data.heldout if id(e) in dupes]
+    data.heldout = [e for e in data.heldout if id(e) not in dupes]
+    data.dropped["heldout_duplicates"] = len(dupes)
 
 
 def is_new(example: Example, watermark: dict | None) -> bool:

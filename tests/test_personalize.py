@@ -307,6 +307,21 @@ def test_a_fact_said_again_with_a_new_value_trains_only_the_new_one(store, alice
     assert targets == set(data.facts) and not any(w in t for t in targets for w in ("Porto", "Lyon", "上海"))
 
 
+def test_a_held_out_answer_the_training_set_also_has_is_trained_on_instead(store, alice, tmp_path):
+    answers = ["Paris is the capital of France."] * 6 + ["Boil it for nine minutes.", "Use a soft brush.",
+                                                         "Water it weekly.", "Take the early train."]
+    convs = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
+             for i, a in enumerate(answers)]
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in convs))
+    import_history(store, alice.id, path)
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.5, fact_questions=0, max_target_repeats=9))
+    held = [e.target for e in data.of("sft", heldout=True)]
+    trained = {e.target for e in data.of("sft")}
+    assert held and not set(held) & trained and data.dropped["heldout_duplicates"] >= 1
+    assert len(held) + len(data.of("sft")) == len(answers)  # moved, not lost
+
+
 class _Scripted:
     """A one-parameter "adapter" and scripted (held-out, anchor) losses for BestCheckpoint."""
 
