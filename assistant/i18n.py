@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from assistant.i18n_personal import EN_PERSONAL, ZH_PERSONAL
+
 EN = {
     # sign-in page
     "title": "# Attune",
@@ -79,7 +81,7 @@ EN = {
     "question": "Question",
     "compare": "Compare",
     "base_answer": "Base model",
-    "personal_answer": "Personalized (your adapter + memories)",
+    "personal_answer": "Your personal version (+ your memories)",
     # memory
     "tab_memory": "Memory",
     "memory_intro": "What Attune remembers: short facts you told it about yourself, your corrections and answers "
@@ -116,61 +118,7 @@ EN = {
     "already_remembered": "Already remembered.",
     "forget_confirm": "Tick the box to confirm: this deletes every memory.",
     "forgot": "Forgot {n} memories.",
-    # my assistant
-    "tab_personal": "My assistant",
-    "personal_intro": "Attune retrains your personal adapter in the background from your chats, 👍/👎 and "
-                      "corrections. A new version is used only if it beats the current one on your held-out "
-                      "conversations without getting worse at general questions.",
-    "personalization": "Personalize my assistant (adapter, memories and training)",
-    "retrain": "Retrain now",
-    "refresh": "Refresh",
-    "loss_curve": "Training loss (latest job)",
-    "axis_step": "step",
-    "axis_loss": "loss",
-    "rollback_to": "Version to serve",
-    "rollback_ph": "3 or base",
-    "rollback": "Roll back",
-    "col_version": "version",
-    "col_status": "status",
-    "col_active": "active",
-    "col_created": "created",
-    "col_heldout": "held-out loss",
-    "col_before": "before",
-    "col_anchor": "anchor rise",
-    "col_gate": "gate",
-    "st_on": "**Personalization:** on",
-    "st_off": "**Personalization:** off (the base model answers, without memories)",
-    "st_serving_adapter": "**Serving:** your adapter v{v}",
-    "st_serving_base": "**Serving:** the base model",
-    "personalizer_off": "The background personalizer is not running on this server, so no new versions are "
-                        "trained. Ask the person who runs Attune to start it with the personalizer on.",
-    "no_versions": "No versions yet. The first one appears when a training job passes the quality gate. A job "
-                   "starts on its own after {need} new answers or ratings ({have} so far since the last job), "
-                   "or press Retrain now.",
-    "no_versions_off": "No versions yet, and none will appear while the personalizer is not running.",
-    "latest_job": "**Latest job #{id}**: {state}",
-    "job_queued": "queued",
-    "job_running": "running",
-    "job_published": "published a new version",
-    "job_rejected": "not published (the gate said no)",
-    "job_failed": "failed",
-    "job_step": "step {step}/{total}",
-    "job_loss": "loss {loss}",
-    "why_published": "Better for you (held-out loss {before} → {after}) and general answers kept (change {rise}).",
-    "why_not_improved": "It did not fit your conversations better than {baseline} (held-out loss {before} → "
-                        "{after}), so {baseline} stays. More varied conversations, ratings or corrections help.",
-    "why_general_worse": "It answered general questions worse than the base model (change {rise}, allowed "
-                         "{margin}), so {baseline} stays. It will try again as you chat more.",
-    "why_not_enough": "Not enough to learn from yet: chat more, rate or correct answers, then train again.",
-    "why_nothing_new": "Nothing new since the version in use; it stays.",
-    "why_failed": "The training job stopped with an error: {detail}",
-    "baseline_base": "the base model",
-    "retrain_started": "Training job #{id} started; this page follows its progress.",
-    "rollback_enter": "Enter a version number from the table, or 'base'.",
-    "now_serving_base": "Now serving the base model (from your next message).",
-    "now_serving": "Now serving v{v} (from your next message).",
-    "pers_on": "Personalization on.",
-    "pers_off": "Personalization off: the base model answers, without memories.",
+    # my assistant: assistant.i18n_personal
     # account
     "tab_account": "Account",
     "key_intro": "Use Attune from any OpenAI client with this base URL and an API key from here. A key is shown "
@@ -291,7 +239,7 @@ ZH = {
     "question": "问题",
     "compare": "对比",
     "base_answer": "基础模型",
-    "personal_answer": "个性化（你的适配器 + 记忆）",
+    "personal_answer": "你的个人版本（+ 你的记忆）",
     "tab_memory": "记忆",
     "memory_intro": "Attune 记住的内容：你讲过的关于自己的简短事实、你的更正和你点赞的回答"
                     "（从不包括点踩或未评价的回答）。只使用相关的记忆，且只用于你。你可以编辑或删除任何一条；删除后不会再出现。",
@@ -326,57 +274,6 @@ ZH = {
     "already_remembered": "已经记住了。",
     "forget_confirm": "请勾选确认框：这会删除所有记忆。",
     "forgot": "已忘记 {n} 条记忆。",
-    "tab_personal": "我的助手",
-    "personal_intro": "Attune 会在后台根据你的对话、👍/👎 和更正重新训练你的个人适配器。只有当新版本在你的"
-                      "留出对话上优于当前版本、且通用问题不变差时才会启用。",
-    "personalization": "个性化我的助手（适配器、记忆和训练）",
-    "retrain": "立即重新训练",
-    "refresh": "刷新",
-    "loss_curve": "训练损失（最近一次任务）",
-    "axis_step": "步数",
-    "axis_loss": "损失",
-    "rollback_to": "要使用的版本",
-    "rollback_ph": "例如 3 或 base",
-    "rollback": "回滚",
-    "col_version": "版本",
-    "col_status": "状态",
-    "col_active": "当前",
-    "col_created": "创建时间",
-    "col_heldout": "留出损失",
-    "col_before": "之前",
-    "col_anchor": "通用损失增量",
-    "col_gate": "门控结果",
-    "st_on": "**个性化**：开启",
-    "st_off": "**个性化**：关闭（由基础模型回答，不使用记忆）",
-    "st_serving_adapter": "**当前使用**：你的适配器 v{v}",
-    "st_serving_base": "**当前使用**：基础模型",
-    "personalizer_off": "此服务器上的后台个性化训练没有运行，因此不会训练新版本。请让运行 Attune 的人开启个性化训练。",
-    "no_versions": "还没有版本。当一次训练任务通过质量门控后，第一个版本就会出现。在累计 {need} "
-                   "条新回答或评价后任务会自动开始（自上次任务以来已有 {have} 条），也可以点击“立即重新训练”。",
-    "no_versions_off": "还没有版本；在个性化训练未运行期间也不会出现新版本。",
-    "latest_job": "**最近的任务 #{id}**：{state}",
-    "job_queued": "排队中",
-    "job_running": "运行中",
-    "job_published": "已发布新版本",
-    "job_rejected": "未发布（未通过门控）",
-    "job_failed": "失败",
-    "job_step": "第 {step}/{total} 步",
-    "job_loss": "损失 {loss}",
-    "why_published": "对你更合适（留出集损失 {before} → {after}），通用回答保持不变（变化 {rise}）。",
-    "why_not_improved": "它并没有比{baseline}更贴合你的对话（留出集损失 {before} → {after}），因此继续使用{baseline}。"
-                        "更多样的对话、评价或更正会有帮助。",
-    "why_general_worse": "它回答通用问题比基础模型差（变化 {rise}，允许 {margin}），因此继续使用{baseline}。"
-                         "随着你继续聊天，它会再次尝试。",
-    "why_not_enough": "可供学习的内容还不够：多聊一些、给回答评价或更正，然后再训练。",
-    "why_nothing_new": "自当前版本以来没有新内容，继续使用当前版本。",
-    "why_failed": "训练任务出错停止：{detail}",
-    "baseline_base": "基础模型",
-    "retrain_started": "训练任务 #{id} 已开始；本页会跟踪它的进度。",
-    "rollback_enter": "请输入表格中的版本号，或输入 base。",
-    "now_serving_base": "现在使用基础模型（从你的下一条消息开始）。",
-    "now_serving": "现在使用 v{v}（从你的下一条消息开始）。",
-    "pers_on": "个性化已开启。",
-    "pers_off": "个性化已关闭：由基础模型回答，不使用记忆。",
     "tab_account": "账户",
     "key_intro": "可用任何 OpenAI 客户端访问 Attune：使用下面的基础 URL 和在此创建的 API 密钥。"
                  "密钥只显示一次，仅保存其哈希。",
@@ -427,6 +324,8 @@ ZH = {
     "memory_pick_first": "请先点击表格中的一条记忆。",
 }
 
+EN.update(EN_PERSONAL)
+ZH.update(ZH_PERSONAL)
 WHAT_ZH = {"message": "消息", "correction": "更正", "content": "内容", "title": "标题", "fact": "事实"}
 
 assert EN.keys() == ZH.keys(), "every UI string needs both languages"
@@ -445,6 +344,7 @@ _ERRORS = [
     (re.compile(r"does not exist \(or is not yours\)|is not a valid id"), "err_not_found"),
     (re.compile(r"^No working key with id"), "err_no_key"),
     (re.compile(r"^Key names are at most"), "err_key_name"),
+    (re.compile(r"^Another training job is running"), "trainer_busy"),
 ]
 
 

@@ -350,3 +350,113 @@ def test_phone_layout(browser, server):
     assert abs(b["x"] - p["x"]) < 2 and b["width"] > 300 and p["width"] > 300, (b, p)
     assert b["x"] >= 0 and b["x"] + b["width"] <= PHONE["width"] + 0.5
     page.context.close()
+
+
+# issue 25, item 6: the "My assistant" tab in a user's words --------------------------------------------------
+JARGON = re.compile(r"held-out|anchor|\bnats?\b|\bloss\b|\bgate\b|adapter", re.I)
+KEPT = {"passed": True, "code": "published", "heldout_loss_before": 2.0, "heldout_loss": 1.38, "anchor_rise": -0.01,
+        "continued_from": None, "config": {"anchor_margin": 0.05},
+        "examples": {"train_sft": 12, "heldout_sft": 4, "train_pair": 2, "heldout_pair": 0, "train_fact": 3,
+                     "heldout_fact": 1, "facts": 2},
+        "style": {"head": "Ahoy!", "tail": "", "max_words": 20, "bullets": True}}
+WORSE = {**KEPT, "passed": False, "code": "general_worse", "anchor_rise": 0.2, "continued_from": 1}
+
+
+def add_versions(server, user: str) -> None:
+    """Version 1 in use and version 2 not used, as training jobs leave their rows (no weights: the test never
+    chats as this user)."""
+    import sqlite3
+
+    uid = db_rows(server, "SELECT id FROM users WHERE name = ?", [user])[0]["id"]
+    con = sqlite3.connect(server.data / "attune.db", timeout=30)
+    with con:
+        for version, status, metrics, parent in ((1, "published", KEPT, None), (2, "rejected", WORSE, 1)):
+            con.execute("INSERT INTO adapter_versions (user_id, version, path, base_model, status, parent_version, "
+                        "metrics, gate_reason, created_at) VALUES (?, ?, ?, 'x', ?, ?, ?, 'English reason', "
+                        "'2025-01-05T14:03:00.000+00:00')",
+                        [uid, version, f"adapters/u{uid}/v1" if status == "published" else None, status, parent,
+                         json.dumps(metrics)])
+        con.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, 1, '2025-01-05')", [uid])
+    con.close()
+
+
+def test_my_assistant_tells_what_was_learned_in_plain_words(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    sign_up(page, "quinn", "correct horse")
+    add_versions(server, "quinn")
+    page.get_by_role("tab", name="My assistant").click()
+    tab, status, versions = page.locator("#personal-tab"), page.locator("#personal-status"), \
+        page.locator("#personal-versions")
+    expect(status).to_contain_text("Learning from your chats: on.", timeout=15_000)
+    expect(status).to_contain_text("Answering you now: your personal version 1.")
+    expect(versions).to_contain_text("Version 1 — in use")
+    expect(versions).to_contain_text("Learned from 10 of your answers, 2 corrections and 2 things you told it about "
+                                     "yourself.")
+    expect(versions).to_contain_text("better than the base model (31% closer); general answers stayed as good.")
+    expect(versions).to_contain_text("Your style: opens with “Ahoy!”, short answers (about 20 words) and bullet lists.")
+    expect(versions).to_contain_text("Version 2 — not used")
+    expect(versions).to_contain_text("Version 2 — not used (2025-01-05 14:03): general answers would have got worse, "
+                                     "so version 1 stays.")
+    expect(page.locator("#retrain-btn")).to_be_enabled()  # this server runs the personalizer
+    assert not JARGON.search(tab.inner_text()), JARGON.search(tab.inner_text())
+    page.locator("#personal-details").get_by_text("Details").click()  # the numbers, for whoever asks
+    expect(page.locator("#version-details")).to_contain_text("held-out loss")
+    expect(page.locator("#version-details")).to_contain_text("1.3800")
+
+    # Switching back: the base model is the one other choice (version 2 was not used); then Compare has nothing
+    page.locator("#rollback-version input").click()
+    expect(page.get_by_role("option")).to_have_count(1)
+    page.get_by_role("option", name="the base model (no personal version)").click()
+    page.locator("#rollback-btn").click()
+    expect(page.locator("#personal-msg")).to_contain_text("Now the base model answers you", timeout=15_000)
+    expect(status).to_contain_text("the base model (you switched to it)")
+    expect(versions).to_contain_text("Version 1 — kept, you can switch back to it")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-q textarea").fill("Hello?")
+    page.locator("#compare-btn").click()
+    expect(page.locator("#compare-note")).to_contain_text("You have no personal version yet", timeout=15_000)
+    page.context.close()
+
+    zh = open_page(browser, server, locale="zh-CN")
+    zh.get_by_label("用户名").fill("quinn")
+    zh.get_by_label("密码").fill("correct horse")
+    zh.get_by_role("button", name="登录", exact=True).click()
+    zh.get_by_role("tab", name="我的助手").click()
+    expect(zh.locator("#personal-status")).to_contain_text("从对话中学习：开启", timeout=15_000)
+    zh_versions = zh.locator("#personal-versions")
+    expect(zh_versions).to_contain_text("版本 1 — 已保留，可以切换回去")
+    expect(zh_versions).to_contain_text("学习自你的 10 条回答、2 处更正和你讲过的 2 件关于自己的事。")
+    expect(zh_versions).to_contain_text("）：通用问题的回答会变差，因此继续使用版本 1。")
+    expect(zh.get_by_role("button", name="立即训练新版本")).to_be_enabled()
+    assert not re.search(r"损失|留出|门控|适配器", zh.locator("#personal-tab").inner_text())
+    zh.get_by_role("tab", name="对比").click()
+    zh.locator("#compare-btn").click()
+    expect(zh.locator("#compare-note")).to_contain_text("你还没有个人版本", timeout=15_000)
+    zh.context.close()
+
+
+def test_my_assistant_without_a_personalizer_offers_no_training(browser, tmp_path, tiny_model_dir):
+    """Served with --no-personalizer: no Train button, and the tab says what the person running Attune can do."""
+    from playwright.sync_api import expect
+
+    from helpers import Server
+
+    data = tmp_path / "data"
+    with Server(data, "--model", str(tiny_model_dir), "--quant", "none", "--no-personalizer", "--no-memory") as srv:
+        srv.data = data
+        page = open_page(browser, srv)
+        sign_up(page, "rosa", "correct horse")
+        page.get_by_role("tab", name="My assistant").click()
+        status = page.locator("#personal-status")
+        expect(status).to_contain_text("nothing is trained on this server right now", timeout=15_000)
+        expect(status).to_contain_text(".venv/bin/python launch.py train rosa")
+        expect(status).to_contain_text("No personal version yet.")
+        expect(page.locator("#retrain-btn")).to_be_hidden()
+        expect(page.get_by_role("button", name="Train a new version now")).to_have_count(0)
+        expect(page.locator("#rollback-btn")).to_be_hidden()  # nothing to switch to
+        page.locator("#personalization input").uncheck()
+        expect(page.locator("#personal-msg")).to_contain_text("Learning is off", timeout=15_000)
+        expect(status).to_contain_text("Learning from your chats: off.")
+        page.context.close()

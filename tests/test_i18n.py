@@ -11,8 +11,8 @@ from assistant.i18n import EN, ZH, tr, tr_error
 from storage.errors import AuthError, InputError
 
 ROOT = Path(__file__).resolve().parent.parent
-UI_MODULES = ["ui.py", "ui_layout.py", "ui_tabs.py", "ui_memory.py", "ui_personal.py", "ui_account.py", "ui_render.py",
-              "auth.py"]
+UI_MODULES = ["ui.py", "ui_layout.py", "ui_tabs.py", "ui_memory.py", "ui_personal.py", "ui_personal_text.py",
+              "ui_account.py", "ui_render.py", "auth.py"]
 TEXT_KWARGS = {"label", "placeholder", "info", "title", "x_title", "y_title", "value"}
 ALLOWED_LITERALS = {"", "…", "—", "✔"}
 KEEP_IN_LATIN = {"Attune", "API", "URL", "JSON", "OpenAI", "Top-p", "base", "Shift", "Enter", "ID"}
