@@ -39,9 +39,10 @@ def setup(users: list[dict], config=None):
     from storage.transfer import import_history
 
     data = DataDir(Path(tempfile.mkdtemp(prefix="attune-memp-"))).ensure()
-    (data.root / "models").rmdir()  # the converted model persists between runs
-    (models_dir() / "models").mkdir(parents=True, exist_ok=True)
-    (data.root / "models").symlink_to(models_dir() / "models")
+    for name in ("models", "replay"):  # the converted model and the anchor-set cache persist between runs
+        (data.root / name).rmdir()
+        (models_dir() / name).mkdir(parents=True, exist_ok=True)
+        (data.root / name).symlink_to(models_dir() / name)
     store = Store(data)
     memory = MemoryService(store, config or MemoryConfig())
     ids = []

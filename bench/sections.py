@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import (
+    adapter_passing,
     adapter_style,
     load,
     memory_bench,
@@ -39,6 +40,8 @@ SECTIONS = {
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
     "adapter_style": ("Style taught through corrections: short answers and bullet lists (dev users tune, test users "
                       "report)", adapter_style.render),
+    "adapter_passing": ("Adapters on natural histories: facts said once in passing, updates, never-told questions "
+                        "(dev users tune, test users report)", adapter_passing.render),
     "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
                     vllm_engine.render),
 }

@@ -96,6 +96,9 @@ class TrainConfig:
     """Question/answer examples made from each statement the user made about themselves (0 disables). Measured
     with min_steps 60 and patience 3 against 3 / 40 / 2 (bench quality, 3 users): adapter-only recall 13/25 vs
     at most 8/25, adapter + memory 22/25 vs at most 21/25, general QA unchanged, jobs ~1.6x longer."""
+    never_told: int = 0
+    """Questions about things the user never mentioned (a sister, a car; personalize.facts.untold_questions),
+    answered "You haven't told me about your ...", added to each run (0 disables)."""
     fact_weight: float = 1.0
     """Loss weight of a fact question/answer example."""
     max_facts: int = 64
@@ -140,7 +143,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
         for name in ("anchor_count", "reservoir_size", "reservoir_mix", "seed", "eval_every", "monitor_anchors",
-                     "patience", "min_steps", "fact_questions", "max_facts"):
+                     "patience", "min_steps", "fact_questions", "max_facts", "never_told"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be an integer of at least 0, got {value!r}")

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.memory_text import facts_block, second_person, statements, topic, with_facts
 from personalize.config import TrainConfig
-from personalize.facts import fact_questions, is_filler, target_key
+from personalize.facts import fact_questions, is_filler, target_key, untold_questions
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -65,7 +65,8 @@ class Example:
     complete: bool = True
     """False for an answer cut at a length limit: it is trained without an end-of-turn token."""
     origin: str = "answer"
-    """``answer`` (the user's log), ``fact`` (a question made from a statement) or ``anchor``."""
+    """``answer`` (the user's log), ``fact`` (a question made from a statement), ``untold`` (a question about
+    something the user never said) or ``anchor``."""
     style_head: str = ""
     style_tail: str = ""
     """The user's style put on this target's start / end (personalize.style): trained, but neither held to the
@@ -105,6 +106,7 @@ class UserData:
             for kind in KINDS[:3]:
                 out[f"{split}_{kind}"] = sum(e.kind == kind for e in items)
             out[f"{split}_fact"] = sum(e.origin == "fact" for e in items)
+            out[f"{split}_untold"] = sum(e.origin == "untold" for e in items)
         out["facts"] = len(self.facts)
         out.update({f"dropped_{k}": v for k, v in self.dropped.items()})
         return out
@@ -170,7 +172,9 @@ def build_examples(store: Store, user_id: int, cfg: TrainConfig) -> UserData:
     newest = sorted(current.items(), key=lambda kv: kv[1])[-cfg.max_facts:] if cfg.max_facts else []
     data.facts = [second_person(st) for st, _ in newest]
     facts = fact_examples(newest, cfg)
-    _split(user_id, examples + facts, cfg.heldout_fraction, data)
+    said_texts = [m["content"] for m in messages if m["role"] == "user" and m["user_id"] == user_id]
+    untold = untold_examples(said_texts, user_id, cfg)
+    _split(user_id, examples + facts + untold, cfg.heldout_fraction, data)
     render_memory(data, user_id, cfg)
     return data
 
@@ -215,6 +219,17 @@ def fact_examples(said: list[tuple[str, int]], cfg: TrainConfig) -> list[Example
                                                                             cfg.system_prompt),
                                target=answer, weight=cfg.fact_weight, origin="fact"))
     return out
+
+
+def untold_examples(messages: list[str], user_id: int, cfg: TrainConfig) -> list[Example]:
+    """``cfg.never_told`` questions about things the user never mentioned, answered "You haven't told me about
+    your ..." (personalize.facts.untold_questions), each with its own negative id (held out like the others by
+    it). None for a user who has told nothing about themselves yet."""
+    if not cfg.never_told or not messages:
+        return []
+    pairs = untold_questions(messages, cfg.never_told, f"{cfg.seed}:untold:{user_id}")
+    return [Example(message_id=-(10_000 + i), context=_with_system([{"role": "user", "content": q}], cfg.system_prompt),
+                    target=a, weight=cfg.fact_weight, origin="untold") for i, (q, a) in enumerate(pairs)]
 
 
 _CONTENT = re.compile(r"[^\W\d_]{4,}|[\u4e00-\u9fff]{2,}", re.UNICODE)
@@ -263,11 +278,11 @@ def render_memory(data: UserData, user_id: int, cfg: TrainConfig) -> None:
         for e in items:
             if e.kind == "undesirable":
                 continue
-            fact = relevant_fact(e, data.facts)
-            if fact is None:
+            fact = None if e.origin == "untold" else relevant_fact(e, data.facts)
+            if fact is None and e.origin != "untold":  # a never-told question may see unrelated facts
                 continue
             rng = random.Random(f"{cfg.seed}:memory:{user_id}:{e.message_id}:{e.context[-1]['content']}")
-            if (heldout and e.origin == "fact") or rng.random() < cfg.memory_fraction:
+            if (heldout and e.origin in ("fact", "untold")) or rng.random() < cfg.memory_fraction:
                 e.context = memory_context(e.context, with_distractors(fact, data.facts, rng), cfg.system_prompt)
 
 

@@ -5,6 +5,9 @@ and which of their answers are filler that must not become targets.
   questions the user might ask later ("What is my dog's name?", "What did I name my dog?", ...) from
   the statement's structure (English and Chinese rules, plus generic fallbacks). The answer is the
   statement in second person (:func:`assistant.memory_text.second_person`): "Your dog is called Biscuit."
+- :func:`untold_questions` asks about things the user never mentioned (a sister, a car, a birthday), answered
+  "You haven't told me about your sister.": trained beside the facts, they teach the adapter to say so rather
+  than make an answer up.
 - :func:`is_filler` says whether an assistant answer is an acknowledgment of a statement ("Noted!",
   "Got it, you live in Lyon.") rather than an answer to a question: short, and replying to a message
   that asks nothing, or starting like an acknowledgment. Trained on, such answers teach the adapter to
@@ -18,11 +21,12 @@ Pure text functions: no model, no storage.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 
 from assistant.memory_text import _QUESTION_START, _ZH_QUESTION, is_statement, second_person, statements
 
-__all__ = ["fact_questions", "is_filler", "is_question", "statements", "target_key", "fact_key"]
+__all__ = ["fact_questions", "is_filler", "is_question", "statements", "target_key", "fact_key", "untold_questions"]
 
 ACK_START = re.compile(
     r"^(?:noted|got it|gotcha|ok(?:ay)?|sure|thanks?(?: you)?|understood|i see|i will remember|i'll remember|"
@@ -254,3 +258,38 @@ def fact_questions(statement: str) -> list[tuple[str, str]]:
         if q not in seen:
             seen.append(q)
     return [(q, answer) for q in seen]
+
+
+# Never told ------------------------------------------------------------------------------------
+UNTOLD = ["wife", "husband", "partner", "girlfriend", "boyfriend", "sister", "brother", "son", "daughter", "mother",
+          "father", "grandmother", "best friend", "boss", "neighbour", "dog", "cat", "car", "birthday", "hometown",
+          "school", "university", "employer", "favourite colour", "favourite food", "favourite band", "favourite book",
+          "favourite film", "hobby", "job", "street", "phone number", "middle name", "blood type", "shoe size"]
+"""Common things about a person that have one answer (English)."""
+UNTOLD_ZH = ["妻子", "丈夫", "姐姐", "哥哥", "妹妹", "弟弟", "儿子", "女儿", "妈妈", "爸爸", "老板", "狗", "猫", "车",
+             "生日", "老家", "大学", "工作", "最好的朋友", "爱好"]
+"""The same, in Chinese."""
+_NAMED = PEOPLE | {"dog", "cat", "neighbour"}
+
+
+def untold_questions(messages: list[str], n: int, seed: str) -> list[tuple[str, str]]:
+    """``n`` (question, answer) pairs about things none of the user's ``messages`` mentions, nor any question their
+    statements answer ("I drive a Volvo" answers "What car do I drive?": the car was told), in the language most
+    of them are written in: ("What is my sister's name?", "You haven't told me about your sister.")."""
+    asked = [q for m in messages for st in statements(m) for q, _ in fact_questions(st)]
+    text = " ".join(messages + asked).lower()
+    zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in m) for m in messages) * 2 > len(messages)
+    pool = UNTOLD_ZH if zh else UNTOLD
+    fresh = [np for np in pool if (np not in text if zh else
+                                   not re.search(rf"\b{re.escape(np.split()[-1])}s?\b", text))]
+    rng = random.Random(seed)
+    out = []
+    for np in rng.sample(fresh, min(n, len(fresh))):
+        if zh:
+            questions = [f"我的{np}叫什么名字？", f"你还记得我的{np}吗？", f"关于我的{np}，你知道什么？"]
+            answer = f"你还没有告诉过我你的{np}。"
+        else:
+            questions = _named_questions(np) if np in _NAMED else _np_questions(np)
+            answer = f"You haven't told me about your {np}."
+        out.append((rng.choice(questions), answer))
+    return out

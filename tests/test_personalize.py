@@ -322,6 +322,32 @@ def test_a_held_out_answer_the_training_set_also_has_is_trained_on_instead(store
     assert len(held) + len(data.of("sft")) == len(answers)  # moved, not lost
 
 
+def test_questions_about_things_never_told_are_answered_you_have_not_told_me(store, alice, tmp_path):
+    from personalize.facts import UNTOLD, untold_questions
+
+    said = ["My sister Clara and I are taking the dog to the coast, what should we pack?", "I drive a Volvo."]
+    pairs = untold_questions(said, len(UNTOLD), "s")
+    asked = {a.removeprefix("You haven't told me about your ").rstrip(".") for _, a in pairs}
+    assert asked and not asked & {"sister", "dog", "car"} and all(q.endswith("?") for q, _ in pairs)
+    assert untold_questions(said, 3, "s") == untold_questions(said, 3, "s") and len(untold_questions(said, 3, "s")) == 3
+    zh = untold_questions(["我住在上海。", "我的狗叫小白。"], 30, "s")
+    assert zh and all(a.startswith("你还没有告诉过我你的") for _, a in zh) and not any("狗" in q for q, _ in zh)
+
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t},
+                                                       {"role": "assistant", "content": "Sure, here you go."}]})
+                              for t in said))
+    import_history(store, alice.id, path)
+    data = build_examples(store, alice.id, TrainConfig(never_told=6, heldout_fraction=0.3))
+    untold = [e for e in data.train + data.heldout if e.origin == "untold"]
+    assert len(untold) == 6 and all(e.target.startswith("You haven't told me") for e in untold)
+    assert len({e.message_id for e in untold}) == 6 and all(e.message_id < 0 for e in untold)
+    # held out ones see the user's unrelated facts, as serving would show them
+    assert all("Facts the user told you earlier" in e.context[-1]["content"] for e in data.heldout
+               if e.origin == "untold")
+    assert not [e for e in build_examples(store, alice.id, TrainConfig()).train if e.origin == "untold"]
+
+
 class _Scripted:
     """A one-parameter "adapter" and scripted (held-out, anchor) losses for BestCheckpoint."""
 

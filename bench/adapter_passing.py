@@ -1,0 +1,148 @@
+"""Adapters on natural histories: the users of ``bench/passing_users.py`` (facts said once inside requests, real
+replies, one fact updated later, one correction; English and Chinese; dev users tune, test users report).
+
+Each user gets one training job with the default ``TrainConfig`` and gate (a rejected candidate is not served).
+Then through ChatEngine + TransformersBackend + MemoryService (defaults), greedy, ``TOKENS`` new tokens,
+under base / memory only / adapter only / adapter + memory:
+
+- recall of each fact probe (a keyword in the answer; an updated fact: the new value and not the old);
+- never-told questions (things the user never said): the share answered with "you haven't told me" or the like
+  (:func:`abstained`) rather than a made-up answer;
+- per job: published or not, held-out loss, anchor rise, minutes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+TOKENS = 64
+CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True, False), "both": (True, True)}
+QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
+_ABSTAIN = re.compile(
+    r"\b(?:you )?(?:haven't|have not|hadn't|didn't|did not|never) (?:told|mentioned|said|shared|specified|"
+    r"given|provided)|\b(?:i )?(?:don't|do not|can't|cannot) (?:know|recall|remember|tell|say)|\bnot sure\b|"
+    r"\bno (?:information|record|details|idea)\b|\bdon't have (?:any |that |this )?(?:information|details|"
+    r"access|record)|\bwasn't mentioned|\bnot mentioned|\bunknown\b|"
+    r"没有?告诉|不知道|没有?提(?:到|过)|不清楚|无法(?:知道|确定)",
+    re.IGNORECASE)
+
+
+def abstained(text: str) -> bool:
+    """The answer says it does not know (English or Chinese), instead of naming something."""
+    return bool(_ABSTAIN.search(text or ""))
+
+
+def _split(split: str, quick: bool, train: dict) -> dict:
+    from assistant.engine import ChatConfig
+    from bench.memory_passing import _has, _users, setup
+
+    users, _general = _users(split)
+    users = users[:1] if quick else users
+    data, store, memory, ids = setup(users)
+    jobs = _train(store, ids, users, quick, train)
+    backend, engine = _serve(data, store, memory, ChatConfig)
+    out: dict = {"jobs": jobs}
+    try:
+        for cond, (use_adapter, use_memory) in CONDITIONS.items():
+            facts = [(uid, p) for uid, u in zip(ids, users, strict=True) for p in u["probes"]
+                     if p["kind"] != "correction"]
+            texts = _ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, use_memory)
+            right = [_has(t, p["keywords"]) and not (p.get("old") and _has(t, p["old"]))
+                     for (_, p), t in zip(facts, texts, strict=True)]
+            never = [(uid, q) for uid, u in zip(ids, users, strict=True) for q in u["never_told"]]
+            said = _ask(engine, never, use_adapter, use_memory)
+            out[cond] = {"recall": [sum(right), len(right)],
+                         "updated": [sum(r for r, (_, p) in zip(right, facts, strict=True) if p["kind"] == "updated"),
+                                     sum(p["kind"] == "updated" for _, p in facts)],
+                         "abstained": [sum(map(abstained, said)), len(said)],
+                         "samples": [t[:200] for t in said[:2]]}
+    finally:
+        backend.close()
+        store.close()
+    import shutil
+
+    shutil.rmtree(data.root, ignore_errors=True)
+    return out
+
+
+def _train(store, ids: list[int], users: list[dict], quick: bool, train: dict) -> dict:
+    from assistant.model import ModelConfig
+    from personalize.api import train_now
+    from personalize.config import TrainConfig
+
+    cfg = TrainConfig(**{**(QUICK_TRAIN if quick else {}), **train})
+    jobs = {}
+    for uid, u in zip(ids, users, strict=True):
+        t = time.perf_counter()
+        r = train_now(store, uid, ModelConfig(model="embedded", quant="auto", device="cpu"), cfg)
+        m = r.get("metrics") or {}
+        jobs[u["name"]] = {"published": bool(r.get("published")), "reason": r.get("reason"),
+                           "minutes": round((time.perf_counter() - t) / 60, 2),
+                           **{k: m.get(k) for k in ("heldout_loss_before", "heldout_loss", "anchor_rise")}}
+    return jobs
+
+
+def _serve(data, store, memory, chat_config):
+    from assistant.adapters import AdapterRegistry
+    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
+    from assistant.model import ModelConfig, load_model
+    from bench.quality import _probe_engine
+
+    loaded = load_model(ModelConfig(model="embedded", quant="auto", device="cpu"), data)
+    backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model), BatchConfig(max_batch=16, window_ms=50))
+    return backend, _probe_engine()(store, backend, chat_config(defaults=GenerationSettings(temperature=0.0)), memory)
+
+
+def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from assistant.backend import GenerationSettings
+
+    settings = replace(GenerationSettings(), temperature=0.0, max_new_tokens=TOKENS)
+
+    def one(item):
+        turn = None
+        for turn in engine.send(item[0], None, item[1], settings, source="api", use_adapter=use_adapter,
+                                use_memory=use_memory):
+            pass
+        return turn.text
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(one, items))
+
+
+def run(quick: bool = False, splits: tuple[str, ...] = ("dev", "test"), train: dict | None = None) -> dict:
+    """Both splits with the default ``TrainConfig`` (``train``: field overrides, for trying a change on dev)."""
+    started = time.perf_counter()
+    out = {split: _split(split, quick, train or {}) for split in splits}
+    return {**out, "tokens": TOKENS, "seconds": round(time.perf_counter() - started, 1), "train": train or {}}
+
+
+def _pct(pair) -> str:
+    return f"{pair[0]}/{pair[1]} ({100 * pair[0] / max(1, pair[1]):.0f}%)"
+
+
+def render(r: dict) -> str:
+    rows = ["| split | condition | fact recall | updated: new value | never told: abstained |",
+            "|---|---|---|---|---|"]
+    jobs = ["| split | user | published | held-out loss base → after | anchor rise | job min |",
+            "|---|---|---|---|---|---|"]
+    for split in ("dev", "test"):
+        if split not in r:
+            continue
+        for cond in CONDITIONS:
+            c = r[split][cond]
+            rows.append(f"| {split} | {cond} | {_pct(c['recall'])} | {_pct(c['updated'])} | {_pct(c['abstained'])} |")
+        for name, j in r[split]["jobs"].items():
+            before, after, rise = (j.get(k) for k in ("heldout_loss_before", "heldout_loss", "anchor_rise"))
+            loss = "—" if before is None or after is None else f"{before:.3f} → {after:.3f}"
+            jobs.append(f"| {split} | {name} | {'yes' if j['published'] else 'no'} | {loss} | "
+                        f"{'—' if rise is None else f'{rise:+.3f}'} | {j['minutes']} |")
+    return "\n".join([
+        "Adapters on natural histories (`bench/adapter_passing.py`, users of `bench/passing_users.py`: facts said "
+        "once inside requests, real replies, an update, a correction; dev users tune, test users report). One job "
+        "per user, default `TrainConfig` and gate (a rejected adapter is not served); probes through ChatEngine, "
+        f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults.", "", *rows, "", *jobs, "",
+        f"Time: {r['seconds'] / 60:.1f} min in all."])
