@@ -7,7 +7,9 @@ anchor rise is within ``select_safety * anchor_margin`` and whose held-out loss 
 becomes the kept checkpoint (a copy of the trainable LoRA weights). Once one is kept, training stops
 early after ``patience`` checks in a row without a better one. At the end the kept weights are put
 back; if no check qualified, the one with the smallest anchor rise is (the gate will then say why).
-The gate (personalize.gate) still judges what is published, on its own anchor slice.
+The gate (personalize.gate) still judges what is published, on its own anchor slice and, when the user has
+enough held-out answers, on its own half of them (:func:`selection_split`): a checkpoint picked on the very
+examples that judge it would be judged in-sample.
 """
 
 from __future__ import annotations
@@ -16,6 +18,26 @@ from dataclasses import asdict, dataclass, field
 
 from personalize.config import TrainConfig
 from personalize.dataset import Example
+from personalize.facts import target_key
+
+MIN_SPLIT = 4
+"""Fewest held-out answers on each side before checkpoint selection and the gate get separate halves."""
+
+
+def selection_split(heldout: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(for checkpoint selection, for the gate): the held-out answers alternately, examples saying the same
+    (near-identical targets, such as the questions of one fact) on the same side; both the whole list when a
+    side would have fewer than ``MIN_SPLIT`` answers."""
+    groups: dict[str, list[Example]] = {}
+    for e in heldout:
+        groups.setdefault(target_key(e.target), []).append(e)
+    select, judge = [], []
+    for i, group in enumerate(groups.values()):
+        (select if i % 2 else judge).extend(group)
+    if len(select) < MIN_SPLIT or len(judge) < MIN_SPLIT:
+        return heldout, heldout
+    order = {id(e): n for n, e in enumerate(heldout)}
+    return sorted(select, key=lambda e: order[id(e)]), sorted(judge, key=lambda e: order[id(e)])
 
 
 @dataclass

@@ -32,7 +32,7 @@ from assistant import gguf_lora
 from assistant.errors import ModelError
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
 from personalize import gate, replay, style
-from personalize.checkpoint import BestCheckpoint
+from personalize.checkpoint import BestCheckpoint, selection_split
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
 from personalize.errors import TrainingError
@@ -125,7 +125,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     with phases("scoring the current version", "eval_before_s"):
         model = attach_adapter(loaded.model, cfg, quant, Path(continuing["path"]) if continuing else None)
         tok = loaded.tokenizer
-        heldout = data.of("sft", heldout=True)[-cfg.max_eval_examples:]
+        select, heldout = selection_split(data.of("sft", heldout=True)[-cfg.max_eval_examples:])
         base_heldout, base_anchor = gate.base_losses(
             model, tok, heldout, anchor_eval, cfg, device, replay.loss_cache(store.data_dir, loaded.path, cfg),
             f"{device}|{quant}|{attention(cfg, device)}")
@@ -134,7 +134,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
 
     with phases("training"):
-        best = BestCheckpoint(model, tok, cfg, device, heldout, anchor_monitor, bf16)
+        best = BestCheckpoint(model, tok, cfg, device, select, anchor_monitor, bf16)
         stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
             lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
 
@@ -148,6 +148,7 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     parent = continuing["version"] if continuing else None
     metrics = {
         **verdict.to_dict(), "heldout_loss_base": base_heldout, "heldout_examples": len(heldout),
+        "selection_examples": len(select), "selection_shared": select is heldout,
         "anchor_eval_examples": len(anchor_eval), "anchor_monitor_examples": len(anchor_monitor),
         "examples": {**counts, **mix}, "selection": stats.selection,
         "heldout_pref_margin_before": pref_before, "heldout_pref_margin": pref_after,

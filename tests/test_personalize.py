@@ -348,6 +348,21 @@ def test_questions_about_things_never_told_are_answered_you_have_not_told_me(sto
     assert not [e for e in build_examples(store, alice.id, TrainConfig()).train if e.origin == "untold"]
 
 
+def test_checkpoints_are_picked_on_their_own_half_of_the_held_out_answers():
+    from personalize.checkpoint import selection_split
+
+    fact = [Example(message_id=1, context=[{"role": "user", "content": q}], target="You live in Lyon.")
+            for q in ("Where do I live?", "Which city is home?", "Where am I based?")]
+    answers = [Example(message_id=10 + i, context=[], target=f"Answer number {w}.") for i, w in
+               enumerate(["one", "two", "three", "four", "five", "six", "seven", "eight"])]
+    select, judge = selection_split(fact + answers)
+    assert select and judge and not {id(e) for e in select} & {id(e) for e in judge}
+    assert len(select) + len(judge) == 11
+    assert all(e in judge for e in fact) or all(e in select for e in fact)  # one fact's questions stay together
+    few = answers[:5]
+    assert selection_split(few) == (few, few)  # too few to halve: both use all of them
+
+
 class _Scripted:
     """A one-parameter "adapter" and scripted (held-out, anchor) losses for BestCheckpoint."""
 
