@@ -97,6 +97,7 @@ def _serve_parser(sub, common) -> None:
     from assistant.backend import GenerationSettings
     from assistant.engine import ChatConfig
     from assistant.llamacpp_backend import WEIGHTS, LlamaCppConfig
+    from assistant.protocol import APIConfig
     from assistant.server import ENGINES, ServerConfig
     from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig
@@ -121,6 +122,9 @@ def _serve_parser(sub, common) -> None:
                         "transformers), llamacpp, transformers, or a vLLM server (make vllm; README)")
     config_flag(s, LlamaCppConfig, "weights", flag="--llamacpp-weights", choices=WEIGHTS)
     config_flag(s, VLLMConfig, "url", flag="--vllm-url", metavar="URL")
+    config_flag(s, APIConfig, "max_body_bytes", flag="--api-max-body-bytes", metavar="BYTES")
+    config_flag(s, APIConfig, "max_messages", flag="--api-max-messages", metavar="N")
+    config_flag(s, APIConfig, "max_tokens", flag="--api-max-tokens", metavar="N")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -224,6 +228,7 @@ def serve(store, args: argparse.Namespace) -> None:
     from assistant.llamacpp_backend import LlamaCppConfig
     from assistant.memory import MemoryConfig
     from assistant.model import ModelConfig
+    from assistant.protocol import APIConfig
     from assistant.server import ServerConfig, serve
     from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig, start_background
@@ -237,7 +242,7 @@ def serve(store, args: argparse.Namespace) -> None:
           start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
           train_after=schedule_cfg.min_new_events,
           vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine,
-          llamacpp_cfg=config_from(args, LlamaCppConfig))
+          llamacpp_cfg=config_from(args, LlamaCppConfig), api_cfg=config_from(args, APIConfig))
 
 
 def train(store, args: argparse.Namespace) -> None:

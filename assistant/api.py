@@ -14,12 +14,13 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from assistant import protocol
 from assistant.auth import address_of
 from assistant.engine import ChatEngine, Turn
-from assistant.protocol import ChatRequest, error, error_for
-from storage.errors import CLI, AttuneError, AuthError
+from assistant.protocol import APIConfig, ChatRequest, error, error_for
+from storage.errors import CLI, AttuneError, AuthError, InputError, TooLarge
 
 
 class KeyCache:
@@ -72,8 +73,9 @@ class KeyCache:
 class ChatAPI:
     """The handlers behind ``/v1``, one method per route."""
 
-    def __init__(self, engine: ChatEngine):
+    def __init__(self, engine: ChatEngine, config: APIConfig | None = None):
         self.engine = engine
+        self.config = config or APIConfig()
         self.store = engine.store
         self.keys = KeyCache(engine.store)
 
@@ -88,8 +90,7 @@ class ChatAPI:
     async def chat_completions(self, request: Request):
         try:
             user_id = self.keys.user_id(request)
-            req = protocol.parse_chat_request(protocol.decode_json(await request.body()),
-                                              self.engine.config.defaults)
+            req = protocol.parse_chat_request(await self._json(request), self.engine.config.defaults, self.config)
         except AttuneError as e:
             return error_for(e)
         created, model = int(time.time()), self.engine.backend.name
@@ -105,7 +106,7 @@ class ChatAPI:
     async def feedback(self, request: Request):
         try:
             user_id = self.keys.user_id(request)
-            fb = protocol.parse_feedback(protocol.decode_json(await request.body()))
+            fb = protocol.parse_feedback(await self._json(request))
             ids = []
             if fb.feedback is not None:
                 ids.append(self.engine.feedback(user_id, fb.message_id, fb.feedback, source="api"))
@@ -117,6 +118,24 @@ class ChatAPI:
                 "state": self.store.chats.feedback_state(user_id, fb.message_id)}
 
     # internals ---------------------------------------------------------------------------------
+    async def _json(self, request: Request):
+        """The body as JSON, read only up to ``max_body_bytes``: TooLarge (413) as soon as the declared length
+        or the bytes received pass it, so an endless or huge body is never held in memory."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(protocol.body_too_large(limit, int(declared)))
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(protocol.body_too_large(limit))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise InputError("The client went away before sending the whole body.") from None
+        return protocol.decode_json(b"".join(chunks))
+
     async def _complete(self, user_id: int, req: ChatRequest, created: int, model: str):
         try:
             turns = await _in_thread(lambda: list(self._generate(user_id, req)))
@@ -148,13 +167,15 @@ class ChatAPI:
         return cid
 
 
-def build_router(engine: ChatEngine) -> APIRouter:
-    """The ``/v1`` routes over one ChatEngine."""
-    api = ChatAPI(engine)
+def build_router(engine: ChatEngine, config: APIConfig | None = None) -> APIRouter:
+    """The ``/v1`` routes over one ChatEngine, with ``config``'s limits (and those limits in the OpenAPI schema)."""
+    api = ChatAPI(engine, config)
     router = APIRouter(prefix="/v1")
     router.add_api_route("/models", api.models, methods=["GET"])
-    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
-    router.add_api_route("/feedback", api.feedback, methods=["POST"])
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"],
+                         openapi_extra=protocol.openapi_body(protocol.chat_request_schema(api.config)))
+    router.add_api_route("/feedback", api.feedback, methods=["POST"],
+                         openapi_extra=protocol.openapi_body(protocol.feedback_schema()))
     return router
 
 

@@ -181,7 +181,11 @@ def _same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if not origin or origin == "null":
         return origin is None
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # not a URL at all (e.g. an unclosed IPv6 bracket): not one of ours
+        return False
+    return netloc == request.headers.get("host", "")
 
 
 def signin_html(lang: str, name: str, message: str, first_run: bool, allow_signup: bool) -> str:

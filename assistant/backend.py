@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import queue
+import reprlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -20,6 +21,10 @@ from storage.errors import CLI, InputError
 
 if TYPE_CHECKING:
     from assistant.adapters import AdapterRef
+
+
+MAX_NEW_TOKENS = 4096
+"""The most tokens one answer may ask for, whatever the engine."""
 
 
 @dataclass
@@ -39,17 +44,19 @@ class GenerationSettings:
 
     def __post_init__(self):
         checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 4096,
-             "an integer from 1 to 4096"),
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+             f"an integer from 1 to {MAX_NEW_TOKENS}"),
             ("temperature", _num(self.temperature) and 0 <= self.temperature <= 2, "a number from 0 to 2"),
             ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", _num(self.repetition_penalty) and 0.5 <= self.repetition_penalty <= 2,
              "a number from 0.5 to 2"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or null"),
+            # 0 to 2**63 - 1: what every engine's generator takes (torch overflows past 2**64, numpy refuses < 0)
+            ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                           and 0 <= self.seed < 2**63), "an integer from 0 to 2**63 - 1, or null"),
         ]
         for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"{name}: must be {what}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: must be {what}, got {reprlib.repr(getattr(self, name))}")
 
     @classmethod
     def from_request(cls, base: GenerationSettings, **overrides) -> GenerationSettings:

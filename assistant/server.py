@@ -18,6 +18,7 @@ import uvicorn
 from assistant.engine import ChatConfig, ChatEngine
 from assistant.errors import ModelError
 from assistant.model import ModelConfig, load_model
+from assistant.protocol import APIConfig
 from storage.db import Store
 from storage.errors import CLI, AttuneError
 
@@ -68,9 +69,10 @@ def check_exposure(store: Store, cfg: ServerConfig) -> bool:
     return bool(cfg.allow_signup)
 
 
-def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_after: int | None = None):
-    """The FastAPI app: ``/v1`` (API keys), the sign-in page and ``/auth/*`` (open), and the Gradio UI at
-    ``/``, every route of which needs a live browser session (Gradio's ``auth_dependency``)."""
+def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_after: int | None = None,
+              api_cfg: APIConfig | None = None):
+    """The FastAPI app: ``/v1`` (API keys; ``api_cfg``'s limits), the sign-in page and ``/auth/*`` (open), and
+    the Gradio UI at ``/``, every route of which needs a live browser session (Gradio's ``auth_dependency``)."""
     import gradio as gr
     from fastapi import FastAPI
 
@@ -79,7 +81,7 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     from assistant.ui import CSS, JS, ChatUI, UIConfig, theme
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(build_router(engine))
+    app.include_router(build_router(engine, api_cfg))
     auth = WebAuth(engine.store, SessionConfig(allow_signup=allow_signup))
     app.include_router(auth.router())
     app.add_middleware(_Guard, auth=auth)
@@ -169,12 +171,13 @@ def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, cfg=No
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
           memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
-          vllm_cfg=None, engine: str = "auto", llamacpp_cfg=None) -> None:
+          vllm_cfg=None, engine: str = "auto", llamacpp_cfg=None, api_cfg: APIConfig | None = None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
     ``start_personalizer`` starts the background personalizer and returns its (job runner, scheduler): the
     caller composes it (``launch.py``), serving never imports ``personalize``; it runs only when
     ``server_cfg.personalizer``. ``train_after`` is the scheduler's trigger, shown in the UI. ``vllm_cfg``
-    (a ``VLLMConfig``) hands generation to vLLM instead of this process; else ``engine`` (:data:`ENGINES`)."""
+    (a ``VLLMConfig``) hands generation to vLLM instead of this process; else ``engine`` (:data:`ENGINES`).
+    ``api_cfg``: the ``/v1`` request limits (defaults when None)."""
     allow_signup = check_exposure(store, server_cfg)
     if not is_loopback(server_cfg.host):
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
@@ -190,7 +193,7 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     runner = scheduler = None
     if server_cfg.personalizer and start_personalizer is not None:
         runner, scheduler = start_personalizer()
-    app = build_app(engine, allow_signup, runner, train_after or 8)
+    app = build_app(engine, allow_signup, runner, train_after or 8, api_cfg)
     store.sessions.purge()  # expired and revoked sessions
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",

@@ -37,7 +37,7 @@ def clean_text(text: Any, what: str = "message", limit: int = MAX_MESSAGE_CHARS)
 
 
 def _title(text: str) -> str:
-    line = " ".join(text.split())
+    line = " ".join(_UNSTORABLE.sub("\ufffd", text).split())  # a lone surrogate cannot be stored
     return line[: MAX_TITLE_CHARS - 1] + "…" if len(line) > MAX_TITLE_CHARS else line
 
 

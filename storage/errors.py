@@ -20,6 +20,12 @@ class InputError(AttuneError):
     status = 400
 
 
+class TooLarge(InputError):
+    """A request over a size limit (a body too large to read): HTTP 413."""
+
+    status = 413
+
+
 class AuthError(AttuneError):
     """Wrong password, unknown user or API key, or a request for someone else's data."""
 

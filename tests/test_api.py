@@ -213,12 +213,132 @@ def test_401_on_a_fresh_install_says_to_add_a_user_first(store, fake):
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "x"}], "conversation_id": "abc"}, "conversation_id"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n=1"),
+    ({"messages": [{"role": "system", "content": "x" * 1_000_001}, {"role": "user", "content": "x"}]},
+     "messages[0].content is 1,000,001 characters"),
+    ({"messages": [{"role": "user", "content": "x"}] * 513}, "at most 512 in one request"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4097}, "at most 4,096 tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "from 1 to 4,096"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "'max_tokens' must be a whole number"),
+    # seeds the engines' generators refuse (numpy: negative; torch: past 2**64) were 500s from the real engines
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed: must be an integer from 0"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed: must be an integer from 0"),
 ])
 def test_malformed_requests_are_400_with_a_message(fapi, body, match):
     r = post(fapi, "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
     assert match in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
     assert rows(fapi, "SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0 and fapi.fake.calls == []
+    assert rows(fapi, "SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 0  # validated before anything is stored
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"[" * 100_000 + b"]" * 100_000, "more than 32 deep"),  # was a RecursionError: 500
+    (b'{"messages": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}", "more than 32 deep"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1' + b"0" * 5000 + b"}",
+     "number too long"),  # was Python's int digit limit (ValueError): 500
+])
+def test_bodies_json_cannot_hold_are_400(fapi, raw, match):
+    r = fapi.http.post("/v1/chat/completions", content=raw, headers={
+        "Authorization": f"Bearer {fapi.keys['alice']}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and match in r.json()["error"]["message"], r.text
+
+
+def test_a_lone_surrogate_in_a_new_conversations_first_message_is_stored(fapi):
+    """Was a 500: the conversation's title kept the lone surrogate, which SQLite cannot store as UTF-8."""
+    raw = b'{"messages": [{"role": "user", "content": "caf\\ud800 au lait"}]}'
+    r = fapi.http.post("/v1/chat/completions", content=raw, headers={
+        "Authorization": f"Bearer {fapi.keys['alice']}", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert rows(fapi, "SELECT title FROM conversations") == [{"title": "caf\ufffd au lait"}]
+    assert fapi.store.chats.create_conversation(fapi.users["bob"].id, title="\udfff") > 0
+
+
+def _limited(fapi, **limits):
+    """A client of the /v1 router over fapi's engine with these APIConfig limits."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from assistant.api import build_router
+    from assistant.protocol import APIConfig
+
+    app = FastAPI()
+    app.include_router(build_router(fapi.engine, APIConfig(**limits)))
+    return app, TestClient(app, headers={"Authorization": f"Bearer {fapi.keys['alice']}"})
+
+
+def test_limits_on_messages_and_max_tokens_are_the_configs(fapi):
+    app, http = _limited(fapi, max_messages=3, max_tokens=5)
+    three = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "s"}, *three]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("'messages' has 4 messages; this server takes at most 3 in one request")
+    assert "--api-max-messages" in error["message"] and "'conversation_id'" in error["message"]
+    r = http.post("/v1/chat/completions", json={"messages": three, "max_tokens": 6})
+    assert r.status_code == 400 and "'max_tokens' is 6; this server answers with at most 5 tokens" in \
+        r.json()["error"]["message"] and "leave it out for the default (5)" in r.json()["error"]["message"]
+    assert fapi.fake.calls == []
+    assert http.post("/v1/chat/completions", json={"messages": three, "max_tokens": 5}).status_code == 200
+    assert http.post("/v1/chat/completions", json={"messages": three}).status_code == 200
+    assert [c.settings.max_new_tokens for c in fapi.fake.calls] == [5, 5]  # the default (12) is capped too
+    body = app.openapi()["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["properties"]["messages"]["maxItems"] == 3
+    assert body["schema"]["properties"]["max_tokens"]["maximum"] == 5
+
+
+def _asgi_post(app, headers: list, chunks) -> tuple[int, dict, int]:
+    """POST /v1/chat/completions straight through ASGI, the body coming as ``chunks``: (status, JSON, bytes the
+    app pulled)."""
+    import asyncio
+
+    pulled, sent, out = 0, iter(chunks), {}
+
+    async def receive():
+        nonlocal pulled
+        chunk = next(sent, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] = out.get("body", b"") + message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+             "headers": headers, "client": ("127.0.0.1", 5000), "server": ("attune.test", 80)}
+    asyncio.run(app(scope, receive, send))
+    return out["status"], json.loads(out["body"]), pulled
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(fapi):
+    app, _ = _limited(fapi, max_body_bytes=4096)
+    auth = (b"authorization", f"Bearer {fapi.keys['alice']}".encode())
+    endless = (b"x" * 1000 for _ in range(10**9))  # a client that would send a terabyte
+    status, body, pulled = _asgi_post(app, [auth, (b"content-length", b"1000000000000")], endless)
+    assert (status, pulled) == (413, 0)  # refused on the declared length: nothing read
+    assert body["error"]["message"].startswith("The request body is 1,000,000,000,000 bytes; this server reads at "
+                                               "most 4,096 bytes (its --api-max-body-bytes). Send less")
+    assert body["error"]["type"] == "invalid_request_error"
+    status, body, pulled = _asgi_post(app, [auth], endless)  # chunked: no length said
+    assert status == 413 and 4096 < pulled <= 5000 and "is over 4,096 bytes" in body["error"]["message"]
+    status, _, _ = _asgi_post(app, [auth], [json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()])
+    assert status == 200
+    status, body, pulled = _asgi_post(app, [(b"content-length", b"1000000000000")], endless)
+    assert (status, pulled) == (401, 0)  # without a key nothing is read at all
+    assert rows(fapi, "SELECT COUNT(*) AS n FROM messages")[0]["n"] == 2
+
+
+@pytest.mark.parametrize("field,value", [("max_body_bytes", 10), ("max_messages", 0), ("max_tokens", 4097),
+                                         ("max_tokens", "5"), ("max_messages", True)])
+def test_api_config_names_the_bad_field(field, value):
+    from assistant.protocol import APIConfig
+
+    with pytest.raises(ValueError, match=f"^{field}: must be an integer"):
+        APIConfig(**{field: value})
 
 
 @pytest.mark.parametrize("body,status,match", [

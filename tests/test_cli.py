@@ -79,8 +79,9 @@ def test_serve_refuses_a_bad_port(tmp_path):
 
 
 @pytest.mark.parametrize(("flag", "value", "field"), [("--train-after", "0", "min_new_events"),
-                                                      ("--train-interval", "-5", "min_interval_minutes")])
-def test_serve_refuses_bad_personalizer_schedule(tmp_path, flag, value, field):
+                                                      ("--train-interval", "-5", "min_interval_minutes"),
+                                                      ("--api-max-messages", "0", "max_messages")])
+def test_serve_refuses_a_bad_config_value(tmp_path, flag, value, field):
     r = cli("serve", flag, value, data_dir=tmp_path)
     assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr
 
@@ -113,7 +114,8 @@ def test_help_version_and_a_missing_action(tmp_path):
     assert r.returncode == 0 and "With no command, Attune serves" in r.stdout
     serve = cli("serve", "--help", data_dir=tmp_path).stdout
     for flag, default in (("--host", "127.0.0.1"), ("--port", "7860"), ("--quant", "auto"), ("--device", "auto"),
-                          ("--train-after", "8")):
+                          ("--train-after", "8"), ("--api-max-body-bytes", "4194304"), ("--api-max-messages", "512"),
+                          ("--api-max-tokens", "4096")):
         assert flag in serve and f"(default: {default})" in serve
     assert "--model" not in cli("users", "list", "--help", data_dir=tmp_path).stdout  # does nothing there
     assert "--dtype" in cli("train", "--help", data_dir=tmp_path).stdout
