@@ -8,6 +8,8 @@ under base / memory only / adapter only / adapter + memory:
 - recall of each fact probe (a keyword in the answer; an updated fact: the new value and not the old);
 - never-told questions (things the user never said): the share answered with "you haven't told me" or the like
   (:func:`abstained`) rather than a made-up answer;
+- general questions of the split (``bench.general_qa``), ``QA_TOKENS`` new tokens, base vs adapter + memory:
+  right = the keyword in the answer;
 - per job: published or not, held-out loss, anchor rise, minutes.
 """
 
@@ -17,6 +19,7 @@ import re
 import time
 
 TOKENS = 64
+QA_TOKENS = 128
 CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True, False), "both": (True, True)}
 QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
 _ABSTAIN = re.compile(
@@ -33,8 +36,9 @@ def abstained(text: str) -> bool:
     return bool(_ABSTAIN.search(text or ""))
 
 
-def _split(split: str, quick: bool, train: dict) -> dict:
+def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
     from assistant.engine import ChatConfig
+    from bench.general_qa import hits, questions
     from bench.memory_passing import _has, _users, setup
 
     users, _general = _users(split)
@@ -47,11 +51,16 @@ def _split(split: str, quick: bool, train: dict) -> dict:
         for cond, (use_adapter, use_memory) in CONDITIONS.items():
             facts = [(uid, p) for uid, u in zip(ids, users, strict=True) for p in u["probes"]
                      if p["kind"] != "correction"]
-            texts = _ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, use_memory)
+            texts = _ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, use_memory, TOKENS)
             right = [_has(t, p["keywords"]) and not (p.get("old") and _has(t, p["old"]))
                      for (_, p), t in zip(facts, texts, strict=True)]
             never = [(uid, q) for uid, u in zip(ids, users, strict=True) for q in u["never_told"]]
-            said = _ask(engine, never, use_adapter, use_memory)
+            said = _ask(engine, never, use_adapter, use_memory, TOKENS)
+            if qa and cond in ("base", "both"):
+                items = [(uid, q, k) for uid in ids for q, k in questions(split)]
+                got = _ask(engine, [(u, q) for u, q, _ in items], use_adapter, use_memory, QA_TOKENS)
+                out[f"qa_{cond}"] = [sum(bool(hits(t, k)) for (_, _, k), t in zip(items, got, strict=True)),
+                                     len(items), len({q for _, q, _ in items})]
             out[cond] = {"recall": [sum(right), len(right)],
                          "updated": [sum(r for r, (_, p) in zip(right, facts, strict=True) if p["kind"] == "updated"),
                                      sum(p["kind"] == "updated" for _, p in facts)],
@@ -94,13 +103,13 @@ def _serve(data, store, memory, chat_config):
     return backend, _probe_engine()(store, backend, chat_config(defaults=GenerationSettings(temperature=0.0)), memory)
 
 
-def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool) -> list[str]:
+def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool, tokens: int) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
     from assistant.backend import GenerationSettings
 
-    settings = replace(GenerationSettings(), temperature=0.0, max_new_tokens=TOKENS)
+    settings = replace(GenerationSettings(), temperature=0.0, max_new_tokens=tokens)
 
     def one(item):
         turn = None
@@ -113,10 +122,12 @@ def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bo
         return list(pool.map(one, items))
 
 
-def run(quick: bool = False, splits: tuple[str, ...] = ("dev", "test"), train: dict | None = None) -> dict:
-    """Both splits with the default ``TrainConfig`` (``train``: field overrides, for trying a change on dev)."""
+def run(quick: bool = False, splits: tuple[str, ...] = ("dev", "test"), train: dict | None = None,
+        qa: bool = True) -> dict:
+    """Both splits with the default ``TrainConfig`` (``train``: field overrides, ``qa=False``: no general
+    questions; for trying a change on dev)."""
     started = time.perf_counter()
-    out = {split: _split(split, quick, train or {}) for split in splits}
+    out = {split: _split(split, quick, train or {}, qa) for split in splits}
     return {**out, "tokens": TOKENS, "seconds": round(time.perf_counter() - started, 1), "train": train or {}}
 
 
@@ -129,12 +140,16 @@ def render(r: dict) -> str:
             "|---|---|---|---|---|"]
     jobs = ["| split | user | published | held-out loss base → after | anchor rise | job min |",
             "|---|---|---|---|---|---|"]
+    qa = ["| split | distinct general questions | base | adapter + memory |", "|---|---|---|---|"]
     for split in ("dev", "test"):
         if split not in r:
             continue
         for cond in CONDITIONS:
             c = r[split][cond]
             rows.append(f"| {split} | {cond} | {_pct(c['recall'])} | {_pct(c['updated'])} | {_pct(c['abstained'])} |")
+        if "qa_base" in r[split]:
+            b, a = r[split]["qa_base"], r[split]["qa_both"]
+            qa.append(f"| {split} | {b[2]} | {_pct(b[:2])} | {_pct(a[:2])} |")
         for name, j in r[split]["jobs"].items():
             before, after, rise = (j.get(k) for k in ("heldout_loss_before", "heldout_loss", "anchor_rise"))
             loss = "—" if before is None or after is None else f"{before:.3f} → {after:.3f}"
@@ -144,5 +159,7 @@ def render(r: dict) -> str:
         "Adapters on natural histories (`bench/adapter_passing.py`, users of `bench/passing_users.py`: facts said "
         "once inside requests, real replies, an update, a correction; dev users tune, test users report). One job "
         "per user, default `TrainConfig` and gate (a rejected adapter is not served); probes through ChatEngine, "
-        f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults.", "", *rows, "", *jobs, "",
+        f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults. General questions "
+        f"(`bench/general_qa.py`, the split's own, asked by every user of it) at {QA_TOKENS} tokens.", "", *rows, "",
+        *(qa if len(qa) > 2 else []), "", *jobs, "",
         f"Time: {r['seconds'] / 60:.1f} min in all."])

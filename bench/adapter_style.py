@@ -8,8 +8,8 @@ the adapter alone is measured), at serving settings (``GenerationSettings`` defa
 
 - unseen prompts on other topics, base vs adapter: median answer length in words, share of answers that are
   bullet lists;
-- the general questions of ``bench.quality_users.GENERAL_QA`` at 128 tokens, base vs adapter: right = the
-  keyword in the answer (a shorter answer must still be right);
+- the general questions of ``bench.general_qa`` (the user's split: dev or test) at 128 tokens, base vs adapter:
+  right = the keyword in the answer (a shorter answer must still be right);
 - per job: published or not (the gate's reason), the style it detected, held-out loss, anchor rise, minutes.
 
 Before anything runs, :func:`overlaps` fails the bench when a 4-word run of a test probe appears in any
@@ -26,6 +26,8 @@ from pathlib import Path
 
 PROBE_TOKENS = 256
 QA_TOKENS = 128
+QA_QUESTIONS = 200
+"""General questions per user: every one of its split in ``bench.general_qa`` (dev or test)."""
 BATCH = 16
 QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
 
@@ -103,23 +105,22 @@ def _histories(store, data, users: dict) -> None:
 
 
 def _measure(engine, users: dict) -> dict:
-    from bench.quality import _hits
-    from bench.quality_users import GENERAL_QA
+    from bench.general_qa import hits, questions
     from personalize.style import is_list, word_count
 
     out = {}
     for cond, use_adapter in (("base", False), ("adapter", True)):
         probes = [(uid, p) for uid, u in users.items() for p in u.probes]
         answers = _ask(engine, probes, use_adapter, PROBE_TOKENS)
-        qa = [(uid, q, k) for uid in users for q, k in GENERAL_QA]
+        qa = [(uid, q, k) for uid, u in users.items() for q, k in questions(u.split)[:QA_QUESTIONS]]
         qa_answers = _ask(engine, [(u, q) for u, q, _ in qa], use_adapter, QA_TOKENS)
         for uid, u in users.items():
             mine = [a for (v, _), a in zip(probes, answers, strict=True) if v == uid]
-            right = sum(bool(_hits(a, k)) for (v, _, k), a in zip(qa, qa_answers, strict=True) if v == uid)
+            scored = [bool(hits(a, k)) for (v, _, k), a in zip(qa, qa_answers, strict=True) if v == uid]
             out.setdefault(u.name, {})[cond] = {
                 "median_words": statistics.median(word_count(a) for a in mine),
                 "lists": sum(is_list(a) for a in mine), "probes": len(mine),
-                "qa_right": right, "qa_total": len(GENERAL_QA), "sample": mine[0][:300]}
+                "qa_right": sum(scored), "qa_total": len(scored), "sample": mine[0][:300]}
     return out
 
 
