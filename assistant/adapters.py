@@ -8,6 +8,12 @@ cache) runs no SQL.
 
 A generation pins the adapter it started with, so a version published mid-answer never changes an
 answer in flight and a pinned adapter is never evicted.
+
+Damaged files: :func:`check_adapter` checks a version's files before any engine reads them (again only when
+they change), and :meth:`AdapterRegistry._load` takes back what a failed peft load left in the shared model.
+Either raises ``AdapterDamaged``; :func:`fall_back` then marks the version damaged and makes the newest older
+published version with whole files active (else the base model), so that user's turn is still answered and
+nobody else is touched.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from assistant.errors import ModelError
-from storage.errors import CLI
+from assistant.errors import AdapterDamaged
+from assistant.file_checks import adapter_problem
 
 if TYPE_CHECKING:
     from storage.db import Store
@@ -69,6 +75,62 @@ def resolve_adapter(store: Store, user_id: int) -> AdapterRef | None:
     return AdapterRef(adapter_name(user_id, row["version"], row["created_at"]), row["version"], row["path"])
 
 
+def _ref(user_id: int, row: dict) -> AdapterRef:
+    return AdapterRef(adapter_name(user_id, row["version"], row["created_at"]), row["version"], row["path"])
+
+
+_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_whole: dict[str, tuple] = {}  # adapter folder -> stat of its files when they were last found whole
+_whole_lock = threading.Lock()
+
+
+def _stat(folder: Path) -> tuple | None:
+    try:
+        return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in ((folder / f).stat() for f in _FILES))
+    except OSError:
+        return None
+
+
+def check_adapter(ref: AdapterRef) -> None:
+    """Raise ``AdapterDamaged`` when the version's files are not whole (:func:`adapter_problem`). Checked again
+    only when the files change, so a turn costs two ``stat`` calls."""
+    folder = Path(ref.path)
+    stat = _stat(folder)
+    with _whole_lock:
+        if stat is not None and _whole.get(ref.path) == stat:
+            return
+    problem = adapter_problem(folder)
+    if problem:
+        raise AdapterDamaged(ref.version, ref.path, problem)
+    with _whole_lock:
+        if len(_whole) > 4096:
+            _whole.clear()
+        if stat is not None:
+            _whole[ref.path] = stat
+
+
+def fall_back(store: Store, user_id: int, damaged: AdapterDamaged) -> AdapterRef | None:
+    """Mark ``damaged``'s version damaged and serve the newest older published version whose files are whole
+    instead (older ones found damaged on the way are marked too), else the base model. Returns what now
+    answers the user (:func:`resolve_adapter`)."""
+    fallback = None
+    for row in store.adapters.list(user_id):  # newest first
+        if row["status"] != "published" or row["version"] >= damaged.version or not row["path"]:
+            continue
+        try:
+            check_adapter(_ref(user_id, row))
+        except AdapterDamaged as e:
+            store.adapters.mark_damaged(user_id, e.version, e.what, None)  # not active: only its row changes
+            log.warning("user %s: adapter v%s is damaged too: %s", user_id, e.version, e.what)
+            continue
+        fallback = row["version"]
+        break
+    store.adapters.mark_damaged(user_id, damaged.version, damaged.what, fallback)
+    log.warning("user %s: adapter v%s is damaged (%s); marked so, now serving %s", user_id, damaged.version,
+                damaged.what, f"v{fallback}" if fallback else "the base model")
+    return resolve_adapter(store, user_id)
+
+
 class AdapterRegistry:
     """peft adapters loaded into one in-process model, keyed by :attr:`AdapterRef.name`."""
 
@@ -113,9 +175,9 @@ class AdapterRegistry:
 
     def _load(self, ref: AdapterRef) -> None:
         path, name = Path(ref.path), ref.name
-        if not (path / "adapter_config.json").is_file():
-            raise ModelError(f"Adapter v{ref.version} is missing at {path}; roll back with "
-                             f"`{CLI} adapters NAME --rollback VERSION`.")
+        problem = adapter_problem(path)  # peft changes the shared model before it reads the weights
+        if problem:
+            raise AdapterDamaged(ref.version, ref.path, problem)
         from peft import PeftModel
 
         started = time.perf_counter()
@@ -125,8 +187,9 @@ class AdapterRegistry:
             else:
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except Exception as e:
-            raise ModelError(f"Could not load adapter v{ref.version} from {path}: {e}. Roll back with "
-                             f"`{CLI} adapters NAME --rollback VERSION`.") from e
+            self._undo(name)
+            raise AdapterDamaged(ref.version, ref.path, f"peft could not load it: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from e
         self.model.eval()
         seconds = time.perf_counter() - started
         self.load_seconds.append(seconds)
@@ -134,6 +197,23 @@ class AdapterRegistry:
         self.generation += 1
         log.info("loaded adapter %s in %.2f s", name, seconds)
         self._evict()
+
+    def _undo(self, name: str) -> None:
+        """Take back what a failed load left in the shared model: peft injects the new adapter's LoRA layers
+        (into the base model itself on a first load) before it reads the weights."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.generation += 1
+        if self.is_peft:
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            return
+        for module_name, module in list(self.base.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = module_name.rpartition(".")
+                setattr(self.base.get_submodule(parent) if parent else self.base, child, module.get_base_layer())
+        if "peft_config" in vars(self.base):
+            delattr(self.base, "peft_config")
 
     def _evict(self) -> None:
         for name in list(self._loaded):

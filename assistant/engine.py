@@ -1,5 +1,9 @@
 """ChatEngine: one chat turn end to end — store the user's message, build the prompt with the
-model's chat template inside the context budget, stream the answer, store it with its metadata."""
+model's chat template inside the context budget, stream the answer, store it with its metadata.
+
+A turn is answered whatever is damaged on disk: an active adapter whose files are damaged is marked so and the
+previous version (or the base model) answers (``assistant.adapters.fall_back``), memories that cannot be
+searched leave the turn without memories; either way ``Turn.notice`` says so."""
 
 from __future__ import annotations
 
@@ -9,16 +13,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from assistant.adapters import resolve_adapter
+from assistant.adapters import AdapterRef, check_adapter, fall_back, resolve_adapter
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from assistant.errors import AdapterDamaged
 from assistant.memory_text import with_facts
 from storage.chats import clean_text
 from storage.db import Store
-from storage.errors import AttuneError, InputError
+from storage.errors import CLI, AttuneError, InputError
 
 log = logging.getLogger("attune.engine")
 DEFAULT_SYSTEM_PROMPT = "You are Attune, a helpful personal assistant. Answer clearly and concisely."
 OMITTED = "\n\n[… {n:,} characters omitted to fit the model's context …]\n\n"
+MAX_FALLBACKS = 8
+"""Damaged versions one turn steps back over before it answers with the base model."""
 
 
 @dataclass
@@ -58,6 +65,25 @@ class Turn:
     use_adapter: bool = True
     use_memory: bool = True
     replaces: int | None = None  # the answer a retry / continue replaces, marked so with this one's insert
+    damaged_version: int | None = None
+    """The user's version found damaged during this turn (``adapter_version`` answered instead)..."""
+    damaged_what: str = ""
+    """... and what is wrong with its files."""
+    memory_error: str | None = None
+    """Why this turn's memories could not be searched (it was answered without them)."""
+
+    @property
+    def notice(self) -> str | None:
+        """What the user should know about how this turn was answered, in English (the UI translates the fields)."""
+        parts = []
+        if self.damaged_version is not None:
+            now = f"version {self.adapter_version}" if self.adapter_version else "the base model"
+            parts.append(f"Your personal version {self.damaged_version} is damaged on disk ({self.damaged_what}), "
+                         f"so {now} answered and answers from now on. Train a new version to replace it.")
+        if self.memory_error:
+            parts.append(f"Your memories could not be searched for this answer ({self.memory_error}); it was "
+                         f"answered without them. If this goes on, rebuild them: {CLI} memory rebuild NAME")
+        return " ".join(parts) or None
 
 
 class ChatEngine:
@@ -175,7 +201,7 @@ class ChatEngine:
         if self.memory is not None and turn.assistant_message_id and turn.status == "complete":
             try:
                 self.memory.remember_turn(user_id, turn.assistant_message_id)
-            except AttuneError as e:  # the answer is stored; memory can be rebuilt from SQLite later
+            except Exception as e:  # the answer is stored; memory can be rebuilt from SQLite later
                 log.warning("could not remember message %s: %s", turn.assistant_message_id, e)
 
     def recall(self, user_id: int, query: str, conversation_id: int | None = None) -> list:
@@ -252,10 +278,7 @@ class ChatEngine:
         block = ""
         personalized = self._personalized(user_id)  # read once: the whole turn sees one value
         if use_memory and self.memory is not None and personalized:
-            query = self.store.chats.message(user_id, turn.user_message_id)["content"]
-            turn.memories = self.recall(user_id, query, turn.conversation_id)
-            turn.memory_ids = [h.id for h in turn.memories]
-            block = self.memory.prompt_block(turn.memories)
+            block = self._memory_block(user_id, turn)
         ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),
                                       exclude_id, block)
         if prefix:  # continuing an answer: the model goes on from its own earlier words
@@ -269,12 +292,8 @@ class ChatEngine:
         self._inflight[id(turn)] = (user_id, turn, settings, source)
         try:
             # The active version is read on every turn: a newly published one answers the next turn.
-            adapter = resolve_adapter(self.store, user_id) if use_adapter and personalized else None
-            for piece in self.backend.stream(ids, settings, stop, turn.stats, adapter):
-                turn.adapter_version = turn.stats.adapter_version
-                turn.text += piece
-                yield turn
-            turn.adapter_version = turn.stats.adapter_version
+            adapter = self._adapter(user_id, turn) if use_adapter and personalized else None
+            yield from self._generate(user_id, turn, ids, settings, stop, adapter)
             turn.status = "stopped" if turn.stats.finish_reason == "cancelled" else "complete"
         except GeneratorExit:
             turn.status = "stopped"  # the client went away: keep what was generated
@@ -289,6 +308,61 @@ class ChatEngine:
             turn.text = turn.text or ""
         yield turn
 
+    def _generate(self, user_id: int, turn: Turn, ids: list[int], settings: GenerationSettings,
+                  stop: threading.Event, adapter: AdapterRef | None) -> Iterator[Turn]:
+        """Stream the answer into ``turn``. An adapter the engine finds damaged when it loads it (before any text)
+        is marked so, and the version that replaces it answers."""
+        start, tries = turn.text, 0
+        while True:
+            try:
+                for piece in self.backend.stream(ids, settings, stop, turn.stats, adapter):
+                    turn.adapter_version = turn.stats.adapter_version
+                    turn.text += piece
+                    yield turn
+                turn.adapter_version = turn.stats.adapter_version
+                return
+            except AdapterDamaged as e:
+                if adapter is None or turn.text != start:
+                    raise
+                tries += 1
+                fallback = self._damaged(user_id, turn, e)
+                adapter = fallback if tries < MAX_FALLBACKS else None
+                turn.stats = StreamStats()
+                stop.clear()  # set by the backend as the failed attempt ended (before any text), not by the user
+
+    def _adapter(self, user_id: int, turn: Turn) -> AdapterRef | None:
+        """The user's active version if its files are whole; else (marked damaged) the one that replaces it."""
+        ref = resolve_adapter(self.store, user_id)
+        for _ in range(MAX_FALLBACKS):
+            if ref is None:
+                return None
+            try:
+                check_adapter(ref)
+                return ref
+            except AdapterDamaged as e:
+                ref = self._damaged(user_id, turn, e)
+        return None
+
+    def _damaged(self, user_id: int, turn: Turn, error: AdapterDamaged) -> AdapterRef | None:
+        ref = fall_back(self.store, user_id, error)
+        if turn.damaged_version is None:  # the first one found is the version the user had
+            turn.damaged_version, turn.damaged_what = error.version, error.what
+        turn.adapter_version = ref.version if ref else None
+        return ref
+
+    def _memory_block(self, user_id: int, turn: Turn) -> str:
+        """The facts block for this turn's question (fills ``turn.memories``). Memories that cannot be searched
+        (say the index cannot be rebuilt) leave this turn without them, with a notice, instead of failing it."""
+        query = self.store.chats.message(user_id, turn.user_message_id)["content"]
+        try:
+            turn.memories = self.recall(user_id, query, turn.conversation_id)
+        except Exception as e:  # the index is a cache of SQLite: the next turn tries again
+            log.exception("user %s: memories could not be searched", user_id)
+            turn.memory_error = f"{type(e).__name__}: {e}"
+            return ""
+        turn.memory_ids = [h.id for h in turn.memories]
+        return self.memory.prompt_block(turn.memories)
+
     def _store_once(self, user_id: int, turn: Turn, settings: GenerationSettings, source: str) -> None:
         with self._store_lock:
             self._inflight.pop(id(turn), None)
@@ -300,6 +374,8 @@ class ChatEngine:
         gen = settings.to_dict() | {"truncated": turn.truncated, "dropped_turns": turn.dropped_turns,
                                     "finish_reason": s.finish_reason, "use_adapter": turn.use_adapter,
                                     "use_memory": turn.use_memory}
+        if turn.damaged_version is not None:
+            gen["adapter_damaged"] = turn.damaged_version
         return self.store.chats.add_message(
             user_id, turn.conversation_id, "assistant", turn.text, status=turn.status, source=source,
             model=self.backend.name, adapter_version=turn.adapter_version, memory_ids=turn.memory_ids,

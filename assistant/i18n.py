@@ -54,6 +54,11 @@ EN = {
     "truncated": "Your message is longer than the model's context: its middle was left out for the model "
                  "(the whole message is saved).",
     "dropped": "Older turns of this conversation were left out to fit the model's context.",
+    "adapter_damaged": "Your personal version {v} is damaged on disk, so version {now} answered and answers from "
+                       "now on. Train a new version to replace it.",
+    "adapter_damaged_base": "Your personal version {v} is damaged on disk, so the base model answered and answers "
+                            "until a new version is trained.",
+    "memory_unavailable": "Your memories could not be searched for this answer; it was answered without them.",
     "question_edited": "Question edited: answering it again (the earlier version stays in your history).",
     "correction_saved": "Correction saved: Attune will learn from it.",
     "deleted": "Conversation deleted.",
@@ -214,6 +219,10 @@ ZH = {
     "busy": "回答还在生成中：请稍候，或点击“停止”。",
     "truncated": "你的消息超出了模型的上下文长度：中间部分未提供给模型（完整消息已保存）。",
     "dropped": "为适应模型的上下文长度，本对话较早的内容未提供给模型。",
+    "adapter_damaged": "你的个人版本 {v} 在磁盘上已损坏，因此由版本 {now} 回答，之后也由它回答。"
+                       "请训练一个新版本来替换它。",
+    "adapter_damaged_base": "你的个人版本 {v} 在磁盘上已损坏，因此由基础模型回答，直到训练出新版本。",
+    "memory_unavailable": "这次回答时无法检索你的记忆，因此回答未使用记忆。",
     "question_edited": "问题已修改：正在重新回答（之前的版本保留在你的历史记录中）。",
     "correction_saved": "更正已保存：Attune 会从中学习。",
     "deleted": "对话已删除。",

@@ -61,6 +61,8 @@ EN_PERSONAL = {
     "v_kept": "**Version {v} — kept, you can switch back to it** ({date}).",
     "v_not_used": "**Version {v} — not used** ({date}):",
     "v_deleted": "**Version {v} — deleted** ({date}): older versions are cleaned up.",
+    "v_damaged": "**Version {v} — damaged** ({date}): its files on disk were found damaged, so it is no longer "
+                 "used; the version before it (or the base model) took over.",
     "learned_from": "Learned from {what}.",
     "n_answers": "{n} of your answers",
     "n_answers_1": "1 of your answers",
@@ -180,6 +182,7 @@ ZH_PERSONAL = {
     "v_kept": "**版本 {v} — 已保留，可以切换回去**（{date}）。",
     "v_not_used": "**版本 {v} — 未启用**（{date}）：",
     "v_deleted": "**版本 {v} — 已删除**（{date}）：较旧的版本会被清理。",
+    "v_damaged": "**版本 {v} — 已损坏**（{date}）：它在磁盘上的文件已损坏，不再使用；由之前的版本（或基础模型）接替。",
     "learned_from": "学习自{what}。",
     "n_answers": "你的 {n} 条回答",
     "n_answers_1": "你的 1 条回答",

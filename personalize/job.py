@@ -15,6 +15,7 @@ the staging folder is swept by the next job or by ``personalize.runner.fail_stal
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from personalize.errors import TrainingError
 from personalize.train import attach_adapter, attention, load_base, resolve, train
 from storage.adapters import staging_dir
 from storage.db import Store
-from storage.errors import AttuneError
+from storage.errors import AttuneError, StorageError
 from storage.paths import remove_tree
 
 log = logging.getLogger("attune.personalize")
@@ -166,22 +167,18 @@ def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateRe
             phases: _Phases, new: list, cfg: TrainConfig, base_dir: Path) -> dict:
     """Publish the trained adapter (then keep its new examples in the replay reservoir) or record the
     rejection; finish the job row. Returns the job's result. A published version also gets its GGUF for the
-    llama.cpp engine when llama.cpp's converter is installed (assistant.gguf_lora)."""
+    llama.cpp engine when llama.cpp's converter is installed (assistant.gguf_lora). A disk that fills up while
+    publishing fails the job with a ``StorageError`` that says so; nothing half-written stays (:func:`_publish`)."""
     base_id, parent = metrics["base_model"], metrics["continued_from"]
     with phases("publishing" if verdict.passed else "recording the rejection"):
         if verdict.passed:
-            staging = staging_dir(store, user_id, job_id)
-            remove_tree(staging)
+            version = _publish(store, job_id, user_id, model, verdict, metrics, phases, cfg, base_dir)
             try:
-                model.save_pretrained(str(staging))
-                _to_gguf(staging, base_dir, phases)
-                metrics["timings"] = phases.total()
-                version = store.adapters.publish(user_id, staging, base_model=base_id, metrics=metrics,
-                                                 gate_reason=verdict.reason, parent_version=parent, job_id=job_id,
-                                                 keep=cfg.keep_versions)
-            finally:
-                remove_tree(staging)
-            replay.remember(store, user_id, new, cfg)
+                replay.remember(store, user_id, new, cfg)
+            except Exception as e:  # the version is published; the reservoir only misses this run's examples
+                if not _disk_full(e):
+                    raise
+                log.warning("v%s is published, but its examples were not kept for replay: %s", version, e)
         else:
             metrics["timings"] = phases.total()
             version = store.adapters.reject(user_id, base_model=base_id, metrics=metrics,
@@ -191,6 +188,62 @@ def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateRe
               "job_id": job_id}
     store.jobs.finish(job_id, "published" if verdict.passed else "rejected", result)
     return result
+
+
+def _publish(store: Store, job_id: int, user_id: int, model, verdict: gate.GateResult, metrics: dict,
+             phases: _Phases, cfg: TrainConfig, base_dir: Path) -> int:
+    """Save the adapter into the job's staging folder and publish it as the user's next version; returns it.
+    Nothing half-written outlives a failure: staging is removed, a folder renamed to ``v<N>`` whose row never
+    committed is removed by ``Adapters.publish``, and the active version stays. A full disk (or one refusing the
+    write) is a ``StorageError`` that says so and what to do."""
+    staging = staging_dir(store, user_id, job_id)
+    remove_tree(staging)
+    try:
+        model.save_pretrained(str(staging))
+        _to_gguf(staging, base_dir, phases)
+        metrics["timings"] = phases.total()
+        return store.adapters.publish(user_id, staging, base_model=metrics["base_model"], metrics=metrics,
+                                      gate_reason=verdict.reason, parent_version=metrics["continued_from"],
+                                      job_id=job_id, keep=cfg.keep_versions)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        mine = [v["version"] for v in store.adapters.list(user_id)
+                if v["job_id"] == job_id and v["status"] == "published"]
+        if mine:  # committed: only pruning older versions failed after it (the next publish prunes them)
+            log.warning("v%s is published, but older versions were not pruned: %s", mine[0], e)
+            return mine[0]
+        active = store.adapters.active_version(user_id)
+        raise StorageError(
+            f"The disk is full (or refused the write: {_first_line(e)}), so the new version could not be saved. "
+            f"Nothing was published and the half-written files were removed; "
+            f"{f'version {active}' if active else 'the base model'} still answers. Free space under "
+            f"{store.data_dir.root} and train again.") from e
+    finally:
+        remove_tree(staging)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_WORDS = ("no space left", "disk is full", "quota exceeded", "file too large", "os error 28",
+                    "os error 27", "os error 122")
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or what caused it is the disk refusing a write (full, over quota, over a file size limit).
+    safetensors and SQLite raise their own exception types for it, with the OS's words in the message."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(w in str(e).lower() for w in _DISK_FULL_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _to_gguf(staging: Path, base_dir: Path, phases: _Phases) -> None:

@@ -4,8 +4,10 @@ rollback and pruning.
 Layout: ``adapters/u<id>/v<N>/`` holds a peft adapter plus ``metrics.json``; the active version is
 the ``active_adapters`` row, switched in the same SQLite transaction that records the version.
 Every candidate that reached the gate gets a version number; rejected ones keep their metrics in
-SQLite and have no folder. Training writes into ``adapters/u<id>/.staging-j<job>``, which is never
-a version until :meth:`Adapters.publish` renames it. Knows nothing of torch or peft.
+SQLite and have no folder. A published version whose files serving found damaged is marked ``damaged``
+(:meth:`Adapters.mark_damaged`): never served or made active again; its folder is swept like an orphan's.
+Training writes into ``adapters/u<id>/.staging-j<job>``, which is never a version until :meth:`Adapters.publish`
+renames it (a publish that fails after the rename removes the folder again). Knows nothing of torch or peft.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remov
 if TYPE_CHECKING:
     from storage.db import Store
 
-STATUSES = ("published", "rejected", "pruned")
+STATUSES = ("published", "rejected", "pruned", "damaged")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -92,24 +94,32 @@ class Adapters:
         if not staging.is_dir() or not any(staging.iterdir()):
             raise StorageError(f"{staging} is missing or empty; the adapter was not saved. Run the job again.")
         user_dir = self.store.data_dir.adapters(user_id)
-        with self.store.write() as db:
-            if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
-                raise NotFound(f"User {user_id} no longer exists (forgotten while training); nothing was published.")
-            version = self.next_version(user_id)
-            final = user_dir / f"v{version}"
-            if final.exists():  # left by a crash between rename and COMMIT: no row points at it
-                remove_tree(final)
-            now = utcnow()
-            record = {"user_id": user_id, "version": version, "base_model": base_model, "status": "published",
-                      "parent_version": parent_version, "job_id": job_id, "metrics": metrics,
-                      "gate_reason": gate_reason, "created_at": now}
-            atomic_write_bytes(staging / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
-            publish_dir(staging, final)
-            db["adapter_versions"].insert({**record, "metrics": json.dumps(metrics),
-                                           "path": str(final.relative_to(self.store.data_dir.root))})
-            db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
-                       "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, "
-                       "updated_at = excluded.updated_at", [user_id, version, now])
+        renamed: Path | None = None
+        try:
+            with self.store.write() as db:
+                if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
+                    raise NotFound(f"User {user_id} no longer exists (forgotten while training); nothing was "
+                                   "published.")
+                version = self.next_version(user_id)
+                final = user_dir / f"v{version}"
+                if final.exists():  # left by a crash between rename and COMMIT: no row points at it
+                    remove_tree(final)
+                now = utcnow()
+                record = {"user_id": user_id, "version": version, "base_model": base_model, "status": "published",
+                          "parent_version": parent_version, "job_id": job_id, "metrics": metrics,
+                          "gate_reason": gate_reason, "created_at": now}
+                atomic_write_bytes(staging / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
+                publish_dir(staging, final)
+                renamed = final
+                db["adapter_versions"].insert({**record, "metrics": json.dumps(metrics),
+                                               "path": str(final.relative_to(self.store.data_dir.root))})
+                db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
+                           "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, "
+                           "updated_at = excluded.updated_at", [user_id, version, now])
+        except BaseException:
+            if renamed is not None:  # renamed but never committed (e.g. the disk filled up): no half version stays
+                remove_tree(renamed)
+            raise
         if keep is not None:
             self.prune(user_id, keep)
         return version
@@ -129,6 +139,9 @@ class Adapters:
         """Point the user at a published version whose folder exists, or at the base model (None)."""
         if version is not None:
             row = self.get(user_id, version)
+            if row["status"] == "damaged":
+                raise InputError(f"Version {row['version']} is damaged ({row['damage']}) and cannot be served; roll "
+                                 f"back to another version or train a new one. List them with: {CLI} adapters NAME")
             if row["status"] != "published":
                 raise InputError(f"Version {row['version']} is {row['status']}; only published versions can be "
                                  f"made active. List them with: {CLI} adapters NAME")
@@ -140,6 +153,22 @@ class Adapters:
             db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
                        "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, "
                        "updated_at = excluded.updated_at", [user_id, version, utcnow()])
+
+    def mark_damaged(self, user_id: int, version: int, damage: str, fallback: int | None) -> int | None:
+        """Mark a published version ``damaged`` (``damage`` says what is wrong with its files) and, if it is still
+        the user's active version, serve ``fallback`` instead (a published version; None: the base model), in one
+        transaction. Returns the active version after it; calling it again for the same version changes nothing
+        (two turns that found the same damage at once agree)."""
+        with self.store.write() as db:
+            db.execute("UPDATE adapter_versions SET status = 'damaged', damage = ? WHERE user_id = ? AND version = ? "
+                       "AND status = 'published'", [damage, user_id, version])
+            if fallback is not None and not db.execute(
+                    "SELECT 1 FROM adapter_versions WHERE user_id = ? AND version = ? AND status = 'published'",
+                    [user_id, fallback]).fetchone():
+                fallback = None
+            db.execute("UPDATE active_adapters SET version = ?, updated_at = ? WHERE user_id = ? AND version = ?",
+                       [fallback, utcnow(), user_id, version])
+        return self.active_version(user_id)
 
     def rollback(self, user_id: int, version: Any) -> dict:
         """Make an older (or newer) published version active again; returns its row."""

@@ -294,3 +294,36 @@ def m009_auth_failures(db: Database) -> None:
         CREATE INDEX idx_auth_failures_address ON auth_failures(kind, address, at)
         """,
     )
+
+
+@migrations()
+def m010_damaged_adapter_versions(db: Database) -> None:
+    """A published version whose files turn out damaged (truncated, garbage) is marked ``damaged``, with what
+    was wrong in ``damage``: it is never served or made active again, and serving falls back to an older
+    version (``assistant.adapters.fall_back``). SQLite cannot alter a CHECK, so the table is rebuilt."""
+    _run(
+        db,
+        """
+        CREATE TABLE adapter_versions_new (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            path TEXT,
+            base_model TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('published', 'rejected', 'pruned', 'damaged')),
+            parent_version INTEGER,
+            job_id INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            gate_reason TEXT,
+            created_at TEXT NOT NULL,
+            damage TEXT,
+            UNIQUE (user_id, version)
+        );
+        INSERT INTO adapter_versions_new (id, user_id, version, path, base_model, status, parent_version, job_id,
+                                          metrics, gate_reason, created_at)
+            SELECT id, user_id, version, path, base_model, status, parent_version, job_id, metrics, gate_reason,
+                   created_at FROM adapter_versions;
+        DROP TABLE adapter_versions;
+        ALTER TABLE adapter_versions_new RENAME TO adapter_versions
+        """,
+    )

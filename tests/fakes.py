@@ -125,14 +125,29 @@ class FakeBackend(ChatBackend):
 
 
 def activate_version(store, user_id: int, version: int) -> None:
-    """Record a published adapter version and make it the user's active one, as training leaves it
-    (rows only: the fake backend loads no weights)."""
+    """Record a published adapter version and make it the user's active one, as training leaves it: its row and
+    a stand-in folder whose files are whole (ChatEngine checks them; the fake backend loads no weights)."""
     from storage.common import utcnow
 
     path = store.data_dir.adapters(user_id) / f"v{version}"
+    write_stand_in_adapter(path)
     with store.write() as db:
         db["adapter_versions"].insert({"user_id": user_id, "version": version, "base_model": "fake",
                                        "path": str(path.relative_to(store.data_dir.root)), "status": "published",
                                        "created_at": utcnow()})
         db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) ON CONFLICT(user_id) "
                    "DO UPDATE SET version = excluded.version", [user_id, version, utcnow()])
+
+
+def write_stand_in_adapter(path) -> None:
+    """A peft adapter folder whose files pass Attune's checks (a config and a one-tensor safetensors file) but
+    hold no real weights: for the fake backend, which never loads them."""
+    import json
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "target_modules": ["q"]}))
+    header = json.dumps({"stand_in": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
