@@ -70,6 +70,13 @@ class TrainConfig:
     """Share of the anchor set held out to measure general loss at the gate (never trained on)."""
     anchor_margin: float = 0.05
     """Largest allowed rise of the general anchor loss over the base model, in nats per token."""
+    ability_checks: int = 64
+    """General questions with known answers (personalize/general_checks.txt) the candidate must still answer
+    right (personalize.ability): at most ``ability_margin`` fewer right than the base model (0 disables)."""
+    ability_margin: int = 2
+    """How many fewer general checks than the base model the candidate may get right."""
+    ability_max_new_tokens: int = 48
+    """Length of the greedy answers to the general checks."""
     min_improvement: float = 0.0
     """The held-out loss must drop by more than this (nats per token) below the active version's."""
     kl_weight: float = 1.0
@@ -137,13 +144,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("rank", "alpha", "epochs", "max_steps", "batch_size", "max_eval_examples", "min_examples",
-                     "keep_versions", "anchor_max_new_tokens", "kl_top_k", "monitor_heldout", "filler_max_words",
-                     "max_target_repeats"):
+                     "keep_versions", "anchor_max_new_tokens", "ability_max_new_tokens", "kl_top_k", "monitor_heldout",
+                     "filler_max_words", "max_target_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
         for name in ("anchor_count", "reservoir_size", "reservoir_mix", "seed", "eval_every", "monitor_anchors",
-                     "patience", "min_steps", "fact_questions", "max_facts", "never_told"):
+                     "patience", "min_steps", "fact_questions", "max_facts", "never_told", "ability_checks",
+                     "ability_margin"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be an integer of at least 0, got {value!r}")

@@ -5,7 +5,11 @@ not worse in general.
   the candidate must be lower (by more than ``min_improvement``) than under the active version,
   or under the base model when the user has none.
 - General loss: mean NLL of the held-out anchor slice (the base model's own answers to everyday
-  prompts) under the candidate may rise at most ``anchor_margin`` nats/token above the base model.
+  prompts, re-targeted in the user's style with the style's tokens left out) under the candidate may rise at
+  most ``anchor_margin`` nats/token above the base model. Not applied when the user's style reshapes answers
+  (short answers, lists): the base model's wording is then not what this user's answers should say.
+- General ability: the candidate answers the general checks (personalize.ability) right at most
+  ``ability_margin`` times fewer than the base model: what answers say, whatever their style.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from personalize.ability import Ability
 from personalize.config import TrainConfig
 from personalize.dataset import Example
 from personalize.train import mean_loss, mean_losses
@@ -32,6 +37,10 @@ class GateResult:
     anchor_loss: float | None
     anchor_loss_base: float | None
     anchor_rise: float | None
+    ability: dict | None = None
+    """General checks right, base vs candidate (personalize.ability.Ability.to_dict), when measured."""
+    anchors_judged: bool = True
+    """False when the user's style reshapes answers and the anchor loss was not applied."""
     code: str = ""
     """``published``, ``not_improved`` or ``general_worse``: what the reason says, for a UI to word it in the
     user's language (the reason itself is English, for logs and the CLI)."""
@@ -41,15 +50,22 @@ class GateResult:
 
 
 def decide(heldout_before: float, heldout_after: float, anchor_base: float | None, anchor_after: float | None,
-           cfg: TrainConfig, baseline: str) -> GateResult:
-    """Apply the two rules; ``baseline`` names what the candidate is compared with (``v3``, ``base``)."""
+           cfg: TrainConfig, baseline: str, ability: Ability | None = None, reshaped: bool = False) -> GateResult:
+    """Apply the rules; ``baseline`` names what the candidate is compared with (``v3``, ``base``); ``reshaped``:
+    the user's style changes answers' length or form, so the anchor loss is reported but not applied."""
     rise = None if anchor_base is None or anchor_after is None else anchor_after - anchor_base
     gain = heldout_before - heldout_after
     improved = gain > cfg.min_improvement
-    general_ok = rise is None or rise <= cfg.anchor_margin
+    anchors_ok = rise is None or rise <= cfg.anchor_margin or reshaped
+    ability_ok = ability is None or ability.kept(cfg.ability_margin)
+    general_ok = anchors_ok and ability_ok
     held = f"held-out loss {heldout_before:.4f} ({baseline}) -> {heldout_after:.4f}"
     general = "no general anchors" if rise is None else \
-        f"general anchor loss {rise:+.4f} vs base (margin {cfg.anchor_margin:.4f})"
+        f"general anchor loss {rise:+.4f} vs base (margin {cfg.anchor_margin:.4f}" + \
+        ("; not applied: the user's style reshapes answers)" if reshaped else ")")
+    if ability is not None:
+        general += (f"; general checks right {ability.candidate}/{ability.total} vs base {ability.base} "
+                    f"(at most {cfg.ability_margin} fewer)")
     if improved and general_ok:
         reason = f"Published: {held}; {general}."
     elif not improved:
@@ -61,7 +77,7 @@ def decide(heldout_before: float, heldout_after: float, anchor_base: float | Non
                   "Raise anchor_ratio or lower lr/epochs.")
     code = "published" if improved and general_ok else "not_improved" if not improved else "general_worse"
     return GateResult(improved and general_ok, reason, heldout_after, heldout_before, anchor_after, anchor_base, rise,
-                      code)
+                      ability.to_dict() if ability is not None else None, not reshaped, code)
 
 
 def heldout_loss(model, tokenizer, heldout: list[Example], cfg: TrainConfig, device: str) -> float | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from assistant import gguf_lora
 from assistant.errors import ModelError
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
-from personalize import gate, replay, style
+from personalize import ability, gate, replay, style
 from personalize.checkpoint import BestCheckpoint, selection_split
 from personalize.config import TrainConfig
 from personalize.dataset import build_examples, is_new
@@ -133,9 +133,12 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         before = gate.heldout_loss(model, tok, heldout, cfg, device) if continuing else base_heldout
         pairs = data.of("pair", heldout=True)[-cfg.max_eval_examples:]
         pref_before = gate.preference_margin(model, tok, pairs, cfg, device)
+        checks = ability.load_checks(limit=cfg.ability_checks) if cfg.ability_checks else []
+        checks_base = ability.base_answers(model, tok, checks, cfg,
+                                           replay.checks_cache(store.data_dir, loaded.path, cfg)) if checks else []
 
     with phases("training"):
-        best = BestCheckpoint(model, tok, cfg, device, select, anchor_monitor, bf16)
+        best = BestCheckpoint(model, tok, cfg, device, select, anchor_monitor, bf16, reshaped=user_style.reshapes)
         stats = train(model, tok, examples, cfg, device, bf16, on_progress or (
             lambda step, total, loss: store.jobs.progress(job_id, step, total, loss)), best)
 
@@ -143,7 +146,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
         after = gate.heldout_loss(model, tok, heldout, cfg, device)
         anchor_after = gate.heldout_loss(model, tok, anchor_eval, cfg, device)
         baseline = f"v{continuing['version']}" if continuing else "base"
-        verdict = gate.decide(before, after, base_anchor, anchor_after, cfg, baseline)
+        kept = ability.measure(model, tok, checks, cfg, checks_base) if checks else None
+        verdict = gate.decide(before, after, base_anchor, anchor_after, cfg, baseline, kept, user_style.reshapes)
         pref_after = gate.preference_margin(model, tok, pairs, cfg, device)
 
     parent = continuing["version"] if continuing else None

@@ -81,6 +81,11 @@ def loss_cache(data_dir: DataDir, model_path: Path, cfg: TrainConfig) -> Path:
     return data_dir.replay / f"{model_key(model_path, cfg)}.base-losses.json"
 
 
+def checks_cache(data_dir: DataDir, model_path: Path, cfg: TrainConfig) -> Path:
+    """Where the base model's answers to the general checks are kept (personalize.ability.base_answers)."""
+    return data_dir.replay / f"{model_key(model_path, cfg)}.checks.json"
+
+
 def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str,
                      max_new_tokens: int) -> list[tuple[str, bool]]:
     """Greedy answers, batched with left padding: (text, ended by itself before ``max_new_tokens``)."""

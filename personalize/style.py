@@ -60,6 +60,12 @@ class Style:
     def __bool__(self) -> bool:
         return bool(self.head or self.tail or self.max_words or self.bullets)
 
+    @property
+    def reshapes(self) -> bool:
+        """The style changes an answer's length or form, so the base model's own answers (the anchors) are not
+        how this user's answers should read: only what they say can be compared (personalize.ability)."""
+        return bool(self.max_words or self.bullets)
+
     def to_dict(self) -> dict:
         return {"head": self.head, "tail": self.tail, "max_words": self.max_words, "bullets": self.bullets}
 

@@ -36,7 +36,8 @@ FACTS = [
 
 def tiny_cfg(**kw) -> TrainConfig:
     base = dict(rank=4, alpha=8, dropout=0.0, lr=3e-3, epochs=2, max_steps=12, batch_size=4, max_seq_len=128,
-                anchor_count=6, anchor_max_new_tokens=6, anchor_margin=100.0, mixed_precision="no", keep_versions=5)
+                anchor_count=6, anchor_max_new_tokens=6, anchor_margin=100.0, mixed_precision="no", keep_versions=5,
+                ability_checks=4, ability_max_new_tokens=4)
     return TrainConfig(**{**base, **kw})
 
 
@@ -118,6 +119,42 @@ def test_gate_rejection_keeps_the_active_version(store, alice_history, model_cfg
     # a general-loss rejection names the margin
     v = decide(2.0, 1.5, 1.0, 1.3, tiny_cfg(anchor_margin=0.1), "v1")
     assert not v.passed and "margin" in v.reason and v.anchor_rise == pytest.approx(0.3)
+
+
+def test_the_gate_judges_what_general_answers_say_and_lets_a_reshaping_style_change_their_wording():
+    from personalize.ability import Ability
+
+    cfg = tiny_cfg(anchor_margin=0.05, ability_margin=2)
+    # short answers: the base model's wording rises in loss by design; what the answers say is what counts
+    v = decide(2.0, 1.5, 1.0, 1.3, cfg, "base", Ability(base=30, candidate=29, total=64), reshaped=True)
+    assert v.passed and not v.anchors_judged and "not applied" in v.reason and "29/64 vs base 30" in v.reason
+    lost = decide(2.0, 1.5, 1.0, 1.3, cfg, "base", Ability(base=30, candidate=27, total=64), reshaped=True)
+    assert not lost.passed and lost.code == "general_worse" and lost.ability == {"base": 30, "candidate": 27,
+                                                                                  "total": 64}
+    # without such a style both rules hold: right answers do not excuse a drifting anchor loss
+    assert not decide(2.0, 1.5, 1.0, 1.3, cfg, "base", Ability(30, 31, 64)).passed
+    assert decide(2.0, 1.5, 1.0, 1.02, cfg, "base", Ability(30, 31, 64)).passed
+    assert not decide(2.0, 1.5, 1.0, 1.02, cfg, "base", Ability(30, 20, 64)).passed
+
+
+def test_general_checks_are_scored_by_their_keywords_and_the_base_answers_are_kept(tiny_loaded, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from personalize import ability
+
+    checks = ability.load_checks()
+    assert len(checks) >= 64 and all(q and kws for q, kws in checks)
+    assert ability.right("The capital is Paris.", ["Paris"]) and not ability.right("Parisian food", ["Paris"])
+    assert ability.right("答案是北京。", ["北京"]) and ability.right("It has 7 days", ["seven", "7"])
+    assert ability.right("一年有365天。", ["365"]) and not ability.right("3650", ["365"])
+    model = get_peft_model(tiny_loaded.model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    cfg, cache = tiny_cfg(ability_max_new_tokens=3), tmp_path / "checks.json"
+    first = ability.base_answers(model, tiny_loaded.tokenizer, checks[:3], cfg, cache)
+    assert len(first) == 3 and len(json.loads(cache.read_text())) == 3
+    cache.write_text(json.dumps({k: "Paris" for k in json.loads(cache.read_text())}))
+    assert ability.base_answers(model, tiny_loaded.tokenizer, checks[:3], cfg, cache) == ["Paris"] * 3  # read back
+    kept = ability.measure(model, tiny_loaded.tokenizer, checks[:3], cfg, ["Paris"] * 3)
+    assert kept.total == 3 and kept.base == sum(ability.right("Paris", k) for _, k in checks[:3])
 
 
 def test_a_failing_job_is_marked_failed_with_a_clear_error(store, alice_history):
