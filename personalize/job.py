@@ -31,6 +31,7 @@ from pathlib import Path
 
 from assistant import gguf_lora
 from assistant.errors import ModelError
+from assistant.file_checks import adapter_problem
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
 from personalize import ability, gate, replay, style
 from personalize.checkpoint import BestCheckpoint, selection_split
@@ -102,9 +103,10 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
 
     with phases("loading model", "load_s"):
         base_id = base_model_id(resolve_model_dir(model_cfg.model, store.data_dir))
-        # Continue from the active adapter if it belongs to this base model and is on disk; else start afresh.
+        # Continue from the active adapter if it belongs to this base model and its files are whole
+        # (assistant.file_checks); else start afresh.
         continuing = active if active and active.get("base_model") == base_id and active.get("path") and \
-            (Path(active["path"]) / "adapter_config.json").is_file() else None
+            adapter_problem(Path(active["path"])) is None else None
         watermark = continuing["metrics"].get("watermark") if continuing else None
         if continuing and not any(is_new(e, watermark) for e in user_train):
             return _skip(store, job_id, "nothing_new",

@@ -102,6 +102,15 @@ def test_job_publishes_a_version_and_points_active_at_it(store, alice_history, m
     assert len(list(store.data_dir.replay.glob("*.jsonl"))) == 1
 
 
+def test_a_job_does_not_continue_from_a_damaged_active_version(store, alice_history, model_cfg, tmp_path):
+    assert train_now(store, alice_history.id, model_cfg, tiny_cfg())["version"] == 1
+    weights = store.data_dir.adapters(alice_history.id) / "v1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut in half
+    import_history(store, alice_history.id, write_history(tmp_path / "more.jsonl", n=1, offset=10))
+    result = train_now(store, "alice", model_cfg, tiny_cfg())
+    assert result["published"] and result["version"] == 2 and result["metrics"]["continued_from"] is None
+
+
 def test_gate_rejection_keeps_the_active_version(store, alice_history, model_cfg, tmp_path):
     assert train_now(store, alice_history.id, model_cfg, tiny_cfg())["version"] == 1
     again = train_now(store, "alice", model_cfg, tiny_cfg())
