@@ -3,7 +3,8 @@ adapter still answers everyday questions right.
 
 ``general_checks.txt`` (shipped; never trained on, sharing nothing with the anchor prompts or the benchmarks'
 questions) holds questions with the keywords a right answer contains. The base model answers them once per
-base model (greedy, cached beside the anchor set); a candidate answers them after training. An answer is right
+base model (greedy, at the repetition penalty serving uses: answers decoded otherwise are not the answers users
+get; cached beside the anchor set); a candidate answers them after training. An answer is right
 when it contains one of its keywords (a whole word in any case; Chinese anywhere), so an answer that is
 shorter, a list, or opens with the user's greeting counts as right as long as it says the right thing: a
 style the user taught does not look like forgetting, and forgetting shows as answers that stop being right.
@@ -12,6 +13,7 @@ style the user taught does not look like forgetting, and forgetting shows as ans
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +26,25 @@ CHECKS_FILE = Path(__file__).with_name("general_checks.txt")
 
 @dataclass
 class Ability:
-    """How many general checks the base model and the candidate got right, of ``total``."""
+    """How many general checks the base model and the candidate got right, of ``total``; ``lost``: right for the
+    base model and wrong for the candidate, ``gained``: the other way round."""
 
     base: int
     candidate: int
     total: int
+    lost: int = 0
+    gained: int = 0
 
-    def kept(self, margin: int) -> bool:
-        """The candidate is right at most ``margin`` times fewer than the base model."""
-        return self.candidate >= self.base - margin
+    def kept(self, margin: int, z: float) -> bool:
+        """Not worse than the base model beyond chance: at most ``margin`` more checks lost than gained, or a
+        difference McNemar's test does not tell from noise (one-sided, ``lost - gained <= z * sqrt(lost +
+        gained)``; a 135M model flips many greedy answers either way after any training)."""
+        diff = self.lost - self.gained
+        return diff <= margin or diff <= z * math.sqrt(self.lost + self.gained)
 
     def to_dict(self) -> dict:
-        return {"base": self.base, "candidate": self.candidate, "total": self.total}
+        return {"base": self.base, "candidate": self.candidate, "total": self.total, "lost": self.lost,
+                "gained": self.gained}
 
 
 def load_checks(path: Path = CHECKS_FILE, limit: int | None = None) -> list[tuple[str, list[str]]]:
@@ -66,7 +75,7 @@ def answers(model, tokenizer, checks: list[tuple[str, list[str]]], cfg: TrainCon
     from personalize.replay import generate_answers
 
     return [a for a, _ in generate_answers(model, tokenizer, [q for q, _ in checks], cfg.system_prompt,
-                                           cfg.ability_max_new_tokens)]
+                                           cfg.ability_max_new_tokens, cfg.ability_repetition_penalty)]
 
 
 def base_answers(model, tokenizer, checks: list[tuple[str, list[str]]], cfg: TrainConfig,
@@ -74,7 +83,7 @@ def base_answers(model, tokenizer, checks: list[tuple[str, list[str]]], cfg: Tra
     """The base model's answers (``model`` with its adapter disabled), read from / added to ``cache``: the same
     for every user and job of one base model."""
     stored = json.loads(cache.read_text(encoding="utf-8")) if cache is not None and cache.is_file() else {}
-    key = f"{cfg.ability_max_new_tokens}|{cfg.system_prompt}|"
+    key = f"{cfg.ability_max_new_tokens}|{cfg.ability_repetition_penalty}|{cfg.system_prompt}|"
     todo = [c for c in checks if key + c[0] not in stored]
     if todo:
         with model.disable_adapter():
@@ -88,5 +97,7 @@ def base_answers(model, tokenizer, checks: list[tuple[str, list[str]]], cfg: Tra
 def measure(model, tokenizer, checks: list[tuple[str, list[str]]], cfg: TrainConfig, base: list[str]) -> Ability:
     """The candidate (``model`` with its adapter on) against the base model's ``base`` answers."""
     mine = answers(model, tokenizer, checks, cfg)
-    return Ability(sum(right(a, k) for a, (_, k) in zip(base, checks, strict=True)),
-                   sum(right(a, k) for a, (_, k) in zip(mine, checks, strict=True)), len(checks))
+    was = [right(a, k) for a, (_, k) in zip(base, checks, strict=True)]
+    now = [right(a, k) for a, (_, k) in zip(mine, checks, strict=True)]
+    return Ability(sum(was), sum(now), len(checks), sum(w and not n for w, n in zip(was, now, strict=True)),
+                   sum(n and not w for w, n in zip(was, now, strict=True)))

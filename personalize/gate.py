@@ -8,8 +8,9 @@ not worse in general.
   prompts, re-targeted in the user's style with the style's tokens left out) under the candidate may rise at
   most ``anchor_margin`` nats/token above the base model. Not applied when the user's style reshapes answers
   (short answers, lists): the base model's wording is then not what this user's answers should say.
-- General ability: the candidate answers the general checks (personalize.ability) right at most
-  ``ability_margin`` times fewer than the base model: what answers say, whatever their style.
+- General ability: of the general checks (personalize.ability), the candidate may get at most
+  ``ability_margin`` more wrong that the base model got right than the other way round, or a difference
+  within chance (McNemar, ``ability_z``): what answers say, whatever their style.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def decide(heldout_before: float, heldout_after: float, anchor_base: float | Non
     gain = heldout_before - heldout_after
     improved = gain > cfg.min_improvement
     anchors_ok = rise is None or rise <= cfg.anchor_margin or reshaped
-    ability_ok = ability is None or ability.kept(cfg.ability_margin)
+    ability_ok = ability is None or ability.kept(cfg.ability_margin, cfg.ability_z)
     general_ok = anchors_ok and ability_ok
     held = f"held-out loss {heldout_before:.4f} ({baseline}) -> {heldout_after:.4f}"
     general = "no general anchors" if rise is None else \
@@ -65,7 +66,8 @@ def decide(heldout_before: float, heldout_after: float, anchor_base: float | Non
         ("; not applied: the user's style reshapes answers)" if reshaped else ")")
     if ability is not None:
         general += (f"; general checks right {ability.candidate}/{ability.total} vs base {ability.base} "
-                    f"(at most {cfg.ability_margin} fewer)")
+                    f"({ability.lost} lost, {ability.gained} gained; at most {cfg.ability_margin} more lost, or "
+                    "within chance)")
     if improved and general_ok:
         reason = f"Published: {held}; {general}."
     elif not improved:

@@ -87,7 +87,7 @@ def checks_cache(data_dir: DataDir, model_path: Path, cfg: TrainConfig) -> Path:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str,
-                     max_new_tokens: int) -> list[tuple[str, bool]]:
+                     max_new_tokens: int, repetition_penalty: float = 1.0) -> list[tuple[str, bool]]:
     """Greedy answers, batched with left padding: (text, ended by itself before ``max_new_tokens``)."""
     import torch
 
@@ -102,7 +102,8 @@ def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str,
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                     repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row))
     finally:
