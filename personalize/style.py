@@ -148,7 +148,7 @@ def _words(text: str) -> list[str]:
 def _heads(text: str) -> set[str]:
     words = _words(text)
     return {" ".join(words[:n]) for n in range(1, min(MAX_WORDS, len(words) - 1) + 1)
-            if _HEAD_END.search(words[n - 1])}
+            if _HEAD_END.search(words[n - 1]) and not _BULLET.match(" ".join(words[:n]) + " ")}
 
 
 def _tails(text: str) -> set[str]:
@@ -177,8 +177,10 @@ def _max_words(pairs: list[tuple[str, str]], need: float) -> int:
 
 
 def _bullets(pairs: list[tuple[str, str]], need: float) -> bool:
-    """Enough corrections turned prose answers into lists."""
-    return sum(is_list(c) and not is_list(o) for o, c in pairs) >= need
+    """Enough corrections are bullet lists, and clearly more of them than of the answers they replaced (the
+    base model writes numbered lists of its own; a user who wants lists asks for them everywhere)."""
+    lists = sum(is_list(c) for _, c in pairs)
+    return lists >= need and lists - sum(is_list(o) for o, _ in pairs) >= MIN_SHARE * len(pairs) / 2
 
 
 def detect(pairs: list[tuple[str, str]]) -> Style:
@@ -189,8 +191,11 @@ def detect(pairs: list[tuple[str, str]]) -> Style:
     if len(corrections) < MIN_CORRECTIONS:
         return Style()
     need = max(MIN_CORRECTIONS, MIN_SHARE * len(corrections))
+    bullets = _bullets(pairs, need)
+    # list items are terse by nature: a user who wants lists did not ask for short answers
+    prose = [(o, c) for o, c in pairs if not is_list(c)] if bullets else pairs
     return Style(_common(corrections, originals, _heads), _common(corrections, originals, _tails),
-                 _max_words(pairs, need), _bullets(pairs, need))
+                 _max_words(prose, need), bullets)
 
 
 def of_user(examples: list[Example]) -> Style:

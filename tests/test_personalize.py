@@ -559,6 +559,13 @@ def test_short_answers_and_bullet_lists_taught_by_corrections_are_styles_too():
     lists = [("Eat well and sleep. Exercise daily.", "- Eat well\n- Sleep\n- Exercise"),
              ("Mix it. Bake it. Serve it.", "1. Mix\n2. Bake\n3. Serve"), ("Go. Stop.", "* Go\n* Stop")]
     assert detect(lists) == Style(bullets=True)
+    # the base model numbers some of its answers itself; the user's lists are still a style, and their terse
+    # items are not taken for "short answers"
+    numbered = [("1. Research the firm.\n2. Practise answers.\n3. Plan the outfit and the route there.",
+                 "- Research the company\n- Practise\n- Plan your outfit")] + [
+        (f"Prose answer number {w} that goes on for quite a while. It has two sentences and more words.",
+         f"- Point {w}\n- Another point") for w in ("one", "two", "three", "four")]
+    assert detect(numbered) == Style(bullets=True)
     listed = Style(bullets=True).dress(Example(message_id=1, context=[], target="Use 1.5 litres. Boil it! Then wait."))
     assert listed.target == "- Use 1.5 litres.\n- Boil it!\n- Then wait."
     assert [listed.target[a:b] for a, b in listed.style_spans] == ["- ", "\n- ", "\n- "]
