@@ -59,26 +59,28 @@ def test_background_job_publishes_and_the_next_turn_uses_it(loop, browser):
     metrics = json.loads(db_rows(loop, "SELECT metrics FROM adapter_versions WHERE version = 1")[0]["metrics"])
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
 
-    # The "My assistant" tab shows the version and its metrics; roll back to the base model there.
+    # The "My assistant" tab shows the version (its numbers under Details); switch to the base model there.
     page = open_page(browser, loop)
     sign_in(page, "alice", "correct horse")
     page.get_by_role("tab", name="My assistant").click()
-    expect(page.locator("#personal-status")).to_contain_text("your adapter v1", timeout=15_000)
-    expect(page.locator("#versions")).to_contain_text("published")
-    expect(page.locator("#versions")).to_contain_text(f"{metrics['heldout_loss']:.4f}")
-    page.locator("#rollback-version textarea, #rollback-version input").first.fill("base")
-    page.get_by_role("button", name="Roll back").click()
-    expect(page.locator("#personal-msg")).to_contain_text("Now serving the base model", timeout=10_000)
+    expect(page.locator("#personal-status")).to_contain_text("your personal version 1", timeout=15_000)
+    expect(page.locator("#personal-versions")).to_contain_text("Version 1 — in use")
+    page.locator("#personal-details").get_by_text("Details").click()
+    expect(page.locator("#version-details")).to_contain_text(f"{metrics['heldout_loss']:.4f}")
+    page.locator("#rollback-version input").click()
+    page.get_by_role("option", name="the base model (no personal version)").click()
+    page.locator("#rollback-btn").click()
+    expect(page.locator("#personal-msg")).to_contain_text("Now the base model answers you", timeout=10_000)
     assert chat(loop)["system_fingerprint"] == "attune-base"
 
-    # Retrain now starts a job in its own process; the tab follows it to the end.
-    page.get_by_role("button", name="Retrain now").click()
-    expect(page.locator("#personal-msg")).to_contain_text("started", timeout=10_000)
+    # Training a new version starts a job in its own process; the tab follows it to the end.
+    page.locator("#retrain-btn").click()
+    expect(page.locator("#personal-msg")).to_contain_text("Training started", timeout=10_000)
     ui_job = wait_for(lambda: db_rows(loop, "SELECT * FROM jobs WHERE trigger = 'ui'"), what="the UI job")[0]
     done = wait_for(lambda: [j for j in db_rows(loop, "SELECT * FROM jobs WHERE id = ?", [ui_job["id"]])
                              if j["status"] in ("published", "rejected", "failed")], timeout=300, what="job end")[0]
     assert done["status"] in ("published", "rejected"), done["error"]
-    expect(page.locator("#personal-status")).to_contain_text(f"job #{ui_job['id']}", timeout=15_000)
+    expect(page.locator("#personal-job-details")).to_contain_text(f"#{ui_job['id']}", timeout=15_000)
     page.context.close()
 
 
