@@ -38,6 +38,7 @@ def abstained(text: str) -> bool:
 
 def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
     from assistant.engine import ChatConfig
+    from bench.adapter_style import ask
     from bench.general_qa import hits, questions
     from bench.memory_passing import _has, _users, setup
 
@@ -51,14 +52,14 @@ def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
         for cond, (use_adapter, use_memory) in CONDITIONS.items():
             facts = [(uid, p) for uid, u in zip(ids, users, strict=True) for p in u["probes"]
                      if p["kind"] != "correction"]
-            texts = _ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, use_memory, TOKENS)
+            texts = ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, TOKENS, use_memory)
             right = [_has(t, p["keywords"]) and not (p.get("old") and _has(t, p["old"]))
                      for (_, p), t in zip(facts, texts, strict=True)]
             never = [(uid, q) for uid, u in zip(ids, users, strict=True) for q in u["never_told"]]
-            said = _ask(engine, never, use_adapter, use_memory, TOKENS)
+            said = ask(engine, never, use_adapter, TOKENS, use_memory)
             if qa and cond in ("base", "both"):
                 items = [(uid, q, k) for uid in ids for q, k in questions(split)]
-                got = _ask(engine, [(u, q) for u, q, _ in items], use_adapter, use_memory, QA_TOKENS)
+                got = ask(engine, [(u, q) for u, q, _ in items], use_adapter, QA_TOKENS, use_memory)
                 out[f"qa_{cond}"] = [sum(bool(hits(t, k)) for (_, _, k), t in zip(items, got, strict=True)),
                                      len(items), len({q for _, q, _ in items})]
             out[cond] = {"recall": [sum(right), len(right)],
@@ -101,25 +102,6 @@ def _serve(data, store, memory, chat_config):
     loaded = load_model(ModelConfig(model="embedded", quant="auto", device="cpu"), data)
     backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model), BatchConfig(max_batch=16, window_ms=50))
     return backend, _probe_engine()(store, backend, chat_config(defaults=GenerationSettings(temperature=0.0)), memory)
-
-
-def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool, tokens: int) -> list[str]:
-    from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import replace
-
-    from assistant.backend import GenerationSettings
-
-    settings = replace(GenerationSettings(), temperature=0.0, max_new_tokens=tokens)
-
-    def one(item):
-        turn = None
-        for turn in engine.send(item[0], None, item[1], settings, source="api", use_adapter=use_adapter,
-                                use_memory=use_memory):
-            pass
-        return turn.text
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(one, items))
 
 
 def run(quick: bool = False, splits: tuple[str, ...] = ("dev", "test"), train: dict | None = None,

@@ -64,7 +64,9 @@ def _engine(data, store):
     return backend, _probe_engine()(store, backend, ChatConfig(defaults=GenerationSettings(temperature=0.0)))
 
 
-def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int) -> list[str]:
+def ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int, use_memory: bool = False) -> list[str]:
+    """Each (user id, question) in a new conversation, concurrently (the backend batches them), at serving
+    settings but greedy: the answers' texts."""
     from concurrent.futures import ThreadPoolExecutor
 
     settings = _serving(tokens)
@@ -72,7 +74,7 @@ def _ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int) -
     def one(item):
         turn = None
         for turn in engine.send(item[0], None, item[1], settings, source="api", use_adapter=use_adapter,
-                                use_memory=False):
+                                use_memory=use_memory):
             pass
         return turn.text
 
@@ -91,7 +93,7 @@ def _histories(store, data, users: dict) -> None:
     try:
         for uid, u in users.items():
             asked = [q for q, _ in u.corrected] + u.plain
-            answers = _ask(engine, [(asker, q) for q in asked], False, PROBE_TOKENS)
+            answers = ask(engine, [(asker, q) for q in asked], False, PROBE_TOKENS)
             fixes = dict(u.corrected)
             convs = [{"messages": [{"role": "user", "content": q},
                                    {"role": "assistant", "content": a,
@@ -111,9 +113,9 @@ def _measure(engine, users: dict) -> dict:
     out = {}
     for cond, use_adapter in (("base", False), ("adapter", True)):
         probes = [(uid, p) for uid, u in users.items() for p in u.probes]
-        answers = _ask(engine, probes, use_adapter, PROBE_TOKENS)
+        answers = ask(engine, probes, use_adapter, PROBE_TOKENS)
         qa = [(uid, q, k) for uid, u in users.items() for q, k in questions(u.split)[:QA_QUESTIONS]]
-        qa_answers = _ask(engine, [(u, q) for u, q, _ in qa], use_adapter, QA_TOKENS)
+        qa_answers = ask(engine, [(u, q) for u, q, _ in qa], use_adapter, QA_TOKENS)
         for uid, u in users.items():
             mine = [a for (v, _), a in zip(probes, answers, strict=True) if v == uid]
             scored = [bool(hits(a, k)) for (v, _, k), a in zip(qa, qa_answers, strict=True) if v == uid]
@@ -125,25 +127,20 @@ def _measure(engine, users: dict) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    import tempfile
 
     from assistant.model import ModelConfig
-    from bench.common import models_dir
+    from bench.common import fresh_data_dir
     from bench.style_users import style_users
     from personalize.api import train_now
     from personalize.config import TrainConfig
-    from storage import DataDir, Store
+    from storage import Store
 
     all_users = style_users(quick)
     found = overlaps(all_users)
     if found:
         raise RuntimeError("test probes overlap training text: " + "; ".join(found[:5]))
     started = time.perf_counter()
-    data = DataDir(Path(tempfile.mkdtemp(prefix="attune-style-"))).ensure()
-    for name in ("models", "replay"):  # the converted model and the anchor-set cache persist between runs
-        (data.root / name).rmdir()
-        (models_dir() / name).mkdir(parents=True, exist_ok=True)
-        (data.root / name).symlink_to(models_dir() / name)
+    data = fresh_data_dir("attune-style-")
     store = Store(data)
     users = {store.users.create(u.name, "correct horse").id: u for u in all_users}
     _histories(store, data, users)

@@ -14,6 +14,21 @@ def models_dir() -> Path:
     return path
 
 
+def fresh_data_dir(prefix: str):
+    """A new data dir under the system temp folder whose converted models and anchor-set caches are the bench's
+    persistent ones (linked), so a run neither reconverts the model nor answers the anchor prompts again."""
+    import tempfile
+
+    from storage import DataDir
+
+    data = DataDir(Path(tempfile.mkdtemp(prefix=prefix))).ensure()
+    for name in ("models", "replay"):
+        (data.root / name).rmdir()
+        (models_dir() / name).mkdir(parents=True, exist_ok=True)
+        (data.root / name).symlink_to(models_dir() / name)
+    return data
+
+
 def run_section(name: str, quick: bool) -> dict:
     """``bench.<name>.run(quick)`` (a module-level function so a spawned process can call it)."""
     return importlib.import_module(f"bench.{name}").run(quick=quick)

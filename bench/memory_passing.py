@@ -17,9 +17,7 @@ with ``MemoryConfig()`` defaults:
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 ANSWER_TOKENS = 48
 
@@ -34,15 +32,11 @@ def _users(split: str) -> tuple[list[dict], list[str]]:
 def setup(users: list[dict], config=None):
     """A fresh data dir with the users' histories imported and memory built: (data, store, memory, user ids)."""
     from assistant.memory import MemoryConfig, MemoryService
-    from bench.common import models_dir
-    from storage import DataDir, Store
+    from bench.common import fresh_data_dir
+    from storage import Store
     from storage.transfer import import_history
 
-    data = DataDir(Path(tempfile.mkdtemp(prefix="attune-memp-"))).ensure()
-    for name in ("models", "replay"):  # the converted model and the anchor-set cache persist between runs
-        (data.root / name).rmdir()
-        (models_dir() / name).mkdir(parents=True, exist_ok=True)
-        (data.root / name).symlink_to(models_dir() / name)
+    data = fresh_data_dir("attune-memp-")
     store = Store(data)
     memory = MemoryService(store, config or MemoryConfig())
     ids = []

@@ -96,18 +96,13 @@ def _owned(store, user_id: int, memory_ids: list[int]) -> int:
 
 def _setup(quick: bool):
     import json
-    import tempfile
 
-    from bench.common import models_dir
+    from bench.common import fresh_data_dir
     from bench.quality_users import bench_users
-    from storage import DataDir, Store
+    from storage import Store
     from storage.transfer import import_history
 
-    data = DataDir(Path(tempfile.mkdtemp(prefix="attune-quality-"))).ensure()
-    for name in ("models", "replay"):  # the converted model and the anchor-set cache persist between runs
-        (data.root / name).rmdir()
-        (models_dir() / name).mkdir(parents=True, exist_ok=True)
-        (data.root / name).symlink_to(models_dir() / name)
+    data = fresh_data_dir("attune-quality-")
     store = Store(data)
     users = {}
     for bu in bench_users(quick):
