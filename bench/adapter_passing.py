@@ -141,7 +141,9 @@ def render(r: dict) -> str:
         "Adapters on natural histories (`bench/adapter_passing.py`, users of `bench/passing_users.py`: facts said "
         "once inside requests, real replies, an update, a correction; dev users tune, test users report). One job "
         "per user, default `TrainConfig` and gate (a rejected adapter is not served); probes through ChatEngine, "
-        f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults. General questions "
-        f"(`bench/general_qa.py`, the split's own, asked by every user of it) at {QA_TOKENS} tokens.", "", *rows, "",
+        f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults. "
+        + (f"General questions (`bench/general_qa.py`, the split's own, asked by every user of it) at {QA_TOKENS} "
+           "tokens." if len(qa) > 2 else "General questions not asked in this run.")
+        + ("" if "dev" in r else " This run: the test split only."), "", *rows, "",
         *(qa if len(qa) > 2 else []), "", *jobs, "",
         f"Time: {r['seconds'] / 60:.1f} min in all."])
