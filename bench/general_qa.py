@@ -226,7 +226,8 @@ def _chinese(text: str) -> bool:
 
 
 def hits(text: str, keywords: list[str]) -> list[str]:
-    """Keywords found in ``text``: whole words in any case, a Chinese keyword anywhere (as ``bench.quality``)."""
+    """Keywords found in ``text``: whole words in any case, a Chinese keyword anywhere (the rule of every bench;
+    ``bench.quality._hits`` is this)."""
     return [k for k in keywords if (k in text if _chinese(k) else
                                     re.search(rf"(?<!\w){re.escape(k)}(?!\w)", text, re.IGNORECASE))]
 

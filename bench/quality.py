@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.general_qa import hits
 from bench.quality_users import GENERAL_QA  # the users, their facts and the general questions live there
 
 CONDITIONS = {"base": (False, False), "memory": (False, True), "adapter": (True, False), "both": (True, True)}
@@ -49,10 +49,7 @@ def _remove(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _hits(text: str, keywords: list[str]) -> list[str]:
-    """Keywords found as whole words (any case); a Chinese keyword anywhere (Chinese has no spaces)."""
-    return [k for k in keywords if (k in text if any("\u4e00" <= ch <= "\u9fff" for ch in k) else
-                                    re.search(rf"(?<!\w){re.escape(k)}(?!\w)", text, re.IGNORECASE))]
+_hits = hits  # one rule for every bench: bench.general_qa.hits
 
 
 @functools.cache
