@@ -81,6 +81,9 @@ class MemoryConfig:
     it is served only to a question about the same thing, never as a fact to others; None: the embedder's."""
     relative_margin: float | None = None
     """Only memories within this cosine of the best hit are kept (drops weak distractors); None: the embedder's."""
+    stand_out: float | None = None
+    """Standard deviations the best memory must score above the question's mean against all the user's
+    memories (questions about things never told get none); None: the embedder's, -1: no such check."""
     tie_epsilon: float = 0.01
     """Scores within the same ``tie_epsilon``-wide band count as a tie, broken by recency (newer first)."""
     budget_chars: int = 1500
@@ -116,6 +119,9 @@ class MemoryConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or not -1.0 <= value <= 1.0):
                 raise ValueError(f"{name}: must be a number from -1 to 1 (or None for the embedder's), got {value!r}")
+        if self.stand_out is not None and (not isinstance(self.stand_out, int | float) or isinstance(
+                self.stand_out, bool) or not (self.stand_out == -1 or 0 <= self.stand_out <= 10)):
+            raise ValueError(f"stand_out: must be -1 (off) or a number from 0 to 10, got {self.stand_out!r}")
         if self.relative_margin is not None and (not isinstance(self.relative_margin, int | float)
                                                  or not 0 <= self.relative_margin <= 2):
             raise ValueError(f"relative_margin: must be a number from 0 to 2, got {self.relative_margin!r}")
@@ -234,6 +240,7 @@ class MemoryService:
             slot = self._slot(user_id)
             found = [(i, s) for i, s in slot.index.search(vector, 3 * k + 8)
                      if s >= min(rel.min_score, rel.answer_min_score)]
+            spread = slot.index.spread(vector) if rel.stand_out >= 0 else None
             rows = self.store.memories.get_many(user_id, [i for i, _ in found], current=True)
             gone = [i for i, _ in found if i not in rows]
             if gone:  # deleted behind our back (e.g. a conversation deleted): heal the index
@@ -245,7 +252,7 @@ class MemoryService:
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
         found = [(i, s) for i, s in found if i in rows]
         facts = [(i, s) for i, s in found if rows[i].cue is None and s >= rel.min_score]
-        if facts and not relevant(facts[0][1], self._baseline(vector), personal(query), rel):
+        if facts and not relevant(facts[0][1], self._baseline(vector), personal(query), rel, spread):
             facts = []
         answers = [(i, s) for i, s in found if rows[i].cue is not None and s >= rel.answer_min_score]
         return select(sorted(facts + answers, key=lambda p: -p[1]), rows, k=k, budget_chars=budget,
@@ -387,7 +394,8 @@ class MemoryService:
         if not self._make_room(user_id, slot, d.text, vector, created_at, cue_less=d.cue is None):
             return None
         memory_id = self.store.memories.add(user_id, d.kind, d.text, d.message_id, created_at=created_at,
-                                            policy=POLICY, cue=d.cue, context=d.context, topic=d.topic)
+                                            policy=POLICY, cue=d.cue, context=d.context, topic=d.topic,
+                                            asked=d.asked)
         self.cache.add(user_id, slot, [memory_id], vector[None])
         if d.topic:
             self._update_topic(user_id, slot, self.store.memories.get(user_id, memory_id))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from storage.paths import atomic_write_bytes
 # crossover holds); IVF nprobe 32 recall@5 0.91, nprobe 64 0.96 (e5's narrow cosine band), so nprobe is 64.
 DEFAULT_APPROX_THRESHOLD = 20_000
 FORMAT = 1
+SPREAD_SAMPLE = 512
+"""Vectors kept aside (a uniform reservoir sample) to estimate how a question scores against a user's memories
+in general (``VectorIndex.spread``): exact up to this many memories, an estimate beyond (about 0.1 ms)."""
 
 
 @dataclass
@@ -82,6 +86,10 @@ class VectorIndex:
         self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.ids: set[int] = set()
         self._max_id = 0
+        self._sample: dict[int, np.ndarray] = {}  # id -> vector: a uniform sample of at most SPREAD_SAMPLE
+        self._sample_seen = 0  # vectors offered to the reservoir since it was last filled
+        self._sample_matrix: np.ndarray | None = None
+        self._rng = random.Random(0)  # reproducible samples
 
     # properties --------------------------------------------------------------------------------
     @property
@@ -113,6 +121,7 @@ class VectorIndex:
         self.index.add_with_ids(vectors, ids)
         self.ids.update(ids.tolist())
         self._max_id = max(self._max_id, int(ids.max()))
+        self._offer(ids.tolist(), vectors)
         self._reshape()
 
     def remove(self, ids: list[int]) -> int:
@@ -122,6 +131,9 @@ class VectorIndex:
             return 0
         self.index.remove_ids(np.asarray(present, dtype=np.int64))
         self.ids.difference_update(present)
+        for i in present:
+            if self._sample.pop(i, None) is not None:
+                self._sample_matrix = None
         self._max_id = max(self.ids, default=0)
         self._reshape()
         return len(present)
@@ -135,6 +147,18 @@ class VectorIndex:
         faiss.omp_set_num_threads(self.config.search_threads)  # per OS thread in OpenMP: set on every call
         scores, ids = self.index.search(query, min(k, self.ntotal))
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+    def spread(self, vector: np.ndarray) -> tuple[float, float, int]:
+        """How ``vector`` scores against this user's memories in general: (mean, standard deviation, count) of
+        its cosines with all of them (with a uniform sample of ``SPREAD_SAMPLE`` once there are more)."""
+        if not self.ids:
+            return 0.0, 0.0, 0
+        if len(self._sample) < max(1, min(self.ntotal, SPREAD_SAMPLE) // 2):
+            self._refill()
+        if self._sample_matrix is None:
+            self._sample_matrix = np.stack(list(self._sample.values()))
+        scores = self._sample_matrix @ np.asarray(vector, dtype=np.float32).reshape(self.dim)
+        return float(scores.mean()), float(scores.std()), self.ntotal
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All (ids, vectors), to retrain or convert without re-embedding."""
@@ -175,6 +199,29 @@ class VectorIndex:
         return out
 
     # internals ---------------------------------------------------------------------------------
+    def _offer(self, ids: list[int], vectors: np.ndarray) -> None:
+        """Reservoir sampling: each vector ever added stays in the sample with the same chance."""
+        for i, v in zip(ids, vectors, strict=True):
+            self._sample_seen += 1
+            if len(self._sample) < SPREAD_SAMPLE:
+                self._sample[i] = v.copy()
+            elif self._rng.randrange(self._sample_seen) < SPREAD_SAMPLE:
+                del self._sample[self._rng.choice(list(self._sample))]
+                self._sample[i] = v.copy()
+            else:
+                continue
+            self._sample_matrix = None
+
+    def _refill(self) -> None:
+        """A fresh uniform sample (after loading, or once removals emptied half of it)."""
+        chosen = sorted(self.ids) if self.ntotal <= SPREAD_SAMPLE else self._rng.sample(sorted(self.ids),
+                                                                                       SPREAD_SAMPLE)
+        ids = np.asarray(chosen, dtype=np.int64)
+        vectors = (self.index.reconstruct_batch(ids) if self.kind == "ivf"
+                   else np.stack([self.index.reconstruct(int(i)) for i in ids]))
+        self._sample = {int(i): v for i, v in zip(ids, vectors, strict=True)}
+        self._sample_seen, self._sample_matrix = self.ntotal, None
+
     def _reshape(self) -> None:
         n, cfg = self.ntotal, self.config
         if self.kind == "flat" and n >= cfg.approx_threshold:

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from assistant.memory_text import (
+    asked,
     facts_block,
     informative,
     says_change,
@@ -45,9 +46,10 @@ from assistant.memory_text import (
 )
 from storage.memories import Memory, SourceTurn, search_texts
 
-POLICY = 3
+POLICY = 4
 """Version of what memory is derived from messages; rows of an older one are re-derived (m006). 3: clauses
-(not sentences), corrections and liked answers found by their question, topics."""
+(not sentences), corrections and liked answers found by their question, topics. 4: a statement is also found
+by the question it answered (``asked``)."""
 CUE_CHARS = 300
 """Characters of a question kept as the cue of the correction or liked answer it belongs to."""
 CONTEXT_CHARS = 1000
@@ -67,10 +69,12 @@ class Derived(NamedTuple):
     """The question a correction or a liked answer belongs to (what it is found by)."""
     context: str | None = None
     """The message a statement was said in (it is found by itself and that message together)."""
+    asked: str | None = None
+    """The questions the assistant asked just before that message (a reply is found by what it answers)."""
 
     @property
     def search_texts(self) -> tuple[str, ...]:
-        return search_texts(self.text, self.cue, self.context)
+        return search_texts(self.text, self.cue, self.context, self.asked)
 
     @property
     def key(self) -> tuple[int, str, str]:
@@ -123,8 +127,10 @@ def desired(turn: SourceTurn, max_text_chars: int, deleted: frozenset[str] = fro
     out: list[Derived] = []
     if turn.question is not None and turn.question_id is not None:
         context = clip(_without(turn.question, deleted), CONTEXT_CHARS)
-        out += [Derived(turn.question_id, "statement", s, context=context) for s in statements(turn.question)
-                if s not in deleted]
+        question = asked(turn.before)
+        question = clip(question, CUE_CHARS) if question else None
+        out += [Derived(turn.question_id, "statement", s, context=context, asked=question)
+                for s in statements(turn.question) if s not in deleted]
     if turn.replaced:
         return out
     cue = clip(turn.question, CUE_CHARS) if turn.question and turn.question.strip() else None
@@ -156,11 +162,29 @@ def superseded(near_duplicates: list[Memory], created_at: str | None, cue_less: 
     return older
 
 
-def relevant(best: float, baseline: float, about_user: bool, rel) -> bool:
-    """Whether the best memory's score says it answers the question: above ``rel.min_score`` and, by the
-    margin for the kind of question, above the question's baseline (``rel``: ``embedder.Relevance``)."""
+STAND_OUT_FROM = 8
+"""Memories a user needs before ``stands_out`` is asked: the best of n scores is at most sqrt(n - 1) standard
+deviations above their mean, so with fewer a real fact could never stand out by ``stand_out``."""
+
+
+def relevant(best: float, baseline: float, about_user: bool, rel, spread: tuple[float, float, int] | None = None
+             ) -> bool:
+    """Whether the best memory's score says it answers the question: above ``rel.min_score``, by the margin
+    for the kind of question above the question's baseline, and standing out from the user's other memories
+    (``stands_out``; ``spread``: the question's mean and deviation against them, and their count).
+    ``rel``: ``embedder.Relevance``."""
     margin = rel.personal_margin if about_user else rel.general_margin
-    return best >= rel.min_score and (margin < 0 or best - baseline >= margin)
+    return (best >= rel.min_score and (margin < 0 or best - baseline >= margin)
+            and (spread is None or stands_out(best, spread, rel.stand_out)))
+
+
+def stands_out(best: float, spread: tuple[float, float, int], z: float) -> bool:
+    """Whether the best memory scores ``z`` standard deviations above the question's mean against all the
+    user's memories: a fact that answers the question does; a question about something never told scores
+    about alike with everything (its best is only the luckiest of many). Always true below ``STAND_OUT_FROM``
+    memories or when ``z`` < 0."""
+    mean, std, n = spread
+    return z < 0 or n < STAND_OUT_FROM or best - mean >= z * max(std, 1e-6)
 
 
 def line(hit: Hit, item_chars: int) -> str:

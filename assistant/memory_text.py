@@ -77,7 +77,7 @@ _CLAUSE_BREAK = re.compile(
     r"\s*[,;:]\s+|\s+[-–—]+\s+|\s+\((?=[^)]*\))|\)\s*"
     r"|\s+(?=(?:and|but|so|plus|because|'cause|cause|though|although|as|since|while|whereas)\s+"
     r"(?:i|i'm|i've|i'd|i'll|my|we|we're|we've|our|what|how|where|which|who|why|when|any|do|does|can|could|"
-    r"should|would|is|are)\b)",
+    r"should|would|is|are)\b)(?!and\s+i\s+(?:are|were|both)\b)",  # "my partner and I are ...": one subject
     re.IGNORECASE)
 _ZH_CLAUSE_BREAK = re.compile(r"[，,；;：:]")
 _ZH_QUESTION = re.compile(r"(?:吗|呢|什么|哪|谁|几|多少|怎么|为什么)[。.!！]*$|^(?:请|帮我|给我|告诉我)")
@@ -211,6 +211,18 @@ def clauses(sentence: str) -> list[str]:
 def sentences(text: str) -> list[str]:
     """The sentences of a message, each with its end mark (a line break ends one too)."""
     return [m.group(0) for m in _SENTENCE.finditer(text or "")]
+
+
+ASKED_SENTENCES = 3
+"""Sentences at the end of a message searched for the questions it asks (a reply to it answers those)."""
+
+
+def asked(text: str | None) -> str | None:
+    """The questions a message ends by asking ("Nice! Where are you based these days?" -> "Where are you based
+    these days?"), on one line; None if it asks none. A reply to the message is found by them too."""
+    tail = [" ".join(s.split()) for s in sentences(text or "")[-ASKED_SENTENCES:]]
+    found = [s for s in tail if s.endswith(("?", "？"))]
+    return " ".join(found) or None
 
 
 def statements(text: str) -> list[str]:

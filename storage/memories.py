@@ -59,18 +59,21 @@ class Memory:
     """The one-valued topic it states (``home``, ``job``, ``name of dog``...), None for most memories."""
     replaced_by: int | None = None
     """The newer memory of the same topic that replaced it: history, never retrieved."""
+    asked: str | None = None
+    """The question of the other side the message answered, when it followed one: found by it too."""
 
     @property
     def search_texts(self) -> tuple[str, ...]:
         """What the memory's vector is made from (the mean of theirs)."""
-        return search_texts(self.text, self.cue, self.context)
+        return search_texts(self.text, self.cue, self.context, self.asked)
 
 
-def search_texts(text: str, cue: str | None, context: str | None) -> tuple[str, ...]:
-    """The texts a memory is found by: its cue alone, else its text (with the message it was said in)."""
+def search_texts(text: str, cue: str | None, context: str | None, asked: str | None = None) -> tuple[str, ...]:
+    """The texts a memory is found by: its cue alone, else its text, with the message it was said in and the
+    question that message answered (when there are)."""
     if cue:
         return (cue,)
-    return (text, context) if context and context != text else (text,)
+    return (text, *(t for t in (context, asked) if t and t != text))
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class SourceTurn:
     source: str = "ui"
     """Where the answer came from (``ui``, ``api``, ``import``, ``compare``)."""
     conversation_id: int = 0
+    before: str | None = None
+    """The assistant's message right before the question (what the question may be a reply to), if any."""
 
 
 def _replaced_by(db, user_id: int, ids: list[int]) -> list[int]:
@@ -122,7 +127,8 @@ def _replaced_by(db, user_id: int, ids: list[int]) -> list[int]:
 
 def _memory(row: dict) -> Memory:
     return Memory(row["id"], row["user_id"], row["kind"], row["text"], row["message_id"], row["created_at"],
-                  row.get("policy") or 1, row.get("cue"), row.get("context"), row.get("topic"), row.get("replaced_by"))
+                  row.get("policy") or 1, row.get("cue"), row.get("context"), row.get("topic"), row.get("replaced_by"),
+                  row.get("asked"))
 
 
 def _like_pattern(query: str) -> str:
@@ -137,20 +143,21 @@ class Memories:
     # writes ----------------------------------------------------------------------------------
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
             created_at: str | None = None, policy: int = 1, cue: str | None = None,
-            context: str | None = None, topic: str | None = None) -> int:
+            context: str | None = None, topic: str | None = None, asked: str | None = None) -> int:
         """Insert and commit one memory; returns its id (never reused, even after deletion)."""
         if kind not in KINDS:
             raise InputError(f"A memory's kind must be one of {', '.join(KINDS)}, got {kind!r}.")
         text = clean_text(text, what="memory", limit=MAX_MEMORY_CHARS)
         cue = clean_text(cue, what="memory cue", limit=MAX_MEMORY_CHARS) if cue is not None else None
         context = clean_text(context, what="memory context", limit=MAX_MEMORY_CHARS) if context is not None else None
+        asked = clean_text(asked, what="memory question", limit=MAX_MEMORY_CHARS) if asked is not None else None
         if message_id is not None:
             self.store.chats.message(user_id, message_id)  # NotFound for another user's message
         with self.store.write() as db:
             return db["memories"].insert(
                 {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
                  "created_at": created_at or utcnow(), "policy": policy, "cue": cue, "context": context,
-                 "topic": topic}
+                 "topic": topic, "asked": asked}
             ).last_pk
 
     def replace(self, user_id: int, old_ids: Iterable[int], new_id: int) -> None:
@@ -339,13 +346,13 @@ class Memories:
         after = 0
         while True:
             rows = self.store.db.execute(
-                "SELECT id, text, cue, context FROM memories WHERE user_id = ? AND id > ? AND replaced_by IS NULL "
-                "ORDER BY id LIMIT ?",
+                "SELECT id, text, cue, context, asked FROM memories WHERE user_id = ? AND id > ? "
+                "AND replaced_by IS NULL ORDER BY id LIMIT ?",
                 [user_id, after, batch],
             ).fetchall()
             if not rows:
                 return
-            yield [(r[0], search_texts(r[1], r[2], r[3])) for r in rows]
+            yield [(r[0], search_texts(r[1], r[2], r[3], r[4])) for r in rows]
             after = rows[-1][0]
 
     # the messages memories come from --------------------------------------------------------
@@ -361,8 +368,13 @@ class Memories:
             "AND id < ? ORDER BY id DESC LIMIT 1", [conv, user_id, answer["id"]]
         ).fetchone()
         siblings: tuple[int, ...] = ()
+        before = None
         if question is not None:
             siblings = tuple(i for i in self._answers_after(user_id, conv, question[0]) if i != answer["id"])
+            prior = db.execute(
+                "SELECT role, content FROM messages WHERE conversation_id = ? AND user_id = ? AND id < ? "
+                "AND replaced_by IS NULL ORDER BY id DESC LIMIT 1", [conv, user_id, question[0]]).fetchone()
+            before = prior[1] if prior is not None and prior[0] == "assistant" else None
         state = self.store.chats.feedback_state(user_id, answer["id"])
         return SourceTurn(
             answer_id=answer["id"], question=question[1] if question else None,
@@ -370,7 +382,7 @@ class Memories:
             complete=answer["status"] == "complete", replaced=answer["replaced_by"] is not None,
             rating=state["rating"], correction=state["correction"],
             excluded=self.excluded(user_id, answer["id"]), created_at=answer["created_at"], sibling_ids=siblings,
-            source=answer["source"], conversation_id=conv,
+            source=answer["source"], conversation_id=conv, before=before,
         )
 
     def answers_to(self, user_id: int, message_id: int) -> list[int]:

@@ -327,3 +327,10 @@ def m010_damaged_adapter_versions(db: Database) -> None:
         ALTER TABLE adapter_versions_new RENAME TO adapter_versions
         """,
     )
+
+
+@migrations()
+def m011_memory_asked(db: Database) -> None:
+    """A statement said in reply to a question of the other side ("Where are you based?" - "Porto, for now") is
+    also found by that question (``asked``: its question sentences), with its text and message."""
+    _run(db, "ALTER TABLE memories ADD COLUMN asked TEXT")

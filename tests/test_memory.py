@@ -477,6 +477,8 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
     ("I need a recipe for dinner, I'm allergic to nuts.", ["I'm allergic to nuts."]),
     ("My sister, who lives in Rome, is a chef.", ["My sister, who lives in Rome, is a chef."]),
     ("I have two cats, a dog and a parrot.", ["I have two cats, a dog and a parrot."]),
+    ("My partner Jo and I are tiling the bathroom.", ["My partner Jo and I are tiling the bathroom."]),
+    ("I like cats and I have a dog.", ["I like cats.", "I have a dog."]),
     ("If I moved to Berlin, would I need a car?", []),
     ("I think so. I'm fine, thanks!", []),
     ("我下个月要搬到成都了，你知道那边冬天冷吗？", ["我下个月要搬到成都了。"]),
@@ -585,3 +587,75 @@ def test_e5_takes_any_text_quickly(tmp_path):
     vectors = embedder.embed_query(texts)
     assert vectors.shape == (len(texts), 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert time.perf_counter() - started < 10  # the huge pastes are cut to the model's window (46 s uncut)
+
+
+# a reply found by the question it answers; a never-told question gets nothing -------------------------------
+def test_a_reply_is_found_by_the_question_it_answered(store, alice, memory):
+    from assistant.memory_text import asked
+
+    assert asked("Nice to meet you! Where are you based these days?") == "Where are you based these days?"
+    assert asked("Boil them for nine minutes. Enjoy!") is None and asked(None) is None
+    cid, _ = turn(store, alice, "Hi there.", "Hello! Which instrument do you play these days?")
+    memory.remember_turn(alice.id, turn(store, alice, "Mostly I practise scales on my cello.", "Lovely.", cid)[1])
+    _, other = turn(store, alice, "I practise my Spanish every morning.", "¡Muy bien!")
+    memory.remember_turn(alice.id, other)
+    rows = {m.text: m for m in memory.list(alice.id)}
+    assert rows["Mostly I practise scales on my cello."].asked == "Hello! Which instrument do you play these days?"[7:]
+    assert rows["I practise my Spanish every morning."].asked is None
+    hits = memory.retrieve(alice.id, "which instrument do i play", k=1)
+    assert [h.text for h in hits] == ["Mostly I practise scales on my cello."]
+
+
+def test_spread_is_exact_while_small_and_sampled_uniformly_beyond():
+    from assistant.memory_index import SPREAD_SAMPLE, VectorIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3 * SPREAD_SAMPLE, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = vectors[0]
+    small = VectorIndex(16)
+    small.add(list(range(1, 101)), vectors[:100])
+    mean, std, n = small.spread(query)
+    assert n == 100 and np.isclose(mean, (vectors[:100] @ query).mean(), atol=1e-6)
+    assert np.isclose(std, (vectors[:100] @ query).std(), atol=1e-6)
+    big = VectorIndex(16)
+    big.add(list(range(1, len(vectors) + 1)), vectors)
+    for index in (big, VectorIndex.from_bytes(big.to_bytes(), 16)):  # a loaded index samples afresh
+        mean, std, n = index.spread(query)
+        assert n == len(vectors) and abs(mean - (vectors @ query).mean()) < 0.03 and std > 0.1
+    big.remove(list(range(1, len(vectors) - 10)))  # removals: the sample follows what is left
+    mean, _, n = big.spread(query)
+    assert n == 11 and np.isclose(mean, (vectors[-11:] @ query).mean(), atol=1e-6)
+
+
+def test_stands_out_needs_enough_memories_and_can_be_off():
+    from assistant.memory_policy import STAND_OUT_FROM, stands_out
+
+    assert stands_out(0.9, (0.8, 0.02, 50), 1.8) and not stands_out(0.83, (0.8, 0.02, 50), 1.8)
+    assert stands_out(0.83, (0.8, 0.02, STAND_OUT_FROM - 1), 1.8)  # too few to tell what stands out
+    assert stands_out(0.83, (0.8, 0.02, 50), -1)
+    with pytest.raises(ValueError, match="stand_out"):
+        MemoryConfig(stand_out=11)
+
+
+@pytest.mark.slow
+def test_e5_serves_nothing_for_what_was_never_told(tmp_path):
+    store = Store(tmp_path / "data")
+    try:
+        user = store.users.create("ravi", "long enough")
+        memory = MemoryService(store, MemoryConfig(embedder="e5"))
+        for q in ["I teach chemistry at a secondary school, any tips for marking faster?",
+                  "My partner Sol and I are repainting the hallway this weekend.", "I run 5k every Tuesday.",
+                  "We adopted a tabby called Miso last spring.", "I'm vegetarian, what protein should I add?",
+                  "I grew up near the coast in Cornwall.", "I drive an old Volvo estate.",
+                  "I'm learning Portuguese for a trip to Lisbon.", "I've got a mild gluten intolerance.",
+                  "My mum turns seventy next month, gift ideas?"]:
+            memory.remember_turn(user.id, turn(store, user, q, "Sure.")[1])
+        assert "chemistry" in memory.retrieve(user.id, "What subject do I teach?")[0].text
+        assert "vegetarian" in memory.retrieve(user.id, "What do I eat, given my diet?")[0].text
+        for never in ["What's my brother's name?", "What instrument do I play?"]:  # the best is no better than others
+            assert memory.retrieve(user.id, never) == [], never
+        unchecked = MemoryService(store, MemoryConfig(embedder="e5", stand_out=-1))
+        assert unchecked.retrieve(user.id, "What's my brother's name?") != []  # what the check stops
+    finally:
+        store.close()
