@@ -11,7 +11,11 @@ with ``MemoryConfig()`` defaults:
   the old never; a correction served to the question it corrects and never to a different question of the
   same domain; memories served to general questions and to questions about things never told; latency;
 - answers through ChatEngine (adapter off, greedy, ``ANSWER_TOKENS``): recall of the facts with memory on vs
-  off (a keyword in the answer; for an updated fact the new value and not the old).
+  off (a keyword in the answer; for an updated fact the new value and not the old);
+- general ability with memory on vs off: each user asks the split's general-knowledge questions
+  (``bench.general_qa``, dev 70 / test 68 distinct), right when a keyword is in the answer. Where no memory is
+  served, the prompt is exactly the memory-off prompt (no block is added), so only the questions that got a
+  memory are answered again with it; the others count with their memory-off answer.
 """
 
 from __future__ import annotations
@@ -113,6 +117,24 @@ def answers(engine, users: list[dict], ids: list[int]) -> dict:
     return out
 
 
+def general(engine, memory, ids: list[int], split: str, quick: bool = False) -> dict:
+    """General questions with memory on vs off, for every user of the split (see the module docstring)."""
+    from bench.general_qa import questions
+    from bench.quality import _ask_all
+
+    qas = questions(split)[: 10 if quick else None]
+    off = [bool(_has(t.text, kws)) for t, (_, kws) in zip(
+        _ask_all(engine, [(ids[0], q) for q, _ in qas], False, False, ANSWER_TOKENS), qas, strict=True)]
+    served = [(uid, n) for uid in ids for n, (q, _) in enumerate(qas) if memory.retrieve(uid, q)]
+    turns = _ask_all(engine, [(uid, qas[n][0]) for uid, n in served], False, True, ANSWER_TOKENS)
+    on = {(uid, n): bool(_has(t.text, qas[n][1])) for (uid, n), t in zip(served, turns, strict=True)}
+    blocks = sum(bool(t.memory_ids) for t in turns)
+    right_on = sum(on.get((uid, n), off[n]) for uid in ids for n in range(len(qas)))
+    return {"distinct": len(qas), "asked": len(qas) * len(ids), "off": sum(off) * len(ids), "on": right_on,
+            "with_memory": len(served), "blocks_seen": blocks,
+            "changed": sum(on[p] != off[p[1]] for p in served)}
+
+
 def run(quick: bool = False) -> dict:
     import torch
 
@@ -132,7 +154,8 @@ def run(quick: bool = False) -> dict:
         rel = memory.relevance
         result["config"] = {"k": memory.config.k, "embedder": memory.embedder.name, "min_score": rel.min_score,
                             "personal_margin": rel.personal_margin, "general_margin": rel.general_margin,
-                            "answer_min_score": rel.answer_min_score, "relative_margin": rel.relative_margin}
+                            "answer_min_score": rel.answer_min_score, "relative_margin": rel.relative_margin,
+                            "stand_out": rel.stand_out}
         r = {"users": len(users), "languages": sorted({u["lang"] for u in users}),
              "probes": sum(len(u["probes"]) for u in users), "general": len(general),
              "retrieval": retrieval(store, memory, users, ids, general)}
@@ -141,6 +164,7 @@ def run(quick: bool = False) -> dict:
                                       BatchConfig(max_batch=BATCH, window_ms=50))
         engine = _probe_engine()(store, backend, ChatConfig(defaults=GenerationSettings(temperature=0.0)), memory)
         r["answers"] = answers(engine, users, ids)
+        r["general_answers"] = general(engine, memory, ids, split, quick)
         r["dtype"] = loaded.dtype
         backend.close()
         store.close()
@@ -177,12 +201,33 @@ def render(r: dict) -> str:
         f"what defaults may be tuned on; **test** ({r['test']['users']} users, {r['test']['probes']} probes, "
         f"{', '.join(r['test']['languages'])}) is only reported. Defaults: k={cfg['k']}, embedder {cfg['embedder']}, "
         f"min_score={cfg['min_score']}, margin over the question's baseline {cfg.get('personal_margin')} (questions "
-        f"about the user) / {cfg.get('general_margin')} (others), answer_min_score={cfg['answer_min_score']}, "
+        f"about the user) / {cfg.get('general_margin')} (others), standing out from the user's other memories by "
+        f"{cfg.get('stand_out', -1)} standard deviations (-1: not checked), "
+        f"answer_min_score={cfg['answer_min_score']}, "
         f"relative_margin={cfg['relative_margin']}. Answers: ChatEngine, adapter off, greedy, {ANSWER_TOKENS} tokens, "
         f"{r['test'].get('dtype')}, {r['device']}; a keyword of the fact in the answer (an updated fact: the new "
         "value, never the old).", "",
         table(["split", "probe kind", "right memory served", "answer recall, memory off", "memory on"], rows), "",
         table(["split", "fact's statement kept", "never-told questions with a memory", "general questions with a "
                "memory", "correction served to another question", "memories", "retrieve p50 ms"], other), "",
+        *_general_lines(r),
         f"Time: {r['seconds'] / 60:.1f} min.",
     ])
+
+
+def _general_lines(r: dict) -> list[str]:
+    if "general_answers" not in r.get("test", {}):
+        return []
+    rows = [[split, g["distinct"], g["asked"], _pct((g["off"], g["asked"])), _pct((g["on"], g["asked"])),
+             g["with_memory"], g["changed"]] for split in ("dev", "test") for g in [r[split]["general_answers"]]]
+    return [table_general(rows), ""]
+
+
+def table_general(rows: list[list]) -> str:
+    from bench.report import table
+
+    return ("General questions (`bench/general_qa.py`, the split's own), asked by every user of the split, right "
+            "when a keyword is in the answer; only the questions that got a memory are answered again with it (the "
+            "others have exactly the memory-off prompt):\n\n" + table(
+                ["split", "distinct questions", "asked", "right, memory off", "memory on", "got a memory",
+                 "answers that changed"], rows))
