@@ -117,7 +117,7 @@ def answers(engine, users: list[dict], ids: list[int]) -> dict:
     return out
 
 
-def general(engine, memory, ids: list[int], split: str, quick: bool = False) -> dict:
+def general_ability(engine, memory, ids: list[int], split: str, quick: bool = False) -> dict:
     """General questions with memory on vs off, for every user of the split (see the module docstring)."""
     from bench.general_qa import questions
     from bench.quality import _ask_all
@@ -164,7 +164,7 @@ def run(quick: bool = False) -> dict:
                                       BatchConfig(max_batch=BATCH, window_ms=50))
         engine = _probe_engine()(store, backend, ChatConfig(defaults=GenerationSettings(temperature=0.0)), memory)
         r["answers"] = answers(engine, users, ids)
-        r["general_answers"] = general(engine, memory, ids, split, quick)
+        r["general_answers"] = general_ability(engine, memory, ids, split, quick)
         r["dtype"] = loaded.dtype
         backend.close()
         store.close()
