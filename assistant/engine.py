@@ -17,7 +17,7 @@ from assistant.adapters import AdapterRef, check_adapter, fall_back, resolve_ada
 from assistant.backend import ChatBackend, GenerationSettings, StreamStats
 from assistant.errors import AdapterDamaged
 from assistant.memory_text import with_facts
-from storage.chats import clean_text
+from storage.chats import clean_text, storable
 from storage.db import Store
 from storage.errors import CLI, AttuneError, InputError
 
@@ -317,7 +317,7 @@ class ChatEngine:
             try:
                 for piece in self.backend.stream(ids, settings, stop, turn.stats, adapter):
                     turn.adapter_version = turn.stats.adapter_version
-                    turn.text += piece
+                    turn.text += storable(piece)  # shown exactly as it is logged (no NUL)
                     yield turn
                 turn.adapter_version = turn.stats.adapter_version
                 return

@@ -20,6 +20,7 @@ from bench import (
     memory_quality,
     quality,
     quant,
+    reliability,
     serving,
     training,
     vllm_engine,
@@ -42,6 +43,8 @@ SECTIONS = {
                       "report)", adapter_style.render),
     "adapter_passing": ("Adapters on natural histories: facts said once in passing, updates, never-told questions "
                         "(dev users tune, test users report)", adapter_passing.render),
+    "reliability": ("Reliability: kill -9 under load, API fuzzing, damaged files, backup, throttling",
+                    reliability.render),
     "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
                     vllm_engine.render),
 }

@@ -36,6 +36,12 @@ def clean_text(text: Any, what: str = "message", limit: int = MAX_MESSAGE_CHARS)
     return text
 
 
+def storable(text: str) -> str:
+    """The text as it will be stored: NUL and lone surrogates become U+FFFD (what a stream shows must be what the
+    log keeps, so generated text goes through this before anyone sees it)."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def _title(text: str) -> str:
     line = " ".join(_UNSTORABLE.sub("\ufffd", text).split())  # a lone surrogate cannot be stored
     return line[: MAX_TITLE_CHARS - 1] + "…" if len(line) > MAX_TITLE_CHARS else line
@@ -96,7 +102,7 @@ class Chats:
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}.")
         # An assistant answer may legitimately be empty (stopped before the first token): stored as is.
-        content = clean_text(content) if role == "user" else _UNSTORABLE.sub("\ufffd", str(content or ""))
+        content = clean_text(content) if role == "user" else storable(str(content or ""))
         conv = self.conversation(user_id, conversation_id)
         row = {"conversation_id": conv["id"], "user_id": user_id, "role": role, "content": content,
                "created_at": utcnow()}
