@@ -77,6 +77,13 @@ def test_scripted_answer_is_streamed_and_stored_exactly(fake_engine, fake, store
     assert last.text == "I am a scripted answer."
 
 
+def test_a_generated_nul_is_shown_as_it_is_logged(fake_engine, fake, store, alice):
+    fake.enqueue(["a\x00", "b"])  # a model can emit NUL, which SQLite text cannot keep: both see U+FFFD
+    turns = list(fake_engine.send(alice.id, None, "Hi there"))
+    assert turns[-1].text == "a\ufffdb" and not any("\x00" in t.text for t in turns)
+    assert store.chats.message(alice.id, turns[-1].assistant_message_id)["content"] == "a\ufffdb"
+
+
 def test_prompt_has_system_prompt_history_and_ends_ready_for_the_answer(fake_engine, fake, alice):
     fake.enqueue(["Nice name!"])
     first = run(fake_engine.send(alice.id, None, "My dog is called Biscuit."))
