@@ -176,7 +176,25 @@ def build_router(engine: ChatEngine, config: APIConfig | None = None) -> APIRout
                          openapi_extra=protocol.openapi_body(protocol.chat_request_schema(api.config)))
     router.add_api_route("/feedback", api.feedback, methods=["POST"],
                          openapi_extra=protocol.openapi_body(protocol.feedback_schema()))
+    routes = {r.path: sorted(r.methods) for r in router.routes}
+    router.add_api_route("/{rest:path}", _unknown(routes), include_in_schema=False,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     return router
+
+
+def _unknown(routes: dict[str, list[str]]):
+    """Any other ``/v1`` path or method: 404 or 405 in the API's error shape, naming what exists."""
+    offered = ", ".join(f"{m} {p}" for p, methods in routes.items() for m in methods)
+
+    async def unknown(request: Request):
+        path = request.url.path
+        if path in routes:
+            return error(405, f"{path} does not take {request.method}; it takes {', '.join(routes[path])}. "
+                              f"The API offers: {offered}.", code="method_not_allowed")
+        return error(404, f"There is no {path} in this API. It offers: {offered}.", "not_found_error",
+                     code="unknown_url")
+
+    return unknown
 
 
 def _events(stream: Iterator[Turn], created: int, model: str) -> Iterator[str]:

@@ -28,6 +28,9 @@ from storage.users import User
 log = logging.getLogger("attune.auth")
 COOKIE = "attune_session"
 SIGNIN_PATH = "/signin"
+FORM_MAX_BYTES = 16 * 1024
+"""Largest sign-in or sign-up form body (a name and a password need well under 1 KiB); a larger one is refused
+with HTTP 413 before it is parsed, so no body is held in memory whole."""
 UPLOAD_SUFFIXES = ("/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/upload_progress")
 
 
@@ -132,6 +135,8 @@ class WebAuth:
         lang = lang_of(request)
         if not _same_origin(request):
             return self._page(request, "", tr(lang, "cross_site"), 403)
+        if not await _bounded(request, FORM_MAX_BYTES):
+            return self._page(request, "", tr(lang, "form_too_large"), 413)
         form = await request.form()
         name, password = str(form.get("username") or ""), str(form.get("password") or "")
         address = address_of(request)
@@ -173,6 +178,22 @@ def address_of(request) -> str:
     """The client's address as the server sees it (behind a proxy: the proxy's)."""
     client = getattr(request, "client", None)
     return str(client.host) if client is not None and client.host else ""
+
+
+async def _bounded(request: Request, limit: int) -> bool:
+    """Read the body only up to ``limit`` bytes: False as soon as the declared length or the bytes received pass
+    it; else the body is kept on the request for ``request.form()``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        return False
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return False
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # Starlette's cache of the body: form() parses it from there
+    return True
 
 
 def _same_origin(request: Request) -> bool:

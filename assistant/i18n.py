@@ -23,6 +23,7 @@ EN = {
     "too_many_attempts": "Too many failed sign-ins for this account or from this address. Try again in {minutes} "
                          "min (each further attempt until then makes the wait longer).",
     "cross_site": "This form must be sent from Attune's own page; reload it and try again.",
+    "form_too_large": "What was sent is too long for a sign-in form; type your name and password and try again.",
     "session_ended": "You are signed out (the session ended). Reload the page and sign in again.",
     # chat
     "tab_chat": "Chat",
@@ -190,6 +191,7 @@ ZH = {
     "too_many_attempts": "此账户或此地址的登录失败次数过多。请在 {minutes} 分钟后再试"
                          "（在此之前每次尝试都会延长等待时间）。",
     "cross_site": "此表单必须从 Attune 自己的页面提交；请刷新页面后重试。",
+    "form_too_large": "提交的内容对登录表单来说太长了；请输入用户名和密码后重试。",
     "session_ended": "你已退出登录（会话已结束）。请刷新页面并重新登录。",
     "tab_chat": "聊天",
     "conversations": "对话",

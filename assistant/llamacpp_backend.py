@@ -101,6 +101,10 @@ def selftest(gguf: Path | None = None) -> None:
     print(f"attune: llama.cpp runs here (the embedded model says: {text.strip()!r})")
 
 
+class _StaleGGUF(Exception):
+    """An adapter's GGUF could not be loaded and was removed: it is converted again and the request waits."""
+
+
 @dataclass
 class _Slot:
     ctx: object
@@ -147,6 +151,7 @@ class LlamaCppBackend(QueuedBackend):
         self._adapters: OrderedDict[str, object] = OrderedDict()  # name -> llama_adapter_lora pointer
         self._pins: dict[str, int] = {}
         self._converting: dict[str, Future] = {}
+        self._rewritten: set[str] = set()  # adapters whose damaged GGUF was written again once
         self._converter = ThreadPoolExecutor(1, thread_name_prefix="attune-gguf")
         self.threads = self.config.threads or _cores()
         self.parallel = max(1, min(self.config.parallel or _cores(), self.threads))
@@ -250,7 +255,8 @@ class LlamaCppBackend(QueuedBackend):
                 return
             waiting.remove(req)
             self._threads(slot, self.threads)
-            self._lanes[0].submit(self._start, slot, req).result()
+            if self._lanes[0].submit(self._start, slot, req).result() is False:  # its GGUF is converted again
+                waiting.appendleft(req)
 
     def _free_slot(self, req: _Request) -> _Slot | None:
         """The free slot whose KV cache shares the longest prefix with this prompt under the same adapter; else an
@@ -280,10 +286,13 @@ class LlamaCppBackend(QueuedBackend):
         params.no_perf = True
         return LlamaContext(model=self.model, params=params, verbose=False)
 
-    def _start(self, slot: _Slot, req: _Request) -> None:
-        """Set the request's adapter on the slot, prefill what its KV cache lacks, sample the first token."""
+    def _start(self, slot: _Slot, req: _Request) -> bool | None:
+        """Set the request's adapter on the slot, prefill what its KV cache lacks, sample the first token. False:
+        the adapter's GGUF was damaged and is being written again from the peft files (the request waits)."""
         try:
             name = self._acquire(req.adapter)
+        except _StaleGGUF:
+            return False
         except ModelError as e:
             req.error = e
             self._finish(req)
@@ -386,9 +395,16 @@ class LlamaCppBackend(QueuedBackend):
             return None
         if ref.name not in self._adapters:
             started = time.perf_counter()
-            ptr = self._llama.llama_adapter_lora_init(self.model.model, str(gguf_path(Path(ref.path))).encode())
+            path = gguf_path(Path(ref.path))
+            ptr = self._llama.llama_adapter_lora_init(self.model.model, str(path).encode())
+            if not ptr and ref.name not in self._rewritten:  # a derived file: written again from the peft adapter
+                self._rewritten.add(ref.name)
+                log.warning("llama.cpp could not load %s (damaged?); converting adapter v%s again", path, ref.version)
+                path.unlink(missing_ok=True)
+                raise _StaleGGUF(ref.name)
             if not ptr:
-                raise ModelError(f"llama.cpp could not load adapter v{ref.version} ({gguf_path(Path(ref.path))}).")
+                raise ModelError(f"llama.cpp could not load adapter v{ref.version} ({path}), even written again "
+                                 "from its peft files; roll back to another version or train a new one.")
             self.load_seconds.append(time.perf_counter() - started)
             self._adapters[ref.name] = ptr
             self._evict()

@@ -274,7 +274,8 @@ def attune_info(turn: Turn) -> dict:
     """Attune's extra response object: where the turn was logged and what personalized it."""
     return {"conversation_id": turn.conversation_id, "message_id": turn.assistant_message_id,
             "user_message_id": turn.user_message_id, "adapter_version": turn.adapter_version,
-            "memory_ids": turn.memory_ids, "truncated": turn.truncated, "status": turn.status}
+            "memory_ids": turn.memory_ids, "truncated": turn.truncated, "status": turn.status,
+            "notice": turn.notice}
 
 
 def completion(turn: Turn, created: int, model: str) -> dict:

@@ -285,10 +285,13 @@ def test_a_server_keeps_serving_everyone_and_restarts_with_a_damaged_adapter(tmp
     args = ("--model", str(tiny_model_dir), "--engine", "transformers", "--quant", "none", "--dtype", "float32",
             "--max-new-tokens", "8", "--temperature", "0", "--no-memory", "--no-personalizer")
 
+    notices = []
+
     def chat(srv, name) -> tuple[str, int | None]:
         r = httpx.post(srv.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {keys[name]}"},
                        json={"messages": [{"role": "user", "content": QUESTION}]}, timeout=60)
         assert r.status_code == 200, r.text
+        notices.append((name, r.json()["attune"]["notice"]))
         return r.json()["choices"][0]["message"]["content"], r.json()["attune"]["adapter_version"]
 
     with Server(data, *args) as srv:
@@ -300,6 +303,8 @@ def test_a_server_keeps_serving_everyone_and_restarts_with_a_damaged_adapter(tmp
         cut_in_half(store.data_dir.adapters(alice.id) / "v2")  # while the server holds it
         assert chat(srv, "alice") == alice_v1 and chat(srv, "bob") == before["bob"]
         assert srv.proc.poll() is None
+        assert "version 2 is damaged on disk" in notices[-2][1] and notices[-1] == ("bob", None)  # the API says so
+        assert chat(srv, "alice") == alice_v1 and notices[-1] == ("alice", None)  # once, when it happened
     for _ in range(2):  # restarts with the damage still there start and serve
         with Server(data, *args) as srv:
             assert chat(srv, "alice") == alice_v1 and chat(srv, "bob") == before["bob"]

@@ -257,3 +257,15 @@ def test_auto_picks_llama_cpp_for_the_embedded_model_on_a_cpu():
     assert pick_engine("auto", ModelConfig(device="cpu")) == "llamacpp"
     assert pick_engine("auto", ModelConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")) == "transformers"
     assert pick_engine("transformers", ModelConfig(device="cpu")) == "transformers"
+
+
+def test_a_damaged_adapter_gguf_is_written_again_from_the_peft_files(world):
+    served, tok = world["served"], world["tok"]
+    path = _adapter(world["model_dir"], world["tmp"] / "u5" / "v1", seed=5)
+    convert(path, world["model_dir"])
+    good = (path / GGUF_NAME).read_bytes()
+    (path / GGUF_NAME).write_bytes(good[: len(good) // 3])  # cut short, as a full disk or a crash leaves it
+    ref = AdapterRef("u5-v1-test", 1, str(path))
+    text, stats = _answer(served, _ids(tok, PROMPTS[2]), ref)
+    assert text and stats.adapter_version == 1 and (path / GGUF_NAME).stat().st_size == len(good)
+    assert _answer(served, _ids(tok, PROMPTS[2]), ref)[0] == text  # served from the rewritten file from now on

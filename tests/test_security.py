@@ -133,6 +133,24 @@ def test_sign_in_form_refuses_other_sites_and_closed_signup(engine, store):
     r = open_client.post("/auth/signup", data={"username": "mallory", "password": "correct horse"},
                          headers={"Origin": "http://evil.example"}, follow_redirects=False)
     assert r.status_code == 403 and store.users.count() == 0
+    huge = {"username": "mallory", "password": "x" * 100_000}
+    r = open_client.post("/auth/signup", data=huge, follow_redirects=False)
+    assert r.status_code == 413 and "too long" in r.text and store.users.count() == 0
+
+    def endless():  # no declared length: refused once 16 KiB have come
+        yield b"username=mallory&password="
+        for _ in range(1000):
+            yield b"x" * 1024
+
+    r = open_client.post("/auth/signin", content=endless(), follow_redirects=False,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
+    r = open_client.post("/auth/signup", data={"username": "mallory", "password": "correct horse"},
+                         follow_redirects=False)
+    assert r.status_code in (302, 303) and store.users.count() == 1  # a normal form still works
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)):
+        r = open_client.request(method, path)  # the API's own error shape, saying what exists
+        assert r.status_code == status and "POST /v1/chat/completions" in r.json()["error"]["message"]
 
 
 def test_uploads_are_refused_with_or_without_a_session(engine, alice):
