@@ -89,6 +89,7 @@ class VectorIndex:
         self._sample: dict[int, np.ndarray] = {}  # id -> vector: a uniform sample of at most SPREAD_SAMPLE
         self._sample_seen = 0  # vectors offered to the reservoir since it was last filled
         self._sample_matrix: np.ndarray | None = None
+        self._sample_stale = False  # loaded from bytes: refilled from the whole index before first use
         self._rng = random.Random(0)  # reproducible samples
 
     # properties --------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class VectorIndex:
         its cosines with all of them (with a uniform sample of ``SPREAD_SAMPLE`` once there are more)."""
         if not self.ids:
             return 0.0, 0.0, 0
-        if len(self._sample) < max(1, min(self.ntotal, SPREAD_SAMPLE) // 2):
+        if self._sample_stale or len(self._sample) < max(1, min(self.ntotal, SPREAD_SAMPLE) // 2):
             self._refill()
         if self._sample_matrix is None:
             self._sample_matrix = np.stack(list(self._sample.values()))
@@ -192,7 +193,7 @@ class VectorIndex:
             index.nprobe = out.config.nprobe
         else:
             raise ValueError(f"unexpected index type {type(index).__name__}")
-        out.index, out.ids = index, set(ids)
+        out.index, out.ids, out._sample_stale = index, set(ids), True
         if len(out.ids) != index.ntotal:
             raise ValueError("index holds duplicate ids")
         out._max_id = max(out.ids, default=0)
@@ -200,7 +201,10 @@ class VectorIndex:
 
     # internals ---------------------------------------------------------------------------------
     def _offer(self, ids: list[int], vectors: np.ndarray) -> None:
-        """Reservoir sampling: each vector ever added stays in the sample with the same chance."""
+        """Reservoir sampling: each vector ever added stays in the sample with the same chance (a loaded index has
+        no sample yet: it is drawn from all its vectors when first needed, so it never holds only the new ones)."""
+        if self._sample_stale:
+            return
         for i, v in zip(ids, vectors, strict=True):
             self._sample_seen += 1
             if len(self._sample) < SPREAD_SAMPLE:
@@ -220,7 +224,7 @@ class VectorIndex:
         vectors = (self.index.reconstruct_batch(ids) if self.kind == "ivf"
                    else np.stack([self.index.reconstruct(int(i)) for i in ids]))
         self._sample = {int(i): v for i, v in zip(ids, vectors, strict=True)}
-        self._sample_seen, self._sample_matrix = self.ntotal, None
+        self._sample_seen, self._sample_matrix, self._sample_stale = self.ntotal, None, False
 
     def _reshape(self) -> None:
         n, cfg = self.ntotal, self.config

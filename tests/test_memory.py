@@ -620,6 +620,9 @@ def test_spread_is_exact_while_small_and_sampled_uniformly_beyond():
     assert np.isclose(std, (vectors[:100] @ query).std(), atol=1e-6)
     big = VectorIndex(16)
     big.add(list(range(1, len(vectors) + 1)), vectors)
+    loaded = VectorIndex.from_bytes(small.to_bytes(), 16)
+    loaded.add(list(range(101, 201)), vectors[100:200])  # added before any question: the sample is still all of it
+    assert np.isclose(loaded.spread(query)[0], (vectors[:200] @ query).mean(), atol=1e-6)
     for index in (big, VectorIndex.from_bytes(big.to_bytes(), 16)):  # a loaded index samples afresh
         mean, std, n = index.spread(query)
         assert n == len(vectors) and abs(mean - (vectors @ query).mean()) < 0.03 and std > 0.1
