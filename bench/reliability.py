@@ -41,14 +41,14 @@ def run(quick: bool = False) -> dict:
 def render(r: dict) -> str:
     from bench.report import table
 
-    rows = [[path, f.get("passed", 0), f.get("failed", 0) + f.get("error", 0) + f.get("errors", 0), f["seconds"]]
-            for path, f in r["files"].items()]
+    rows = [[path, f.get("passed", 0), f.get("failed", 0) + f.get("error", 0) + f.get("errors", 0), f["exit"],
+             f["seconds"]] for path, f in r["files"].items()]
     figures = [line for f in r["files"].values() for line in f["figures"]]
     return "\n".join([
         "The fault tests as CI runs them (`bench/reliability.py` runs pytest on each file and keeps what they "
         "print). Targets (issue 28): 20/20 kills with 0 acknowledged rows lost and 0 half-published versions; "
         "fuzzing 0 5xx.", "",
-        table(["test file", "passed", "failed", "seconds"], rows), "",
+        table(["test file", "passed", "failed", "pytest exit", "seconds"], rows), "",
         *[f"- {line}" for line in figures], "",
         f"Time: {r['seconds'] / 60:.1f} min.",
     ])

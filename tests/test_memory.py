@@ -411,21 +411,25 @@ def test_a_real_embedder_finds_a_paraphrased_personal_fact(tmp_path, embedder):
         store.close()
 
 
-@pytest.mark.slow
-def test_e5_finds_a_fact_said_in_passing_in_chinese(tmp_path):
+@pytest.fixture
+def e5_memory(tmp_path):
+    """A store in tmp_path and memory with the real default embedder (e5): (store, memory)."""
     store = Store(tmp_path / "data")
-    try:
-        user = store.users.create("li", "long enough")
-        memory = MemoryService(store, MemoryConfig(embedder="e5"))
-        for q, a in [("我下个月要搬到成都了，你知道那边冬天冷吗？", "成都冬天湿冷，记得带厚外套。"),
-                     ("我女儿小米今年上一年级，早餐吃什么好？", "鸡蛋、牛奶和全麦面包都不错。"),
-                     ("周末想去爬山，膝盖不太好，有什么建议？", "选缓坡路线，带登山杖。")]:
-            memory.remember_turn(user.id, turn(store, user, q, a)[1])
-        assert memory.retrieve(user.id, "我要搬去哪个城市？")[0].text == "我下个月要搬到成都了。"
-        assert "小米" in memory.retrieve(user.id, "我孩子叫什么名字？")[0].text
-        assert memory.retrieve(user.id, "地球到月球有多远？") == []  # a general question: no memory
-    finally:
-        store.close()
+    yield store, MemoryService(store, MemoryConfig(embedder="e5"))
+    store.close()
+
+
+@pytest.mark.slow
+def test_e5_finds_a_fact_said_in_passing_in_chinese(e5_memory):
+    store, memory = e5_memory
+    user = store.users.create("li", "long enough")
+    for q, a in [("我下个月要搬到成都了，你知道那边冬天冷吗？", "成都冬天湿冷，记得带厚外套。"),
+                 ("我女儿小米今年上一年级，早餐吃什么好？", "鸡蛋、牛奶和全麦面包都不错。"),
+                 ("周末想去爬山，膝盖不太好，有什么建议？", "选缓坡路线，带登山杖。")]:
+        memory.remember_turn(user.id, turn(store, user, q, a)[1])
+    assert memory.retrieve(user.id, "我要搬去哪个城市？")[0].text == "我下个月要搬到成都了。"
+    assert "小米" in memory.retrieve(user.id, "我孩子叫什么名字？")[0].text
+    assert memory.retrieve(user.id, "地球到月球有多远？") == []  # a general question: no memory
 
 
 # the m006 policy upgrade and the statement picker --------------------------------------------------------
@@ -642,23 +646,19 @@ def test_stands_out_needs_enough_memories_and_can_be_off():
 
 
 @pytest.mark.slow
-def test_e5_serves_nothing_for_what_was_never_told(tmp_path):
-    store = Store(tmp_path / "data")
-    try:
-        user = store.users.create("ravi", "long enough")
-        memory = MemoryService(store, MemoryConfig(embedder="e5"))
-        for q in ["I teach chemistry at a secondary school, any tips for marking faster?",
-                  "My partner Sol and I are repainting the hallway this weekend.", "I run 5k every Tuesday.",
-                  "We adopted a tabby called Miso last spring.", "I'm vegetarian, what protein should I add?",
-                  "I grew up near the coast in Cornwall.", "I drive an old Volvo estate.",
-                  "I'm learning Portuguese for a trip to Lisbon.", "I've got a mild gluten intolerance.",
-                  "My mum turns seventy next month, gift ideas?"]:
-            memory.remember_turn(user.id, turn(store, user, q, "Sure.")[1])
-        assert "chemistry" in memory.retrieve(user.id, "What subject do I teach?")[0].text
-        assert "vegetarian" in memory.retrieve(user.id, "What do I eat, given my diet?")[0].text
-        for never in ["What's my brother's name?", "What instrument do I play?"]:  # the best is no better than others
-            assert memory.retrieve(user.id, never) == [], never
-        unchecked = MemoryService(store, MemoryConfig(embedder="e5", stand_out=-1))
-        assert unchecked.retrieve(user.id, "What's my brother's name?") != []  # what the check stops
-    finally:
-        store.close()
+def test_e5_serves_nothing_for_what_was_never_told(e5_memory):
+    store, memory = e5_memory
+    user = store.users.create("ravi", "long enough")
+    for q in ["I teach chemistry at a secondary school, any tips for marking faster?",
+              "My partner Sol and I are repainting the hallway this weekend.", "I run 5k every Tuesday.",
+              "We adopted a tabby called Miso last spring.", "I'm vegetarian, what protein should I add?",
+              "I grew up near the coast in Cornwall.", "I drive an old Volvo estate.",
+              "I'm learning Portuguese for a trip to Lisbon.", "I've got a mild gluten intolerance.",
+              "My mum turns seventy next month, gift ideas?"]:
+        memory.remember_turn(user.id, turn(store, user, q, "Sure.")[1])
+    assert "chemistry" in memory.retrieve(user.id, "What subject do I teach?")[0].text
+    assert "vegetarian" in memory.retrieve(user.id, "What do I eat, given my diet?")[0].text
+    for never in ["What's my brother's name?", "What instrument do I play?"]:  # the best is no better than others
+        assert memory.retrieve(user.id, never) == [], never
+    unchecked = MemoryService(store, MemoryConfig(embedder="e5", stand_out=-1))
+    assert unchecked.retrieve(user.id, "What's my brother's name?") != []  # what the check stops
