@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 # llama.cpp, the fast CPU engine (README, Engines): llama-cpp-python has no wheel on PyPI, so it is compiled here
 # once (about 4-5 min on 2 cores, with progress) for this CPU, without Intel AMX: on virtual machines that report
 # AMX but do not grant it (as ours did), every llama.cpp matmul died of SIGILL; AMX does not speed up a model this
-# small. The build is then run once on the embedded model (assistant.llamacpp_backend.selftest, its own process):
+# small. The build is then run once on the embedded model (assistant.engines.llamacpp.backend.selftest, its own process):
 # a build that cannot run here is removed again. llama.cpp's adapter converter is kept from the same source package.
 # A machine that cannot build or run it still gets a working Attune on the transformers engine;
 # `rm $(LLAMA_STAMP)` and `make setup` try again.
@@ -53,7 +53,7 @@ $(LLAMA_STAMP): | $(STAMP)
 	     $(LLAMA_SRC)/vendor/llama.cpp/convert_lora_to_gguf.py $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	     $(LLAMA_SRC)/vendor/llama.cpp/gguf-py $(LLAMA_SRC)/vendor/llama.cpp/conversion && \
 	   rm -f $(LLAMA_SHARE)/$(LLAMA_SRC).tar.gz; then \
-	  if $(PY) -c "from assistant.llamacpp_backend import selftest; selftest()"; then \
+	  if $(PY) -c "from assistant.engines.llamacpp.backend import selftest; selftest()"; then \
 	    echo "attune: llama.cpp ready: make serve uses it"; \
 	  else \
 	    $(PY) -m pip uninstall -q -y llama-cpp-python; \

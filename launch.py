@@ -94,12 +94,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_parser(sub, common) -> None:
-    from assistant.backend import GenerationSettings
-    from assistant.engine import ChatConfig
-    from assistant.llamacpp_backend import WEIGHTS, LlamaCppConfig
-    from assistant.protocol import APIConfig
-    from assistant.server import ENGINES, ServerConfig
-    from assistant.vllm_backend import VLLMConfig
+    from assistant.api.protocol import APIConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.llamacpp.backend import WEIGHTS, LlamaCppConfig
+    from assistant.engines.select import ENGINES
+    from assistant.engines.vllm.backend import VLLMConfig
+    from assistant.server import ServerConfig
     from personalize.scheduler import SchedulerConfig
 
     s = sub.add_parser("serve", parents=[common], help="start the UI and the API (the default command)",
@@ -217,20 +218,20 @@ def train_config(overrides: list[str]):
 
 
 def memory_service(store):
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
 
     return MemoryService(store, MemoryConfig())
 
 
 def serve(store, args: argparse.Namespace) -> None:
-    from assistant.backend import GenerationSettings
-    from assistant.engine import ChatConfig
-    from assistant.llamacpp_backend import LlamaCppConfig
-    from assistant.memory import MemoryConfig
+    from assistant.api.protocol import APIConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.llamacpp.backend import LlamaCppConfig
+    from assistant.engines.vllm.backend import VLLMConfig
+    from assistant.memory.service import MemoryConfig
     from assistant.model import ModelConfig
-    from assistant.protocol import APIConfig
     from assistant.server import ServerConfig, serve
-    from assistant.vllm_backend import VLLMConfig
     from personalize.scheduler import SchedulerConfig, start_background
 
     if args.url and args.engine != "vllm":
@@ -288,7 +289,7 @@ def users(store, args: argparse.Namespace) -> None:
 
 
 def forget(store, args: argparse.Namespace) -> int:
-    from assistant.account import forget_user
+    from assistant.chat.account import forget_user
 
     user = store.users.by_name(args.name)
     if not args.yes and (not sys.stdin.isatty() or input(f"Delete ALL data of {user.name}? [y/N] ") != "y"):
@@ -315,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "users":
         users(store, args)
     elif args.command == "import":
-        from assistant.account import import_user_history
+        from assistant.chat.account import import_user_history
 
         counts = import_user_history(store, store.users.by_name(args.name).id, args.file, memory_service(store))
         print(json.dumps({"user": args.name, **counts}))

@@ -1,16 +1,12 @@
-"""Serving: everything between a signed-in user and the model's answer.
+"""Serving: everything between a signed-in user and the model's answer, in rooms:
 
-Owns: finding, converting and loading the base model with its quantization (``model``), the
-per-user adapter registry with LRU and hot reload (``adapters``), the generation worker behind the
-chat-backend seam (``backend``) with continuous batching (``continuous``) and rows of different adapters
-in one pass (``lora_rows``), ChatEngine (prompt,
-memory injection, context budget, streaming, logging; ``engine``), personal memory (embedder seam,
-per-user FAISS, policy, the service; ``embedder``, ``memory_index``, ``memory_cache``, ``memory_policy``,
-``memory_text``, ``memory``), the Gradio UI (``ui``, ``ui_layout``,
-``ui_render``, ``ui_tabs``, ``ui_memory``, ``ui_personal``, ``ui_account``, ``i18n``), the
-OpenAI-compatible API (handlers in ``api``, wire shapes in ``protocol``), the HTTP server (``server``),
-whole-account use cases above storage (``account``: forget or import a user), process liveness
-(``processes``) and serving's error (``errors``: ModelError).
+- ``engines/``: the engine seam (``engines.base``), the choice of engine (``engines.select``) and one folder per
+  engine (``hf``, ``llamacpp``, ``vllm``);
+- ``memory/``: personal memory (embedder, per-user FAISS, policy, the service);
+- ``chat/``: the chat service (one turn end to end), adapter resolution, whole-account use cases;
+- ``api/``: the OpenAI-compatible API; ``ui/``: the Gradio UI, sign-in and languages;
+- at the top: the composition root (``server``), the base model (``model``), file checks shared with training
+  (``file_checks``), process liveness (``processes``), HTTP helpers (``web``) and serving's errors (``errors``).
 
 Must not know: how adapters are trained (it only reads published versions from ``storage``; the job
 runner it may start jobs with is composed in ``launch.py`` and handed to it). All state goes through

@@ -2,7 +2,7 @@
 header against its size, a JSON config that parses, a model folder with everything a load needs.
 
 peft injects a LoRA into the shared model before it reads the adapter's weights, so a damaged file must be
-caught before peft sees it (``assistant.adapters``); a damaged converted model is converted again
+caught before peft sees it (``assistant.chat.adapters``); a damaged converted model is converted again
 (``assistant.model``). Each check returns what is wrong in words, or None when the files are whole. Reads
 headers only (a few KB per file), never the weights; knows no torch.
 """

@@ -1,6 +1,6 @@
 """Operating-system processes by pid: whether one still runs.
 
-Owns process liveness for everything above storage: ``assistant.account`` (stopping a user's training
+Owns process liveness for everything above storage: ``assistant.chat.account`` (stopping a user's training
 before forgetting them) and ``personalize.runner`` (failing jobs whose worker died) both ask here.
 Must not know jobs, rows or training: callers bring the pid. Lives in ``assistant`` because
 ``personalize`` may import serving code but serving may never import ``personalize``.

@@ -9,23 +9,19 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 
-from assistant.engine import ChatConfig, ChatEngine
-from assistant.errors import ModelError
-from assistant.model import ModelConfig, load_model
-from assistant.protocol import APIConfig
+from assistant.api.protocol import APIConfig
+from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.engines.select import build_backend
+from assistant.model import ModelConfig
 from storage.db import Store
 from storage.errors import CLI, AttuneError
 
 log = logging.getLogger("attune.server")
-ENGINES = ("auto", "llamacpp", "transformers", "vllm")
-"""Who generates: ``llamacpp`` (llama.cpp in this process; ``assistant.llamacpp_backend``), ``transformers`` in
-this process, or ``vllm`` (a vLLM server; ``assistant.vllm_backend``); ``auto`` picks with :func:`pick_engine`."""
 SHUTDOWN_GRACE_S = 1  # seconds open connections (e.g. the UI's event stream) get before they are closed
 
 
@@ -76,9 +72,9 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     import gradio as gr
     from fastapi import FastAPI
 
-    from assistant.api import build_router
-    from assistant.auth import SessionConfig, WebAuth
-    from assistant.ui import CSS, JS, ChatUI, UIConfig, theme
+    from assistant.api.routes import build_router
+    from assistant.ui.app import CSS, JS, ChatUI, UIConfig, theme
+    from assistant.ui.auth import SessionConfig, WebAuth
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(engine, api_cfg))
@@ -108,67 +104,6 @@ class _Guard:
         await self.asgi(scope, receive, send)
 
 
-def pick_engine(engine: str, model_cfg: ModelConfig) -> str:
-    """``auto``: llama.cpp where it serves this model fastest (installed, a GGUF model, on the CPU; BENCHMARKS.md
-    "Serving"), else transformers. Any other name is kept."""
-    if engine != "auto":
-        return engine
-    from assistant.llamacpp_backend import available
-    from assistant.model import gguf_source, resolve_device
-
-    fast = available() and resolve_device(model_cfg.device) == "cpu" and gguf_source(model_cfg.model) is not None
-    return "llamacpp" if fast else "transformers"
-
-
-def build_backend(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, vllm_cfg=None, engine: str = "auto",
-                  llamacpp_cfg=None):
-    """The engine behind ChatEngine: vLLM when ``vllm_cfg`` is given (a ``VLLMConfig``: a running server's URL,
-    or one started from the vLLM venv), else ``engine`` (:func:`pick_engine`) in this process (the llama.cpp
-    one with ``llamacpp_cfg``, a ``LlamaCppConfig``)."""
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import TransformersBackend
-
-    if vllm_cfg is None and pick_engine(engine, model_cfg) == "llamacpp":
-        return _llamacpp(store, model_cfg, chat_cfg, llamacpp_cfg)
-    if vllm_cfg is not None:
-        from assistant.model import EMBEDDED, resolve_model_dir
-        from assistant.vllm_backend import VLLMBackend
-
-        name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else model_cfg.model
-        backend = VLLMBackend(vllm_cfg, resolve_model_dir(model_cfg.model, store.data_dir), store.data_dir, name,
-                              chat_cfg.context_tokens)
-        print(f"attune: model {name} served by vLLM at {backend.url}", flush=True)
-        return backend
-    loaded = load_model(model_cfg, store.data_dir)
-    print(f"attune: model {loaded.name} on {loaded.device} (quant {loaded.quant}, {loaded.dtype}) ready in "
-          f"{loaded.load_seconds:.1f} s", flush=True)
-    return TransformersBackend(loaded, chat_cfg.context_tokens, AdapterRegistry(loaded.model))
-
-
-def _llamacpp(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, cfg=None):
-    from assistant.gguf_lora import serving_weights
-    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, available
-    from assistant.model import EMBEDDED, gguf_source, resolve_model_dir
-
-    gguf = gguf_source(model_cfg.model)
-    if gguf is None:
-        raise ModelError("--engine llamacpp serves GGUF models (the embedded one, or --model FILE.gguf); use "
-                         "--engine transformers for this model.")
-    if not available():
-        raise ModelError("llama-cpp-python is not installed: run `make setup` (it builds llama.cpp), or use "
-                         "--engine transformers.")
-    started = time.monotonic()
-    cfg = cfg or LlamaCppConfig(threads=model_cfg.threads)
-    name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else gguf.stem
-    model_dir = resolve_model_dir(model_cfg.model, store.data_dir)
-    if cfg.weights == "q8_0":
-        gguf = serving_weights(model_dir, gguf)
-    backend = LlamaCppBackend(gguf, model_dir, name, cfg, chat_cfg.context_tokens)
-    print(f"attune: model {name} served by llama.cpp from {gguf.name} (--quant/--dtype do not apply: the GGUF's own "
-          f"weights) ready in {time.monotonic() - started:.1f} s", flush=True)
-    return backend
-
-
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
           memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
           vllm_cfg=None, engine: str = "auto", llamacpp_cfg=None, api_cfg: APIConfig | None = None) -> None:
@@ -182,10 +117,10 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     if not is_loopback(server_cfg.host):
         log.warning("Listening on %s: Attune is reachable from the network; every user must sign in "
                     "(sign-up %s).", server_cfg.host, "open" if allow_signup else "closed")
-    backend = build_backend(store, model_cfg, chat_cfg, vllm_cfg, engine, llamacpp_cfg)
+    backend = build_backend(store.data_dir, model_cfg, chat_cfg.context_tokens, vllm_cfg, engine, llamacpp_cfg)
     memory = None
     if memory_cfg is not None:
-        from assistant.memory import MemoryService
+        from assistant.memory.service import MemoryService
 
         memory = MemoryService(store, memory_cfg)
         memory.warm_up()  # load the embedder now, not on the first message

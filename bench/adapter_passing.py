@@ -37,7 +37,7 @@ def abstained(text: str) -> bool:
 
 
 def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
-    from assistant.engine import ChatConfig
+    from assistant.chat.service import ChatConfig
     from bench.adapter_style import ask
     from bench.general_qa import hits, questions
     from bench.memory_passing import _has, _users, setup
@@ -94,8 +94,9 @@ def _train(store, ids: list[int], users: list[dict], quick: bool, train: dict) -
 
 
 def _serve(data, store, memory, chat_config):
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.quality import _probe_engine
 

@@ -46,15 +46,16 @@ def overlaps(users) -> list[str]:
 
 
 def _serving(tokens: int):
-    from assistant.backend import GenerationSettings
+    from assistant.engines.base import GenerationSettings
 
     return replace(GenerationSettings(), temperature=0.0, max_new_tokens=tokens)
 
 
 def _engine(data, store):
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.quality import _probe_engine
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from assistant.embedder import Embedder
+from assistant.memory.embedder import Embedder
 
 SUBJECTS = ["My sister", "My dog", "My manager", "My neighbour", "My son", "My partner", "I", "My best friend",
             "My grandmother", "My cat", "My doctor", "My landlord", "My teacher", "My colleague Sam"]
@@ -87,7 +87,7 @@ def expand(real, n: int, seed: int = 0):
     """``n`` unit vectors: the real ones, then mixtures of two real ones plus noise."""
     import numpy as np
 
-    from assistant.embedder import normalize
+    from assistant.memory.embedder import normalize
 
     if n <= len(real):
         return real[:n].copy()
@@ -121,7 +121,7 @@ def indexes(vectors, queries, repeats: int, hnsw: bool, nprobe: int = 16, sweep:
     import faiss
     import numpy as np
 
-    from assistant.memory_index import _nlist
+    from assistant.memory.index import _nlist
 
     n, d = vectors.shape
     ids = np.arange(1, n + 1, dtype=np.int64)
@@ -192,7 +192,7 @@ class LookupEmbedder(Embedder):
 def end_to_end(embedder: Embedder, vectors, probes: list[str], repeats: int) -> dict:
     """``MemoryService.retrieve`` as served (default ``MemoryConfig``) on a real Store holding ``len(vectors)``
     memories of one user; ``hits`` = memories served per question on average (the whole path ran)."""
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
     from storage import Store
     from storage.db import utcnow
 
@@ -225,7 +225,7 @@ def end_to_end(embedder: Embedder, vectors, probes: list[str], repeats: int) -> 
 def _query_latency(kind: str, threads: int, probes: list[str], repeats: int) -> dict:
     """One embedder's ``embed_query`` of one question at a time (in a fresh process); ``threads`` 0 = its
     default (e5: OpenMP on all cores; MiniLM: torch's default), which is what serving uses."""
-    from assistant.embedder import E5Config, E5Embedder, MiniLMEmbedder
+    from assistant.memory.embedder import E5Config, E5Embedder, MiniLMEmbedder
 
     t0 = time.perf_counter()
     if kind == "e5":
@@ -258,7 +258,7 @@ def embed_latency(probes: list[str], repeats: int) -> list[dict]:
     they first ran with), and one model loaded slows the next."""
     import importlib.util
 
-    from assistant.embedder import MINILM_PACKAGE, e5_available
+    from assistant.memory.embedder import MINILM_PACKAGE, e5_available
     from bench.common import in_fresh_process
 
     kinds = (["e5"] if e5_available() is None else []) + (["minilm"] if importlib.util.find_spec(MINILM_PACKAGE)
@@ -279,8 +279,8 @@ def crossover(real, queries, rows: list[dict], repeats: int, nprobe: int, quick:
 
 
 def run(quick: bool = False) -> dict:
-    from assistant.memory import MemoryConfig, make_embedder
-    from assistant.memory_index import DEFAULT_APPROX_THRESHOLD, IndexConfig
+    from assistant.memory.index import DEFAULT_APPROX_THRESHOLD, IndexConfig
+    from assistant.memory.service import MemoryConfig, make_embedder
 
     load_before = os.getloadavg()
     nprobe = IndexConfig().nprobe

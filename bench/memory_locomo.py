@@ -278,9 +278,10 @@ def _answers(data, store, memory, questions: list[dict], quick: bool) -> dict:
     """Mean answer F1 with memory off and on, the embedded model through ChatEngine (adapter off, greedy)."""
     import torch
 
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.quality import BATCH, _ask_all, _probe_engine
 
@@ -320,7 +321,7 @@ def _open():
     """A bench data dir (the converted model linked in, so it persists between runs), its Store and memory."""
     import tempfile
 
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
     from bench.common import models_dir
     from storage import DataDir, Store
 

@@ -35,7 +35,7 @@ def _users(split: str) -> tuple[list[dict], list[str]]:
 
 def setup(users: list[dict], config=None):
     """A fresh data dir with the users' histories imported and memory built: (data, store, memory, user ids)."""
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
     from bench.common import fresh_data_dir
     from storage import Store
     from storage.transfer import import_history
@@ -138,9 +138,10 @@ def general_ability(engine, memory, ids: list[int], split: str, quick: bool = Fa
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.quality import BATCH, _probe_engine, _remove
 

@@ -45,7 +45,7 @@ def _general_questions() -> list[str]:
 def _calibrate(memory, store, users: list[int], facts: dict, general: list[str]) -> dict:
     """Per threshold (the embedder's gate: min_score, or the margin over the question's baseline): probe recall
     (own fact retrieved), precision, share of general questions with a memory."""
-    from assistant.memory import MemoryService
+    from assistant.memory.service import MemoryService
 
     rows = []
     knob = "personal_margin" if memory.relevance.personal_margin >= 0 else "min_score"
@@ -69,8 +69,8 @@ def _calibrate(memory, store, users: list[int], facts: dict, general: list[str])
 
 
 def _format_prompt(fmt: str, fact: str, distractors: list[str], probe: str) -> list[dict]:
-    from assistant.engine import DEFAULT_SYSTEM_PROMPT
-    from assistant.memory_text import facts_block, second_person, with_facts
+    from assistant.chat.service import DEFAULT_SYSTEM_PROMPT
+    from assistant.memory.text import facts_block, second_person, with_facts
 
     items = [fact, *distractors]
     random.Random(probe).shuffle(items)
@@ -91,7 +91,7 @@ def _formats(backend, tokenizer, users: list[int], facts: dict, tokens: int) -> 
     """Recall per block format with the right statement and two unrelated ones handed in."""
     import threading
 
-    from assistant.backend import GenerationSettings, StreamStats
+    from assistant.engines.base import GenerationSettings, StreamStats
     from bench.quality import BATCH, _hits
     from bench.quality_users import SLOTS
 
@@ -123,7 +123,7 @@ def _setup(quick: bool):
     import json
     import tempfile
 
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
     from bench.common import models_dir
     from bench.quality_users import SLOTS, USER_NAMES, in_passing, told_then_asked
     from storage import DataDir, Store
@@ -155,9 +155,10 @@ def _setup(quick: bool):
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.quality import (
         BATCH,

@@ -55,7 +55,7 @@ _hits = hits  # one rule for every bench: bench.general_qa.hits
 @functools.cache
 def _probe_engine():
     """ChatEngine whose finished turns are not remembered (so a probe never answers the next one)."""
-    from assistant.engine import ChatEngine
+    from assistant.chat.service import ChatEngine
 
     class ProbeEngine(ChatEngine):
         def _remember(self, user_id, turn):
@@ -66,7 +66,7 @@ def _probe_engine():
 
 def _ask_all(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool, tokens: int) -> list:
     """Each (user_id, question) in a new conversation, concurrently (the backend batches them): final Turns."""
-    from assistant.backend import GenerationSettings
+    from assistant.engines.base import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
 
@@ -136,10 +136,11 @@ def _train_all(store, users: dict, device: str, quick: bool = False) -> dict:
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.chat.service import ChatConfig
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
+    from assistant.memory.service import MemoryConfig, MemoryService
     from assistant.model import ModelConfig, load_model
 
     started_all = time.perf_counter()

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from assistant.gguf_lora import converter_dir
+from assistant.engines.llamacpp.gguf_lora import converter_dir
 
 PROMPT = "Explain in a few sentences why the sky is blue, and give one everyday example."
 
@@ -43,7 +43,7 @@ def _publish(store, user_id: int, version: int, model_path: Path, seed: int) -> 
 
 
 def _one(backend, ids, tokens, adapter=None):
-    from assistant.backend import GenerationSettings, StreamStats
+    from assistant.engines.base import GenerationSettings, StreamStats
 
     stats = StreamStats()
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
@@ -80,8 +80,9 @@ def _concurrent(backend, ids, tokens, adapters) -> dict:
 def run(quick: bool = False) -> dict:
     import torch
 
-    from assistant.adapters import AdapterRegistry, resolve_adapter
-    from assistant.backend import BatchConfig, TransformersBackend
+    from assistant.chat.adapters import resolve_adapter
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from assistant.model import ModelConfig, load_model
     from bench.common import models_dir
     from storage import DataDir, Store
@@ -148,7 +149,7 @@ def run(quick: bool = False) -> dict:
     batched.close()
     serial.close()
     out["llama_cpp"] = _llama_cpp(tokens) if not quick else None
-    from assistant.llamacpp_backend import available
+    from assistant.engines.llamacpp.backend import available
 
     if available() and converter_dir() is not None:
         # its own process, as `serve --engine llamacpp` runs it: torch's worker threads of the measurements above
@@ -169,7 +170,7 @@ def run(quick: bool = False) -> dict:
 
 def _llamacpp_child(part: str, root: str, users: list[int], model_dir: str, ids, tokens: int, repeats: int,
                     quick: bool, results) -> None:
-    from assistant.adapters import resolve_adapter
+    from assistant.chat.adapters import resolve_adapter
     from storage import DataDir, Store
 
     store = Store(DataDir(Path(root)))
@@ -188,7 +189,7 @@ LATE_GAP_S = 0.25
 
 def _late(backend, ids, tokens: int, busy: list, quick: bool) -> dict:
     """TTFT of requests arriving while ``len(busy)`` answers of ``tokens`` tokens are being decoded."""
-    from assistant.backend import GenerationSettings, StreamStats
+    from assistant.engines.base import GenerationSettings, StreamStats
 
     long = GenerationSettings(max_new_tokens=tokens * 2, temperature=0, repetition_penalty=1.0)
     threads = [threading.Thread(target=lambda r=r: [None for _ in backend.stream(ids, long, threading.Event(),
@@ -214,10 +215,10 @@ def _late(backend, ids, tokens: int, busy: list, quick: bool) -> dict:
 # Over 60 lines on purpose: the llama.cpp engine's measurements in run order, on the users run() published.
 def _llamacpp_engine(store, users: list[int], model_dir: Path, ids, tokens: int, repeats: int, quick: bool,
                      ref) -> dict:
-    """The llama.cpp engine (assistant.llamacpp_backend) on the shipped GGUF, with the same users' adapters
+    """The llama.cpp engine (assistant.engines.llamacpp.backend) on the shipped GGUF, with the same users' adapters
     converted as a publish converts them."""
-    from assistant.gguf_lora import convert, gguf_path
-    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.engines.llamacpp.gguf_lora import convert, gguf_path
     from assistant.model import embedded_gguf
 
     started = time.perf_counter()
@@ -281,8 +282,8 @@ def _serial(backend, ids, tokens, adapters) -> dict:
 
 def _q8(model_dir: Path, ids, tokens: int, short, busy: list, quick: bool) -> dict | None:
     """The llama.cpp engine on ``--llamacpp-weights q8_0`` (llama.cpp's Q8_0 of the transformers weights)."""
-    from assistant.gguf_lora import BASE_NAME, serving_weights
-    from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig
+    from assistant.engines.llamacpp.gguf_lora import BASE_NAME, serving_weights
     from assistant.model import embedded_gguf
 
     written = (model_dir / BASE_NAME).is_file()

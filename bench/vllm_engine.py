@@ -23,7 +23,7 @@ USERS = (1, 4, 8)
 
 
 def _request(backend, ids, tokens, adapter) -> dict:
-    from assistant.backend import GenerationSettings, StreamStats
+    from assistant.engines.base import GenerationSettings, StreamStats
 
     stats = StreamStats()
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
@@ -77,11 +77,12 @@ def _p95(values: list[float]) -> float:
 
 
 def run(quick: bool = False) -> dict:
-    from assistant.adapters import AdapterRegistry, resolve_adapter
-    from assistant.backend import BatchConfig, TransformersBackend
+    from assistant.chat.adapters import resolve_adapter
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
+    from assistant.engines.vllm.backend import VLLMBackend, VLLMConfig
+    from assistant.engines.vllm.server import ROOT
     from assistant.model import ModelConfig, load_model
-    from assistant.vllm_backend import VLLMBackend, VLLMConfig
-    from assistant.vllm_server import ROOT
     from bench.common import models_dir
     from storage import DataDir, Store
 
@@ -128,7 +129,7 @@ def run(quick: bool = False) -> dict:
 def _vllm_version() -> str:
     import subprocess
 
-    from assistant.vllm_server import ROOT
+    from assistant.engines.vllm.server import ROOT
 
     return subprocess.run([str(ROOT / ".venv-vllm" / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
                           capture_output=True, text=True).stdout.strip()

@@ -82,7 +82,7 @@ class TrainConfig:
     ability_max_new_tokens: int = 48
     """Length of the greedy answers to the general checks."""
     ability_repetition_penalty: float = 1.1
-    """Repetition penalty of those answers: serving's default (assistant.backend.GenerationSettings). Measured
+    """Repetition penalty of those answers: serving's default (assistant.engines.base.GenerationSettings). Measured
     on one dev user's adapter: 36/64 checks right vs the base model's 50 decoded at 1.0, while the same adapter
     answered the bench's dev general questions better than the base model at 1.1 (43 vs 38 of 70)."""
     min_improvement: float = 0.0

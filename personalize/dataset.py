@@ -39,7 +39,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from assistant.memory_text import facts_block, second_person, statements, topic, with_facts
+from assistant.memory.text import facts_block, second_person, statements, topic, with_facts
 from personalize.config import TrainConfig
 from personalize.facts import fact_questions, is_filler, target_key, untold_questions
 

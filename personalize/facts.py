@@ -4,7 +4,7 @@ and which of their answers are filler that must not become targets.
 - :func:`fact_questions` turns one first-person statement ("My dog is called Biscuit.") into several
   questions the user might ask later ("What is my dog's name?", "What did I name my dog?", ...) from
   the statement's structure (English and Chinese rules, plus generic fallbacks). The answer is the
-  statement in second person (:func:`assistant.memory_text.second_person`): "Your dog is called Biscuit."
+  statement in second person (:func:`assistant.memory.text.second_person`): "Your dog is called Biscuit."
 - :func:`untold_questions` asks about things the user never mentioned (a sister, a car, a birthday), answered
   "You haven't told me about your sister.": trained beside the facts, they teach the adapter to say so rather
   than make an answer up.
@@ -24,7 +24,7 @@ import hashlib
 import random
 import re
 
-from assistant.memory_text import _QUESTION_START, _ZH_QUESTION, is_statement, second_person, statements
+from assistant.memory.text import _QUESTION_START, _ZH_QUESTION, is_statement, second_person, statements
 
 __all__ = ["fact_questions", "is_filler", "is_question", "statements", "target_key", "fact_key", "untold_questions"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from assistant import gguf_lora
+from assistant.engines.llamacpp import gguf_lora
 from assistant.errors import ModelError
 from assistant.file_checks import adapter_problem
 from assistant.model import EMBEDDED, ModelConfig, resolve_model_dir
@@ -173,8 +173,9 @@ def _record(store: Store, job_id: int, user_id: int, model, verdict: gate.GateRe
             phases: _Phases, new: list, cfg: TrainConfig, base_dir: Path) -> dict:
     """Publish the trained adapter (then keep its new examples in the replay reservoir) or record the
     rejection; finish the job row. Returns the job's result. A published version also gets its GGUF for the
-    llama.cpp engine when llama.cpp's converter is installed (assistant.gguf_lora). A disk that fills up while
-    publishing fails the job with a ``StorageError`` that says so; nothing half-written stays (:func:`_publish`)."""
+    llama.cpp engine when llama.cpp's converter is installed (assistant.engines.llamacpp.gguf_lora). A disk that
+    fills up while publishing fails the job with a ``StorageError`` that says so;
+    nothing half-written stays (:func:`_publish`)."""
     base_id, parent = metrics["base_model"], metrics["continued_from"]
     with phases("publishing" if verdict.passed else "recording the rejection"):
         if verdict.passed:

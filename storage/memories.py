@@ -50,7 +50,7 @@ class Memory:
     message_id: int | None
     created_at: str
     policy: int = 1
-    """The derivation policy the row was written under (see ``assistant.memory_policy.POLICY``)."""
+    """The derivation policy the row was written under (see ``assistant.memory.policy.POLICY``)."""
     cue: str | None = None
     """The text the memory is found by when it is not its own text (a correction: the question it corrects)."""
     context: str | None = None

@@ -300,7 +300,7 @@ def m009_auth_failures(db: Database) -> None:
 def m010_damaged_adapter_versions(db: Database) -> None:
     """A published version whose files turn out damaged (truncated, garbage) is marked ``damaged``, with what
     was wrong in ``damage``: it is never served or made active again, and serving falls back to an older
-    version (``assistant.adapters.fall_back``). SQLite cannot alter a CHECK, so the table is rebuilt."""
+    version (``assistant.chat.adapters.fall_back``). SQLite cannot alter a CHECK, so the table is rebuilt."""
     _run(
         db,
         """

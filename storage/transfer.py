@@ -2,7 +2,7 @@
 and files.
 
 Forgetting a user as a whole (stopping their training process, dropping their loaded memory index,
-then deleting) is a use case above storage: ``assistant.account.forget_user``.
+then deleting) is a use case above storage: ``assistant.chat.account.forget_user``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def delete_user(store: Store, user_id: int) -> None:
     """Delete the user's rows (cascading to all their data) and every file of theirs under the data dir,
     then VACUUM so nothing of theirs is left in free pages or the WAL.
 
-    Rows and files only: stop the user's training process first (``assistant.account.forget_user``
+    Rows and files only: stop the user's training process first (``assistant.chat.account.forget_user``
     does), or a job may re-create files after this returns.
     """
     store.users.by_id(user_id)

@@ -112,8 +112,9 @@ def tiny_loaded(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def engine(store, tiny_loaded):
-    from assistant.backend import GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import TransformersBackend
 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
     return ChatEngine(store, TransformersBackend(tiny_loaded), cfg)
@@ -130,8 +131,8 @@ def fake():
 @pytest.fixture
 def fake_engine(store, fake):
     """ChatEngine on the scripted backend: for tests about turns, prompts and storage, not the model."""
-    from assistant.backend import GenerationSettings
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.base import GenerationSettings
 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
     return ChatEngine(store, fake, cfg)

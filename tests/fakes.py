@@ -22,8 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from assistant.adapters import AdapterRef
-from assistant.backend import ChatBackend, GenerationSettings, StreamStats
+from assistant.engines.base import AdapterRef, ChatBackend, GenerationSettings, StreamStats
 
 DEFAULT_ANSWER = ("I am", " a scripted", " answer.")
 

@@ -1,4 +1,4 @@
-"""assistant/account.py and the storage helpers under it: forgetting a user as one use case."""
+"""assistant/chat/account.py and the storage helpers under it: forgetting a user as one use case."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from assistant.account import forget_user, stop_training
-from assistant.memory import MemoryConfig, MemoryService
+from assistant.chat.account import forget_user, stop_training
+from assistant.memory.service import MemoryConfig, MemoryService
 from storage import NotFound
 from storage.common import as_int, row_or_not_found
 

@@ -6,9 +6,11 @@ import threading
 
 import pytest
 
-from assistant.adapters import AdapterConfig, AdapterRegistry, resolve_adapter
-from assistant.backend import BatchConfig, GenerationSettings, TransformersBackend
-from assistant.engine import ChatConfig, ChatEngine
+from assistant.chat.adapters import resolve_adapter
+from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.engines.base import GenerationSettings
+from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
 from assistant.model import ModelConfig, load_model
 from storage import DataDir
 from storage.db import utcnow

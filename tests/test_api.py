@@ -40,9 +40,9 @@ def fapi(store, fake):
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from assistant.api import build_router
-    from assistant.backend import GenerationSettings
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.api.routes import build_router
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.base import GenerationSettings
 
     engine = ChatEngine(store, fake, ChatConfig(defaults=GenerationSettings(max_new_tokens=12, temperature=0)))
     app = FastAPI()
@@ -190,8 +190,8 @@ def test_401_on_a_fresh_install_says_to_add_a_user_first(store, fake):
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from assistant.api import build_router
-    from assistant.engine import ChatEngine
+    from assistant.api.routes import build_router
+    from assistant.chat.service import ChatEngine
 
     app = FastAPI()
     app.include_router(build_router(ChatEngine(store, fake)))
@@ -258,8 +258,8 @@ def _limited(fapi, **limits):
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from assistant.api import build_router
-    from assistant.protocol import APIConfig
+    from assistant.api.protocol import APIConfig
+    from assistant.api.routes import build_router
 
     app = FastAPI()
     app.include_router(build_router(fapi.engine, APIConfig(**limits)))
@@ -335,7 +335,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(fapi):
 @pytest.mark.parametrize("field,value", [("max_body_bytes", 10), ("max_messages", 0), ("max_tokens", 4097),
                                          ("max_tokens", "5"), ("max_messages", True)])
 def test_api_config_names_the_bad_field(field, value):
-    from assistant.protocol import APIConfig
+    from assistant.api.protocol import APIConfig
 
     with pytest.raises(ValueError, match=f"^{field}: must be an integer"):
         APIConfig(**{field: value})

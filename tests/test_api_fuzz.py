@@ -47,9 +47,9 @@ class Served:
     def __init__(self, data_dir):
         import uvicorn
 
-        from assistant.backend import GenerationSettings
-        from assistant.engine import ChatConfig, ChatEngine
-        from assistant.memory import MemoryConfig, MemoryService
+        from assistant.chat.service import ChatConfig, ChatEngine
+        from assistant.engines.base import GenerationSettings
+        from assistant.memory.service import MemoryConfig, MemoryService
         from assistant.server import build_app
         from fakes import FakeBackend
         from storage import Store

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from assistant.adapters import AdapterRef, AdapterRegistry
-from assistant.backend import BatchConfig, GenerationSettings, StreamStats, TransformersBackend
+from assistant.engines.base import AdapterRef, GenerationSettings, StreamStats
+from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+from assistant.engines.hf.registry import AdapterRegistry
 from assistant.errors import ModelError
 from assistant.model import ModelConfig, load_model
 from storage import DataDir
@@ -218,7 +219,7 @@ def test_sampling_keeps_the_tokens_transformers_keeps():
         TopPLogitsWarper,
     )
 
-    from assistant.continuous import Sampling, penalize, warp
+    from assistant.engines.hf.continuous import Sampling, penalize, warp
 
     torch.manual_seed(0)
     logits = torch.randn(3, 500) * 3

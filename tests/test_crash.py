@@ -242,7 +242,7 @@ def _wait(predicate, seconds: float) -> None:
 def _final_state(data: Path) -> int:
     """No version half-published, no job open, every FAISS index exactly the user's current memories."""
     from assistant.file_checks import adapter_problem
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.memory.service import MemoryConfig, MemoryService
     from storage import Store
 
     store = Store(data)

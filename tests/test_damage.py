@@ -21,14 +21,15 @@ import pytest
 import sqlite_utils
 from test_personalize import tiny_cfg, write_history
 
-from assistant import memory_index
-from assistant.adapters import AdapterConfig, AdapterRegistry
-from assistant.backend import GenerationSettings, TransformersBackend
-from assistant.engine import ChatConfig, ChatEngine
+from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.engines.base import GenerationSettings
+from assistant.engines.hf.backend import TransformersBackend
+from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
 from assistant.errors import ModelError
-from assistant.memory import MemoryConfig, MemoryService
+from assistant.memory import index as memory_index
+from assistant.memory.service import MemoryConfig, MemoryService
 from assistant.model import ModelConfig, load_model
-from assistant.ui_render import damage_notice
+from assistant.ui.render import damage_notice
 from helpers import ROOT, Server, cli
 from personalize.api import train_now
 from personalize.runner import queue_job

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from assistant.backend import GenerationSettings
+from assistant.engines.base import GenerationSettings
 from fakes import activate_version
 from storage import InputError, NotFound
 
@@ -224,11 +224,12 @@ def test_bad_generation_settings_name_the_field():
 def test_streamed_pieces_rebuild_the_answer_exactly(tiny_loaded, text):
     """The incremental decoder streams whole words, never half a character, and the pieces join to
     exactly what decoding the whole answer gives."""
-    from assistant.backend import StreamStats, TransformersBackend, _Request
+    from assistant.engines.base import Request, StreamStats
+    from assistant.engines.hf.backend import TransformersBackend
 
     backend = TransformersBackend(tiny_loaded)
     ids = tiny_loaded.tokenizer.encode(text, add_special_tokens=False)
-    req = _Request([], GenerationSettings(), threading.Event(), StreamStats(), None, False)
+    req = Request([], GenerationSettings(), threading.Event(), StreamStats(), None, False)
     for token in ids:
         req.ids.append(token)
         backend._flush(req, final=False)

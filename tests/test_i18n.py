@@ -7,12 +7,12 @@ import ast
 import re
 from pathlib import Path
 
-from assistant.i18n import EN, ZH, tr, tr_error
+from assistant.ui.i18n import EN, ZH, tr, tr_error
 from storage.errors import AuthError, InputError
 
 ROOT = Path(__file__).resolve().parent.parent
-UI_MODULES = ["ui.py", "ui_layout.py", "ui_tabs.py", "ui_memory.py", "ui_personal.py", "ui_personal_text.py",
-              "ui_account.py", "ui_render.py", "auth.py"]
+UI_MODULES = sorted(p.relative_to(ROOT / "assistant") for p in (ROOT / "assistant" / "ui").rglob("*.py")
+                    if not p.name.startswith(("i18n", "__init__")))
 TEXT_KWARGS = {"label", "placeholder", "info", "title", "x_title", "y_title", "value"}
 ALLOWED_LITERALS = {"", "…", "—", "✔"}
 KEEP_IN_LATIN = {"Attune", "API", "URL", "JSON", "OpenAI", "Top-p", "base", "Shift", "Enter", "ID"}
@@ -20,7 +20,7 @@ KEEP_IN_LATIN = {"Attune", "API", "URL", "JSON", "OpenAI", "Top-p", "base", "Shi
 
 def _sources():
     for name in UI_MODULES:
-        yield name, (ROOT / "assistant" / name).read_text()
+        yield str(name), (ROOT / "assistant" / name).read_text()
 
 
 def test_every_key_used_by_the_ui_exists_in_both_languages():
@@ -69,7 +69,7 @@ def test_errors_a_web_user_can_cause_are_translated():
 
 def test_job_and_gate_reasons_are_worded_in_the_users_language():
     """personalize records its reasons in English; My assistant words them from the verdict's code and numbers."""
-    from assistant.ui_personal import reason_text
+    from assistant.ui.tabs.personal import reason_text
 
     numbers = {"passed": False, "heldout_loss_before": 2.5, "heldout_loss": 2.6, "anchor_rise": 0.12,
                "config": {"anchor_margin": 0.05}, "continued_from": None}

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from assistant.adapters import AdapterRef
-from assistant.backend import GenerationSettings, StreamStats
-from assistant.gguf_lora import BASE_NAME, GGUF_NAME, convert, converter_dir, serving_weights
-from assistant.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, available
+from assistant.engines.base import AdapterRef, GenerationSettings, StreamStats
+from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig, available
+from assistant.engines.llamacpp.gguf_lora import BASE_NAME, GGUF_NAME, convert, converter_dir, serving_weights
 
 pytestmark = [
     pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed (make setup builds it)"),
@@ -51,7 +50,7 @@ def world(tmp_path_factory, embedded_models_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.backend import TransformersBackend
+    from assistant.engines.hf.backend import TransformersBackend
     from assistant.model import LoadedModel, embedded_gguf
 
     model_dir = next(p for p in embedded_models_dir.iterdir() if (p / "config.json").is_file())
@@ -251,8 +250,8 @@ def test_an_adapter_published_without_gguf_is_converted_on_first_use(world):
 
 
 def test_auto_picks_llama_cpp_for_the_embedded_model_on_a_cpu():
+    from assistant.engines.select import pick_engine
     from assistant.model import ModelConfig
-    from assistant.server import pick_engine
 
     assert pick_engine("auto", ModelConfig(device="cpu")) == "llamacpp"
     assert pick_engine("auto", ModelConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")) == "transformers"

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from assistant.embedder import E5Embedder, HashEmbedder, HashEmbedderConfig, MiniLMEmbedder
-from assistant.memory import MemoryConfig, MemoryService
-from assistant.memory_text import BLOCK_HEADER
+from assistant.memory.embedder import E5Embedder, HashEmbedder, HashEmbedderConfig, MiniLMEmbedder
+from assistant.memory.service import MemoryConfig, MemoryService
+from assistant.memory.text import BLOCK_HEADER
 from storage import InputError, NotFound, Store
 from storage.transfer import import_history
 
@@ -67,7 +67,7 @@ def test_repository_is_scoped_paged_and_ids_are_never_reused(store, alice, bob):
         store.db.execute("UPDATE memories SET text = 'changed' WHERE id = ?", [a1])
 
 
-# assistant/embedder.py ---------------------------------------------------------------------------
+# assistant/memory/embedder.py ---------------------------------------------------------------------------
 def test_hash_embedder_is_deterministic_unit_length_and_word_based():
     emb = HashEmbedder(HashEmbedderConfig(dim=128))
     v = emb.embed(["my dog is called Biscuit", "My dog is called Biscuit!", "quantum chromodynamics", ""])
@@ -490,13 +490,13 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
     ("帮我写一封邮件，我的老板叫王伟。", ["我的老板叫王伟。"]),
 ])
 def test_statements_keep_what_the_user_says_about_themselves(text, expected):
-    from assistant.memory_text import statements
+    from assistant.memory.text import statements
 
     assert statements(text) == expected
 
 
 def test_second_person():
-    from assistant.memory_text import second_person
+    from assistant.memory.text import second_person
 
     assert second_person("I'm allergic to nuts and my sister is Clara.") == \
         "You're allergic to nuts and your sister is Clara."
@@ -506,8 +506,9 @@ def test_second_person():
 
 
 def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_words(store, alice, tiny_loaded):
-    from assistant.backend import GenerationSettings, TransformersBackend
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.base import GenerationSettings
+    from assistant.engines.hf.backend import TransformersBackend
 
     memory = make_service(store)
     engine = ChatEngine(store, TransformersBackend(tiny_loaded),
@@ -538,7 +539,7 @@ def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_wor
     ("我搬到成都了。", "home"), ("我的猫叫咪咪。", "name of 猫"), ("我是一名护士。", "job"),
 ])
 def test_topics_of_one_valued_facts(statement, expected):
-    from assistant.memory_text import topic
+    from assistant.memory.text import topic
 
     assert topic(statement) == expected
 
@@ -572,7 +573,7 @@ def test_a_statement_saying_something_changed_answers_over_the_older_ones(store,
 
 
 def test_personal_questions_and_how_tos():
-    from assistant.memory_text import personal, says_change
+    from assistant.memory.text import personal, says_change
 
     assert personal("What's my line of work?") and personal("我住哪儿？") and personal("Where am I travelling?")
     assert not personal("How do I reset my router?") and not personal("What is the capital of Canada?")
@@ -595,7 +596,7 @@ def test_e5_takes_any_text_quickly(tmp_path):
 
 # a reply found by the question it answers; a never-told question gets nothing -------------------------------
 def test_a_reply_is_found_by_the_question_it_answered(store, alice, memory):
-    from assistant.memory_text import asked
+    from assistant.memory.text import asked
 
     assert asked("Nice to meet you! Where are you based these days?") == "Where are you based these days?"
     assert asked("Boil them for nine minutes. Enjoy!") is None and asked(None) is None
@@ -611,7 +612,7 @@ def test_a_reply_is_found_by_the_question_it_answered(store, alice, memory):
 
 
 def test_spread_is_exact_while_small_and_sampled_uniformly_beyond():
-    from assistant.memory_index import SPREAD_SAMPLE, VectorIndex
+    from assistant.memory.index import SPREAD_SAMPLE, VectorIndex
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(3 * SPREAD_SAMPLE, 16)).astype(np.float32)
@@ -636,7 +637,7 @@ def test_spread_is_exact_while_small_and_sampled_uniformly_beyond():
 
 
 def test_stands_out_needs_enough_memories_and_can_be_off():
-    from assistant.memory_policy import STAND_OUT_FROM, stands_out
+    from assistant.memory.policy import STAND_OUT_FROM, stands_out
 
     assert stands_out(0.9, (0.8, 0.02, 50), 1.8) and not stands_out(0.83, (0.8, 0.02, 50), 1.8)
     assert stands_out(0.83, (0.8, 0.02, STAND_OUT_FROM - 1), 1.8)  # too few to tell what stands out

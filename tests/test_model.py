@@ -10,7 +10,7 @@ from storage import DataDir
 
 
 def ask(engine, user, text, **kw):
-    from assistant.backend import GenerationSettings
+    from assistant.engines.base import GenerationSettings
 
     turn = None
     for turn in engine.send(user.id, None, text, GenerationSettings(max_new_tokens=12, temperature=0), **kw):
@@ -25,9 +25,9 @@ def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_
     has run must not change what the base model says (bitsandbytes' CPU repack once broke exactly this)."""
     from test_adapters import publish_random_adapter
 
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import TransformersBackend
-    from assistant.engine import ChatEngine
+    from assistant.chat.service import ChatEngine
+    from assistant.engines.hf.backend import TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
     from conftest import seed_models
     from storage import Store
 

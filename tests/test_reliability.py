@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from assistant.backend import GenerationSettings
+from assistant.engines.base import GenerationSettings
 from helpers import Server, cli
 from storage import InputError, NotFound
 from storage.transfer import import_history
@@ -56,8 +56,8 @@ def api_client(tmp_path_factory, tiny_loaded):
     """The real FastAPI app in process (TestClient), on the tiny model."""
     from fastapi.testclient import TestClient
 
-    from assistant.backend import TransformersBackend
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.hf.backend import TransformersBackend
     from assistant.server import build_app
     from storage import Store
 
@@ -171,7 +171,7 @@ def test_a_step_chained_after_a_correction_does_not_answer_a_later_send_twice(fa
     (nor end the send's claim)."""
     from types import SimpleNamespace
 
-    from assistant.ui import ChatUI
+    from assistant.ui.app import ChatUI
 
     auth = SimpleNamespace(require=lambda request: alice)
     ui = ChatUI(fake_engine, auth)

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from assistant.backend import GenerationSettings
+from assistant.engines.base import GenerationSettings
 from storage import DataDir, NotFound
 from storage.paths import _uid
 
@@ -46,9 +46,9 @@ def _no_dns(real, attempts):
 
 
 def test_full_chat_memory_and_training_without_network(no_network, store, alice, tiny_model_dir, tmp_path):
-    from assistant.backend import TransformersBackend
-    from assistant.engine import ChatConfig, ChatEngine
-    from assistant.memory import MemoryConfig, MemoryService
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.hf.backend import TransformersBackend
+    from assistant.memory.service import MemoryConfig, MemoryService
     from assistant.model import ModelConfig, load_model
     from personalize.api import train_now
     from personalize.config import TrainConfig

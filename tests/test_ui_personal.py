@@ -10,11 +10,11 @@ import re
 
 import pytest
 
-from assistant.i18n import tr
-from assistant.ui import ChatUI, UIConfig
-from assistant.ui_personal import actions, view
-from assistant.ui_personal_text import job_text, learned_text, style_text
-from assistant.ui_tabs import run_compare
+from assistant.ui.app import ChatUI, UIConfig
+from assistant.ui.i18n import tr
+from assistant.ui.tabs.compare import run_compare
+from assistant.ui.tabs.personal import actions, view
+from assistant.ui.tabs.personal_text import job_text, learned_text, style_text
 from fakes import activate_version
 from storage.common import utcnow
 from storage.errors import InputError
@@ -193,7 +193,7 @@ def test_compare_answers_with_both_once_there_is_a_version(ui, store, fake, alic
 
 
 def test_a_busy_personalizer_is_told_in_the_users_language():
-    from assistant.i18n import tr_error
+    from assistant.ui.i18n import tr_error
     from storage.errors import AttuneError
 
     busy = AttuneError("Another training job is running (job 7); wait for it to finish.")

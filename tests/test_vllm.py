@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.backend import GenerationSettings
+from assistant.engines.base import GenerationSettings
 from conftest import seed_models
 from helpers import ROOT, Server, cli
 
@@ -43,9 +43,9 @@ def vllm_dd(embedded_models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_url(vllm_dd):
+    from assistant.engines.vllm.backend import VLLMConfig
+    from assistant.engines.vllm.server import VLLMServer
     from assistant.model import resolve_model_dir
-    from assistant.vllm_backend import VLLMConfig
-    from assistant.vllm_server import VLLMServer
 
     cfg = VLLMConfig(venv=str(VENV), dtype="float32", max_loras=4, max_loaded=8, nice=5)
     server = VLLMServer(cfg, resolve_model_dir("embedded", vllm_dd), 1024, vllm_dd.root / "vllm.log")
@@ -73,11 +73,11 @@ def vstore(vllm_dd, tmp_path):
 
 def engines(store, vllm_url, hf_loaded, max_loaded: int = 8):
     """(vLLM engine, transformers engine) over the same store: the same ChatEngine, two backends."""
-    from assistant.adapters import AdapterRegistry
-    from assistant.backend import BatchConfig, TransformersBackend
-    from assistant.engine import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.engines.hf.backend import BatchConfig, TransformersBackend
+    from assistant.engines.hf.registry import AdapterRegistry
+    from assistant.engines.vllm.backend import VLLMBackend, VLLMConfig
     from assistant.model import resolve_model_dir
-    from assistant.vllm_backend import VLLMBackend, VLLMConfig
 
     cfg = ChatConfig(context_tokens=1024, defaults=GREEDY)
     vllm = VLLMBackend(VLLMConfig(url=vllm_url, max_loaded=max_loaded), resolve_model_dir("embedded", store.data_dir),
@@ -201,7 +201,7 @@ def test_lru_unloads_old_versions(vstore, vllm_url, hf_loaded):
     import httpx
 
     served = {m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
-    from assistant.adapters import resolve_adapter
+    from assistant.chat.adapters import resolve_adapter
 
     assert resolve_adapter(vstore, users[2]).name in served and resolve_adapter(vstore, users[0]).name not in served
     vllm.backend.close()

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
+from assistant.engines.vllm.adapters import ALLOWED_RANKS, check_vllm_adapter, vllm_problems, write_zero_adapter
+from assistant.engines.vllm.backend import VLLMConfig
+from assistant.engines.vllm.server import VLLMServer
 from assistant.errors import ModelError
 from assistant.model import ModelConfig, resolve_model_dir
-from assistant.vllm_adapters import ALLOWED_RANKS, check_vllm_adapter, vllm_problems, write_zero_adapter
-from assistant.vllm_backend import VLLMConfig
-from assistant.vllm_server import VLLMServer
 from helpers import cli
 from personalize.config import TrainConfig
 

@@ -1,0 +1,233 @@
+"""The OpenAI-compatible HTTP API at ``/v1``: chat completions (JSON and SSE streaming), models,
+feedback. The Bearer API key decides the user; every read and write is scoped to that user.
+
+This module holds the handlers; the wire shapes (parsing, bodies, errors) are in ``assistant.api.protocol``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from assistant.api import protocol
+from assistant.api.protocol import APIConfig, ChatRequest, error, error_for
+from assistant.chat.service import ChatEngine, Turn
+from assistant.web import address_of
+from storage.errors import CLI, AttuneError, AuthError, InputError, TooLarge
+
+
+class KeyCache:
+    """Verified API keys -> user id, so scrypt runs once per key rather than once per request."""
+
+    def __init__(self, store, size: int = 1024):
+        self.store, self.size = store, size
+        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def user_id(self, request: Request) -> int:
+        """The key's user; a bad key counts against the client's address (``storage.throttle``)."""
+        address = address_of(request)
+        self.store.throttle.check_key(address)
+        header = request.headers.get("authorization", "")
+        try:
+            return self._user_id(header)
+        except AuthError as e:
+            if header.strip():
+                self.store.throttle.failed_key(address)
+            if self.store.users.count() == 0:  # a fresh install: there is nobody to make a key for yet
+                raise AuthError(f"No user exists yet. Add one with: {CLI} users add NAME, then create an API key "
+                                f"with: {CLI} users key NAME") from e
+            raise
+
+    def _user_id(self, header: str) -> int:
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise AuthError(f"Missing API key: send 'Authorization: Bearer <key>'. Create one with: {CLI} users key "
+                            "NAME")
+        key = header[7:].strip()
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        with self._lock:
+            cached = digest in self._cache
+            if cached:
+                self._cache.move_to_end(digest)
+                user_id = self._cache[digest]
+        if cached:  # a revoked key (or a forgotten user's) stops working at once
+            if self.store.users.api_key_live(key.split("-", 2)[1]):
+                return user_id
+            with self._lock:
+                self._cache.pop(digest, None)
+        user = self.store.users.by_api_key(key)
+        with self._lock:
+            self._cache[digest] = user.id
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return user.id
+
+
+class ChatAPI:
+    """The handlers behind ``/v1``, one method per route."""
+
+    def __init__(self, engine: ChatEngine, config: APIConfig | None = None):
+        self.engine = engine
+        self.config = config or APIConfig()
+        self.store = engine.store
+        self.keys = KeyCache(engine.store)
+
+    def models(self, request: Request):
+        try:
+            self.keys.user_id(request)
+        except AttuneError as e:
+            return error_for(e)
+        return {"object": "list", "data": [{"id": self.engine.backend.name, "object": "model", "created": 0,
+                                            "owned_by": "attune"}]}
+
+    async def chat_completions(self, request: Request):
+        try:
+            user_id = self.keys.user_id(request)
+            req = protocol.parse_chat_request(await self._json(request), self.engine.config.defaults, self.config)
+        except AttuneError as e:
+            return error_for(e)
+        created, model = int(time.time()), self.engine.backend.name
+        if not req.stream:
+            return await self._complete(user_id, req, created, model)
+        try:
+            stream = await _in_thread(lambda: _primed(self._generate(user_id, req)))
+        except AttuneError as e:
+            return error_for(e)
+        return StreamingResponse(_events(stream, created, model), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def feedback(self, request: Request):
+        try:
+            user_id = self.keys.user_id(request)
+            fb = protocol.parse_feedback(await self._json(request))
+            ids = []
+            if fb.feedback is not None:
+                ids.append(self.engine.feedback(user_id, fb.message_id, fb.feedback, source="api"))
+            if fb.correction is not None:
+                ids.append(self.engine.feedback(user_id, fb.message_id, "correction", fb.correction, source="api"))
+        except AttuneError as e:
+            return error_for(e)
+        return {"ok": True, "message_id": fb.message_id, "feedback_ids": ids,
+                "state": self.store.chats.feedback_state(user_id, fb.message_id)}
+
+    # internals ---------------------------------------------------------------------------------
+    async def _json(self, request: Request):
+        """The body as JSON, read only up to ``max_body_bytes``: TooLarge (413) as soon as the declared length
+        or the bytes received pass it, so an endless or huge body is never held in memory."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(protocol.body_too_large(limit, int(declared)))
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(protocol.body_too_large(limit))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise InputError("The client went away before sending the whole body.") from None
+        return protocol.decode_json(b"".join(chunks))
+
+    async def _complete(self, user_id: int, req: ChatRequest, created: int, model: str):
+        try:
+            turns = await _in_thread(lambda: list(self._generate(user_id, req)))
+        except AttuneError as e:
+            return error_for(e)
+        turn = turns[-1]
+        if turn.status == "error":
+            return error(500, turn.error or "Generation failed.", "server_error")
+        return protocol.completion(turn, created, model)
+
+    def _generate(self, user_id: int, req: ChatRequest) -> Iterator[Turn]:
+        cid = self._start_turn(user_id, req)
+        return self.engine.answer(user_id, cid, req.settings, source="api", use_adapter=req.use_adapter,
+                                  use_memory=req.use_memory)
+
+    def _start_turn(self, user_id: int, req: ChatRequest) -> int:
+        """Log the request's messages: a new conversation (all messages) or an existing one (last only)."""
+        chats, cid = self.store.chats, req.conversation_id
+        if cid is not None:
+            chats.conversation(user_id, cid)  # NotFound for someone else's id
+            self.engine.post(user_id, cid, req.messages[-1]["content"], source="api")
+            return cid
+        *earlier, last = req.messages
+        cid = chats.create_conversation(user_id, title=last["content"], source="api")
+        for m in earlier:
+            if m["content"].strip():
+                chats.add_message(user_id, cid, m["role"], m["content"], source="api")
+        self.engine.post(user_id, cid, last["content"], source="api")
+        return cid
+
+
+def build_router(engine: ChatEngine, config: APIConfig | None = None) -> APIRouter:
+    """The ``/v1`` routes over one ChatEngine, with ``config``'s limits (and those limits in the OpenAPI schema)."""
+    api = ChatAPI(engine, config)
+    router = APIRouter(prefix="/v1")
+    router.add_api_route("/models", api.models, methods=["GET"])
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"],
+                         openapi_extra=protocol.openapi_body(protocol.chat_request_schema(api.config)))
+    router.add_api_route("/feedback", api.feedback, methods=["POST"],
+                         openapi_extra=protocol.openapi_body(protocol.feedback_schema()))
+    routes = {r.path: sorted(r.methods) for r in router.routes}
+    router.add_api_route("/{rest:path}", _unknown(routes), include_in_schema=False,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    return router
+
+
+def _unknown(routes: dict[str, list[str]]):
+    """Any other ``/v1`` path or method: 404 or 405 in the API's error shape, naming what exists."""
+    offered = ", ".join(f"{m} {p}" for p, methods in routes.items() for m in methods)
+
+    async def unknown(request: Request):
+        path = request.url.path
+        if path in routes:
+            return error(405, f"{path} does not take {request.method}; it takes {', '.join(routes[path])}. "
+                              f"The API offers: {offered}.", code="method_not_allowed")
+        return error(404, f"There is no {path} in this API. It offers: {offered}.", "not_found_error",
+                     code="unknown_url")
+
+    return unknown
+
+
+def _events(stream: Iterator[Turn], created: int, model: str) -> Iterator[str]:
+    """The SSE events of a streamed turn: a role chunk, one chunk per new text, the final chunk, [DONE]."""
+    sent, turn, chunk_id, fp, first = 0, None, "chatcmpl-stream", "attune-base", True
+    for turn in stream:
+        fp = protocol.fingerprint(turn)
+        if first:
+            chunk_id, first = f"chatcmpl-u{turn.user_message_id}", False
+            yield protocol.chunk(chunk_id, created, model, fp, {"role": "assistant", "content": ""})
+        if len(turn.text) > sent:
+            yield protocol.chunk(chunk_id, created, model, fp, {"content": turn.text[sent:]})
+            sent = len(turn.text)
+    if turn is not None:
+        if turn.status == "error":
+            yield protocol.sse(protocol.error_body(turn.error, "server_error"))
+        yield protocol.chunk(chunk_id, created, model, fp, {}, protocol.finish_reason(turn),
+                             {"attune": protocol.attune_info(turn), "usage": protocol.usage(turn)})
+    yield protocol.SSE_DONE
+
+
+def _primed(stream: Iterator[Turn]) -> Iterator[Turn]:
+    """Run the generator to its first item now (so validation errors become HTTP errors), then resume."""
+    first = next(stream)
+
+    def rest():
+        yield first
+        yield from stream
+
+    return rest()
+
+
+async def _in_thread(fn):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn)
