@@ -73,8 +73,9 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     from fastapi import FastAPI
 
     from assistant.api.routes import build_router
-    from assistant.ui.app import CSS, JS, ChatUI, UIConfig, theme
+    from assistant.ui.app import ChatUI, UIConfig
     from assistant.ui.auth import SessionConfig, WebAuth
+    from assistant.ui.layout import CSS, JS, build_layout, theme
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(engine, api_cfg))
@@ -89,7 +90,7 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     ui = ChatUI(engine, auth, UIConfig(train_after=train_after if runner is not None else None), runner=runner)
     app.state.ui = ui
     # Routes must be registered before Gradio is mounted at "/".
-    return gr.mount_gradio_app(app, ui.build(), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
+    return gr.mount_gradio_app(app, build_layout(ui), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
                                ssr_mode=False, footer_links=[], show_error=True, auth_dependency=auth.dependency,
                                max_file_size=1)
 

@@ -138,7 +138,7 @@ def _trl_run(model_path: Path, tokenizer, examples, cfg, steps: int, bf16: bool,
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from personalize.train import tokenize
+    from personalize.scoring import tokenize
 
     seqs = tokenize(tokenizer, [e for e in examples if e.kind in ("sft", "anchor")], cfg)
     dataset = Dataset.from_list([{"input_ids": s.ids, "completion_mask": [0] * (len(s.ids) - s.n_answer) +

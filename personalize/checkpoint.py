@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from personalize.config import TrainConfig
 from personalize.dataset import Example
 from personalize.facts import target_key
+from personalize.scoring import autocast, mean_loss
 
 MIN_SPLIT = 4
 """Fewest held-out answers on each side before checkpoint selection and the gate get separate halves."""
@@ -87,8 +88,6 @@ class BestCheckpoint:
     def _loss(self, examples: list[Example]) -> float | None:
         """Mean loss in the training precision (bf16 autocast where training uses it: a check only ranks
         checkpoints against the base scored the same way; the gate scores in fp32)."""
-        from personalize.train import autocast, mean_loss
-
         with autocast(self.device, self.bf16):
             return mean_loss(self.model, self.tokenizer, examples, self.cfg, self.device)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from personalize.ability import Ability
 from personalize.config import TrainConfig
 from personalize.dataset import Example
-from personalize.train import mean_loss, mean_losses
+from personalize.scoring import mean_loss, mean_losses
 from storage.paths import atomic_write_bytes
 
 

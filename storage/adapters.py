@@ -15,20 +15,21 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage.common import row_or_not_found, utcnow
 from storage.errors import CLI, InputError, NotFound, StorageError
+from storage.jobs import Jobs
 from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remove_tree
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.replay import Replay
+from storage.store import SQLiteStore
+from storage.users import Users
 
 STATUSES = ("published", "rejected", "pruned", "damaged")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
-def staging_dir(store: Store, user_id: int, job_id: int) -> Path:
+def staging_dir(store: SQLiteStore, user_id: int, job_id: int) -> Path:
     """Where a job writes its adapter before publish; removed when the job ends or is found stale."""
     return store.data_dir.staging(user_id, job_id)
 
@@ -44,8 +45,9 @@ def _row(row: dict, root: Path, active: int | None) -> dict:
 class Adapters:
     """Adapter versions of each user. Every call takes the user's id and sees only that user's rows."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore, users: Users, jobs: Jobs, replay: Replay):
         self.store = store
+        self.users, self.jobs, self.replay = users, jobs, replay
 
     # reads -------------------------------------------------------------------------------------
     def next_version(self, user_id: int) -> int:
@@ -187,10 +189,10 @@ class Adapters:
     def overview(self, user_id: int) -> dict:
         """Everything a user's "My assistant" view shows at once: the personalization switch, the active
         version, the open job, versions (newest first), the last jobs and the replay reservoir's size."""
-        user = self.store.users.by_id(user_id)
+        user = self.users.by_id(user_id)
         return {"personalization": user.personalization, "active_version": self.active_version(user_id),
-                "open_job": self.store.jobs.open_job(user_id), "versions": self.list(user_id),
-                "jobs": self.store.jobs.list(user_id, 10), "replay_examples": self.store.replay.count(user_id)}
+                "open_job": self.jobs.open_job(user_id), "versions": self.list(user_id),
+                "jobs": self.jobs.list(user_id, 10), "replay_examples": self.replay.count(user_id)}
 
     def prune(self, user_id: int, keep: int) -> list[int]:
         """Keep the ``keep`` newest published versions (and the active one); delete the rest's folders.

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage.common import ROLES, as_int, row_or_not_found, utcnow
 from storage.errors import InputError
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 MAX_MESSAGE_CHARS = 1_000_000
 MAX_TITLE_CHARS = 80
@@ -55,7 +53,7 @@ def _message(row: dict) -> dict:
 
 
 class Chats:
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore):
         self.store = store
 
     # conversations ---------------------------------------------------------------------------

@@ -12,14 +12,12 @@ queries here (:meth:`Jobs.open_jobs`, :meth:`Jobs.events_since`) and write back 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage.common import as_int, row_or_not_found, utcnow
 from storage.errors import InputError
 from storage.paths import remove_tree
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 OPEN = ("queued", "running")
 DONE = ("published", "rejected", "failed")
@@ -36,7 +34,7 @@ def _job(row: dict) -> dict:
 class Jobs:
     """Training jobs of each user. User-facing reads take the user's id; :meth:`load` is for the worker."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore):
         self.store = store
 
     def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:

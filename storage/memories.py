@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from storage.chats import clean_text
+from storage.chats import Chats, clean_text
 from storage.common import as_int as _int
 from storage.common import utcnow
 from storage.errors import InputError, NotFound
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 KINDS = ("statement", "correction", "liked", "fact", "turn")
 """``turn`` (a "User: … Assistant: …" dump) is only read: rows of it are re-derived as statements (m006)."""
@@ -137,8 +135,9 @@ def _like_pattern(query: str) -> str:
 
 
 class Memories:
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore, chats: Chats):
         self.store = store
+        self.chats = chats
 
     # writes ----------------------------------------------------------------------------------
     def add(self, user_id: int, kind: str, text: Any, message_id: int | None = None,
@@ -152,7 +151,7 @@ class Memories:
         context = clean_text(context, what="memory context", limit=MAX_MEMORY_CHARS) if context is not None else None
         asked = clean_text(asked, what="memory question", limit=MAX_MEMORY_CHARS) if asked is not None else None
         if message_id is not None:
-            self.store.chats.message(user_id, message_id)  # NotFound for another user's message
+            self.chats.message(user_id, message_id)  # NotFound for another user's message
         with self.store.write() as db:
             return db["memories"].insert(
                 {"user_id": user_id, "kind": kind, "text": text, "message_id": message_id,
@@ -358,7 +357,7 @@ class Memories:
     # the messages memories come from --------------------------------------------------------
     def source_turn(self, user_id: int, message_id: Any) -> SourceTurn:
         """The answer ``message_id`` of the user, with its question and feedback (NotFound if not theirs)."""
-        answer = self.store.chats.message(user_id, message_id)
+        answer = self.chats.message(user_id, message_id)
         if answer["role"] != "assistant":
             raise InputError("Only the assistant's answers are remembered (with the question they answer); "
                              f"message {answer['id']} is a {answer['role']} message.")
@@ -375,7 +374,7 @@ class Memories:
                 "SELECT role, content FROM messages WHERE conversation_id = ? AND user_id = ? AND id < ? "
                 "AND replaced_by IS NULL ORDER BY id DESC LIMIT 1", [conv, user_id, question[0]]).fetchone()
             before = prior[1] if prior is not None and prior[0] == "assistant" else None
-        state = self.store.chats.feedback_state(user_id, answer["id"])
+        state = self.chats.feedback_state(user_id, answer["id"])
         return SourceTurn(
             answer_id=answer["id"], question=question[1] if question else None,
             question_id=question[0] if question else None, answer=answer["content"],

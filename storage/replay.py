@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
 
 from storage.common import utcnow
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 
 def priority(user_id: int, message_id: int, seed: int = 0) -> float:
@@ -29,7 +26,7 @@ def priority(user_id: int, message_id: int, seed: int = 0) -> float:
 class Replay:
     """Reservoir rows of each user (``replay_examples``); every call takes the user's id."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore):
         self.store = store
 
     def offer(self, user_id: int, examples: list[dict], size: int, seed: int = 0) -> int:

@@ -6,12 +6,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
-from storage.users import User, _user
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
+from storage.users import User, Users, _user
 
 TOKEN_BYTES = 32
 TOUCH_EVERY = timedelta(minutes=5)  # last_seen_at is refreshed at most this often (one write per window)
@@ -27,12 +24,13 @@ def _iso(t: datetime) -> str:
 
 
 class Sessions:
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore, users: Users):
         self.store = store
+        self.users = users
 
     def create(self, user_id: int, ttl: timedelta) -> str:
         """A new session for the user; returns the id to put in the cookie (never stored as is)."""
-        self.store.users.by_id(user_id)
+        self.users.by_id(user_id)
         token = secrets.token_urlsafe(TOKEN_BYTES)
         now = datetime.now(UTC)
         with self.store.write() as db:

@@ -13,12 +13,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from storage.errors import TooManyAttempts
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 PASSWORD, API_KEY = "password", "api_key"
 
@@ -50,7 +47,7 @@ class ThrottleConfig:
 
 
 class Throttle:
-    def __init__(self, store: Store, config: ThrottleConfig | None = None, clock=time.time):
+    def __init__(self, store: SQLiteStore, config: ThrottleConfig | None = None, clock=time.time):
         self.store = store
         self.config = config or ThrottleConfig()
         self.clock = clock

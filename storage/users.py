@@ -7,13 +7,10 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from storage.common import row_or_not_found, utcnow
 from storage.errors import CLI, AuthError, InputError, NotFound
-
-if TYPE_CHECKING:
-    from storage.db import Store
+from storage.store import SQLiteStore
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 MIN_PASSWORD = 8
@@ -69,7 +66,7 @@ def _user(row: dict) -> User:
 
 
 class Users:
-    def __init__(self, store: Store):
+    def __init__(self, store: SQLiteStore):
         self.store = store
 
     def create(self, name: str, password: str) -> User:

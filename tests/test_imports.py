@@ -1,9 +1,13 @@
 """Dependencies flow one way (storage <- assistant <- personalize; each package docstring says what it owns).
-Read every module's imports with ``ast``, function-local ones included (``if TYPE_CHECKING:`` blocks
-excluded: they never run), and check that
+Read every module's imports with ``ast``, function-local and type-only (``if TYPE_CHECKING:``) ones included,
+and check that
 
 - ``storage/`` imports no model, UI or training code (assistant, personalize, gradio, torch, faiss, ...);
 - ``assistant/`` never imports ``personalize/`` (``launch.py`` composes the two and hands serving a job runner);
+- serving's rooms keep to their side (:data:`ROOMS`): an engine folder imports only the seam, the model and
+  the errors, never another engine; memory imports no chat, engine, API or UI; chat imports no HTTP or UI
+  and no concrete engine; the API and the UI import no concrete engine; ``personalize/`` imports only the few
+  serving modules listed in :data:`PERSONALIZE_MAY_IMPORT`;
 - no two modules import each other, directly or round a longer circle.
 
 Known violations in files another engineer owns are listed in ``ALLOWED``, each with why; the test fails on
@@ -21,6 +25,24 @@ TOP_LEVEL = ("launch",)
 STORAGE_MUST_NOT = ("assistant", "personalize", "bench", "launch", "gradio", "torch", "faiss", "transformers",
                     "peft", "trl", "bitsandbytes", "sentence_transformers", "fastapi", "uvicorn")
 
+ENGINE_FOLDERS = ("assistant.engines.hf", "assistant.engines.llamacpp", "assistant.engines.vllm")
+SHARED = ("assistant.errors", "assistant.model", "assistant.file_checks", "assistant.processes", "assistant.web")
+"""Serving's shared pieces at the top of ``assistant/``: any room may import them."""
+ROOMS: dict[str, tuple[str, ...]] = {
+    **{folder: ("assistant.engines.base", folder) for folder in ENGINE_FOLDERS},
+    "assistant.engines.base": (),
+    "assistant.memory": ("assistant.memory",),
+    "assistant.chat": ("assistant.chat", "assistant.memory", "assistant.engines.base"),
+    "assistant.api": ("assistant.api", "assistant.chat", "assistant.engines.base"),
+    "assistant.ui": ("assistant.ui", "assistant.chat", "assistant.engines.base"),
+}
+"""Room (a package or module of ``assistant/``) -> the serving modules/packages it may import besides
+:data:`SHARED`. ``engines.select`` and ``server`` (the composition root) may import any of them."""
+PERSONALIZE_MAY_IMPORT = {"assistant.model", "assistant.errors", "assistant.file_checks", "assistant.processes",
+                          "assistant.memory.text", "assistant.engines.llamacpp.gguf_lora"}
+"""Serving modules training uses: the base model, shared errors and checks, the memory text forms (training
+renders examples as serving does) and the GGUF converter (a published version gets its llama.cpp file)."""
+
 ALLOWED: set[tuple[str, str]] = set()
 """(importer, imported) edges that break a rule today (none left); add one only with its reason and fix."""
 
@@ -37,23 +59,14 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imported(tree: ast.AST, module: str, known: set[str]) -> set[str]:
-    """Every module ``module`` imports at run time (any depth; a name imported from a package counts as
+    """Every module ``module`` imports (any depth, type-only ones too; a name imported from a package counts as
     the submodule when there is one)."""
     out: set[str] = set()
     stack = [tree]
     while stack:
         node = stack.pop()
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                stack.extend(child.orelse)
-                continue
             if isinstance(child, ast.Import):
                 out.update(a.name for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -78,13 +91,28 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _room(module: str) -> str | None:
+    return max((room for room in ROOMS if _within(module, room)), key=len, default=None)
+
+
 def _rule_violations(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     bad = set()
     for module, imports in graph.items():
+        room = _room(module)
         for imported in imports:
             if _top(module) == "storage" and _top(imported) in STORAGE_MUST_NOT:
                 bad.add((module, imported))
             if _top(module) == "assistant" and _top(imported) == "personalize":
+                bad.add((module, imported))
+            if _top(module) == "personalize" and _top(imported) == "assistant" and imported != "assistant" \
+                    and imported not in PERSONALIZE_MAY_IMPORT:
+                bad.add((module, imported))
+            if room is not None and _top(imported) == "assistant" and imported not in ("assistant", *SHARED) \
+                    and not any(_within(imported, allowed) for allowed in ROOMS[room]):
                 bad.add((module, imported))
     return bad
 
@@ -126,13 +154,30 @@ def _cycles(graph: dict[str, set[str]], ignore: set[tuple[str, str]] = frozenset
     return found
 
 
-def test_the_import_reader_sees_function_local_imports_and_skips_type_checking():
+def test_the_import_reader_sees_function_local_and_type_only_imports():
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from storage.db import Store\n"
                      "def f():\n    import torch\n    from storage import paths\n")
-    assert _imported(tree, "storage.x", {"storage.paths"}) == {"typing", "torch", "storage.paths"}
+    assert _imported(tree, "storage.x", {"storage.paths"}) == {"typing", "storage.db", "torch", "storage.paths"}
 
 
-def test_storage_and_assistant_import_only_downward():
+def test_the_room_rules_catch_a_memory_module_reaching_for_the_chat_service():
+    graph = {"assistant.memory.policy": {"assistant.chat.service", "assistant.errors", "storage.memories"},
+             "assistant.engines.hf.backend": {"assistant.engines.vllm.backend", "assistant.engines.base"},
+             "assistant.api.routes": {"assistant.chat.service", "assistant.engines.base"}}
+    assert _rule_violations(graph) == {("assistant.memory.policy", "assistant.chat.service"),
+                                       ("assistant.engines.hf.backend", "assistant.engines.vllm.backend")}
+
+
+def test_serving_has_at_most_ten_modules_at_its_top_and_no_module_over_500_lines():
+    """Code modules (bench/'s synthetic users are data)."""
+    top = [p.name for p in (ROOT / "assistant").glob("*.py")]
+    assert len(top) <= 10, f"assistant/ has {len(top)} modules at its top; put the rest in a room: {sorted(top)}"
+    long = {str(path.relative_to(ROOT)): n for path in _modules().values()
+            if (n := len(path.read_text().splitlines())) > 500 and path.relative_to(ROOT).parts[0] != "bench"}
+    assert not long, f"modules over 500 lines (split them): {long}"
+
+
+def test_storage_assistant_and_the_rooms_import_only_downward():
     new = _rule_violations(_graph()) - ALLOWED
     assert not new, "imports that break the one-way rule (see tests/test_imports.py): " + ", ".join(
         f"{a} -> {b}" for a, b in sorted(new))
@@ -140,7 +185,7 @@ def test_storage_and_assistant_import_only_downward():
 
 def test_no_import_cycles():
     new = _cycles(_graph(), CYCLE_EDGES)
-    assert not new, "import circles (use storage.common, or a TYPE_CHECKING-only import): " + "; ".join(
+    assert not new, "import circles, type-only imports included (move the shared piece down): " + "; ".join(
         " <-> ".join(sorted(c)) for c in new)
 
 

@@ -420,12 +420,12 @@ class _Scripted:
 
         import torch
 
-        import personalize.train as train_mod
+        import personalize.checkpoint as checkpoint_mod
 
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.queue = [base_anchor] + [x for pair in losses for x in pair]
         self.disable_adapter = contextlib.nullcontext
-        monkeypatch.setattr(train_mod, "mean_loss", lambda *a, **k: self.queue.pop(0))
+        monkeypatch.setattr(checkpoint_mod, "mean_loss", lambda *a, **k: self.queue.pop(0))
 
     def named_parameters(self):
         return [("lora", self.w)]
@@ -461,7 +461,8 @@ def test_best_checkpoint_keeps_the_best_held_out_loss_within_the_margin(monkeypa
 def test_kl_term_is_zero_at_the_base_and_positive_away_from_it():
     import torch
 
-    from personalize.train import Seq, kl_to_ref
+    from personalize.scoring import Seq
+    from personalize.train import kl_to_ref
 
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 10)
@@ -503,8 +504,9 @@ def test_a_style_taught_by_corrections_is_found_and_carried_to_other_targets():
 def test_a_style_is_trained_but_left_out_of_the_kl_term_and_of_evaluation_losses(tiny_loaded):
     import torch
 
+    from personalize.scoring import collate, mean_losses, tokenize
     from personalize.style import Style
-    from personalize.train import collate, kl_to_ref, mean_losses, tokenize
+    from personalize.train import kl_to_ref
 
     tok, model, cfg = tiny_loaded.tokenizer, tiny_loaded.model, tiny_cfg()
     ctx = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -575,8 +577,8 @@ def test_short_answers_and_bullet_lists_taught_by_corrections_are_styles_too():
 
 
 def test_shortened_and_listed_answers_score_their_content_only(tiny_loaded):
+    from personalize.scoring import collate, tokenize
     from personalize.style import Style
-    from personalize.train import collate, tokenize
 
     tok, cfg = tiny_loaded.tokenizer, tiny_cfg()
     ctx = [{"role": "user", "content": "How do I sleep better?"}]
@@ -597,8 +599,8 @@ def test_shortened_and_listed_answers_score_their_content_only(tiny_loaded):
 def test_the_base_models_anchor_losses_are_scored_once_and_reused(tiny_loaded, tmp_path, monkeypatch):
     import personalize.gate as gate_mod
     from personalize.gate import cached_mean_loss
+    from personalize.scoring import mean_loss
     from personalize.style import Style
-    from personalize.train import mean_loss
 
     tok, model, cfg = tiny_loaded.tokenizer, tiny_loaded.model, tiny_cfg()
     anchors = [Example(message_id=-i, context=[{"role": "user", "content": q}], target=a, kind="anchor")

@@ -17,14 +17,13 @@ from assistant.chat.service import ChatEngine, Turn
 from assistant.engines.base import GenerationSettings
 from assistant.ui.auth import WebAuth
 from assistant.ui.i18n import lang_of, make_i18n, tr, tr_error
-from assistant.ui.layout import CSS, JS, theme
 from assistant.ui.render import Rendered, damage_notice, render, short_title, strip_info, version_choices
 from storage.errors import AttuneError, AuthError
 
 NARROW_PX = 800  # narrower than this (a phone), the sidebar is closed unless opened
 STALE_BUSY_S = 30.0  # a send whose answer never started (the tab closed in between) stops blocking
 SAME = (gr.update(),) * 7  # the seven controls of ``ChatUI._controls``, unchanged
-__all__ = ["CSS", "JS", "ChatUI", "UIConfig", "theme"]
+__all__ = ["ChatUI", "UIConfig"]
 
 
 @dataclass
@@ -328,8 +327,3 @@ class ChatUI:
         except AttuneError as e:
             return *shown(), "⚠️ " + tr_error(lang, e), "", *SAME
 
-    # layout ----------------------------------------------------------------------------------
-    def build(self) -> gr.Blocks:
-        from assistant.ui.layout import build_layout
-
-        return build_layout(self)

@@ -1,21 +1,18 @@
 """The page layout of the UI and its wiring: a collapsible sidebar (who, conversations, settings),
 the tabs, the chat composer, and the page's own CSS and JS (Enter sends, Shift+Enter adds a line;
-sign-out revokes the session and reloads). Handlers live in ``assistant.ui.app`` and the tab modules."""
+sign-out revokes the session and reloads). The UI's entry point: ``server`` builds the page with
+:func:`build_layout` over a ``ChatUI``, whose handlers (and the tab modules') it wires; ``ChatUI`` never imports it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import gradio as gr
 
+from assistant.ui.app import ChatUI
 from assistant.ui.render import PRIVATE
 from assistant.ui.tabs.account import account_tab
 from assistant.ui.tabs.compare import compare_tab
 from assistant.ui.tabs.memory import memory_tab
 from assistant.ui.tabs.personal import personal_tab
-
-if TYPE_CHECKING:
-    from assistant.ui.app import ChatUI
 
 STREAMING = {**PRIVATE, "concurrency_limit": None}  # every user's answer streams at once (the backend batches)
 
