@@ -15,7 +15,7 @@ class ModelError(AttuneError):
 class AdapterDamaged(ModelError):
     """The files of a published adapter version cannot be read or loaded (cut short, garbage, missing).
 
-    ChatEngine marks that version damaged and answers with the previous one (``assistant.chat.adapters.fall_back``);
+    ChatService marks that version damaged and answers with the previous one (``assistant.chat.adapters.fall_back``);
     ``what`` says what is wrong, in words."""
 
     def __init__(self, version: int, path: str, what: str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from assistant.api.protocol import APIConfig
-from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.chat.service import ChatConfig, ChatService
 from assistant.engines.select import build_backend
 from assistant.model import ModelConfig
 from storage.db import Store
@@ -65,7 +65,7 @@ def check_exposure(store: Store, cfg: ServerConfig) -> bool:
     return bool(cfg.allow_signup)
 
 
-def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_after: int | None = None,
+def build_app(chat: ChatService, allow_signup: bool = True, runner=None, train_after: int | None = None,
               api_cfg: APIConfig | None = None):
     """The FastAPI app: ``/v1`` (API keys; ``api_cfg``'s limits), the sign-in page and ``/auth/*`` (open), and
     the Gradio UI at ``/``, every route of which needs a live browser session (Gradio's ``auth_dependency``)."""
@@ -78,16 +78,16 @@ def build_app(engine: ChatEngine, allow_signup: bool = True, runner=None, train_
     from assistant.ui.layout import CSS, JS, build_layout, theme
 
     app = FastAPI(title="Attune", docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(build_router(engine, api_cfg))
-    auth = WebAuth(engine.store, SessionConfig(allow_signup=allow_signup))
+    app.include_router(build_router(chat, api_cfg))
+    auth = WebAuth(chat.store, SessionConfig(allow_signup=allow_signup))
     app.include_router(auth.router())
     app.add_middleware(_Guard, auth=auth)
 
     @app.get("/healthz")
     def healthz():
-        return {"ok": True, "model": engine.backend.name}
+        return {"ok": True, "model": chat.backend.name}
 
-    ui = ChatUI(engine, auth, UIConfig(train_after=train_after if runner is not None else None), runner=runner)
+    ui = ChatUI(chat, auth, UIConfig(train_after=train_after if runner is not None else None), runner=runner)
     app.state.ui = ui
     # Routes must be registered before Gradio is mounted at "/".
     return gr.mount_gradio_app(app, build_layout(ui), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
@@ -125,15 +125,15 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
 
         memory = MemoryService(store, memory_cfg)
         memory.warm_up()  # load the embedder now, not on the first message
-    engine = ChatEngine(store, backend, chat_cfg, memory)
+    chat = ChatService(store, backend, chat_cfg, memory)
     runner = scheduler = None
     if server_cfg.personalizer and start_personalizer is not None:
         runner, scheduler = start_personalizer()
-    app = build_app(engine, allow_signup, runner, train_after or 8, api_cfg)
+    app = build_app(chat, allow_signup, runner, train_after or 8, api_cfg)
     store.sessions.purge()  # expired and revoked sessions
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",
-                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S), engine)
+                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S), chat)
     # uvicorn re-raises the signal it caught once it has shut down: make SIGTERM, like SIGINT, an exception
     # here, so the cleanup below (stop jobs, save the memory indexes) runs instead of an instant exit.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -146,8 +146,8 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
         raise AttuneError(f"Cannot listen on {server_cfg.host}:{server_cfg.port}: {e}. Try another --port.") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
-        engine.shutdown()  # every answer in flight is stored (as stopped)
-        engine.backend.close()
+        chat.shutdown()  # every answer in flight is stored (as stopped)
+        chat.backend.close()
         if scheduler is not None:
             scheduler.stop()
         if memory is not None:
@@ -169,10 +169,10 @@ class _Server(uvicorn.Server):
     """uvicorn, plus: the first SIGTERM or SIGINT stops every answer being generated, so open streams end
     and shutdown takes seconds (each answer is stored as stopped), not the length of an answer."""
 
-    def __init__(self, config: uvicorn.Config, engine: ChatEngine):
+    def __init__(self, config: uvicorn.Config, chat: ChatService):
         super().__init__(config)
-        self.engine = engine
+        self.chat = chat
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.backend.cancel_all()
+        self.chat.backend.cancel_all()
         super().handle_exit(sig, frame)

@@ -2,7 +2,7 @@
 replies, one fact updated later, one correction; English and Chinese; dev users tune, test users report).
 
 Each user gets one training job with the default ``TrainConfig`` and gate (a rejected candidate is not served).
-Then through ChatEngine + TransformersBackend + MemoryService (defaults), greedy, ``TOKENS`` new tokens,
+Then through ChatService + TransformersBackend + MemoryService (defaults), greedy, ``TOKENS`` new tokens,
 under base / memory only / adapter only / adapter + memory:
 
 - recall of each fact probe (a keyword in the answer; an updated fact: the new value and not the old);
@@ -141,7 +141,7 @@ def render(r: dict) -> str:
     return "\n".join([
         "Adapters on natural histories (`bench/adapter_passing.py`, users of `bench/passing_users.py`: facts said "
         "once inside requests, real replies, an update, a correction; dev users tune, test users report). One job "
-        "per user, default `TrainConfig` and gate (a rejected adapter is not served); probes through ChatEngine, "
+        "per user, default `TrainConfig` and gate (a rejected adapter is not served); probes through ChatService, "
         f"greedy, {r['tokens']} new tokens; memory with `MemoryConfig()` defaults. "
         + (f"General questions (`bench/general_qa.py`, the split's own, asked by every user of it) at {QA_TOKENS} "
            "tokens." if len(qa) > 2 else "General questions not asked in this run.")

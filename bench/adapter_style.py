@@ -3,7 +3,7 @@
 Users of ``bench.style_users`` (dev users to tune on, test users to report) ask everyday questions; the base
 model answers them at serving settings (real replies); the user corrects most answers into a style (short
 answers, bullet lists). One training job each (default ``TrainConfig``, default gate: a rejected candidate is
-not served). Then through the real serving path (ChatEngine + TransformersBackend, per-row LoRA, no memory, so
+not served). Then through the real serving path (ChatService + TransformersBackend, per-row LoRA, no memory, so
 the adapter alone is measured), at serving settings (``GenerationSettings`` defaults but greedy, 256 tokens):
 
 - unseen prompts on other topics, base vs adapter: median answer length in words, share of answers that are

@@ -16,12 +16,12 @@ and put to that user in the first person (``first_person``). Measured per split 
 - kept: a current memory of the user (not one replaced by a newer one) comes from the evidence turn's message
   (memories keep the id of the user message they came from; a session's last turn that nothing answers is
   never remembered);
-- evidence hit: ``MemoryService.retrieve`` called as serving calls it (``ChatEngine.recall``, defaults, a new
+- evidence hit: ``MemoryService.retrieve`` called as serving calls it (``ChatService.recall``, defaults, a new
   conversation) serves a memory of the evidence message or of the same speaker's next message in that
   session (LoCoMo's label noise: some evidence ids point at the question turn); session hit: a memory from
   the evidence's session; memories served per question (mean, share with none); retrieve latency p50/p95;
 - answer F1 (LoCoMo's token F1 against the gold answer, ``answer_f1``) of the embedded model through
-  ChatEngine, adapter off, memory on vs off, greedy, 64 new tokens, each question in a new conversation.
+  ChatService, adapter off, memory on vs off, greedy, 64 new tokens, each question in a new conversation.
 
 Beside them: the LoCoMo paper's DRAGON figures (evidence recall among the top 5/10/25 of all dialog turns of
 both speakers); Attune serves at most ``k`` memories, and only those above its threshold.
@@ -232,7 +232,7 @@ def _build(store, memory, root: Path, quick: bool) -> tuple[list[_User], list[di
 
 
 def _score(memory, q: dict, k: int | None = None) -> dict:
-    """One question served as ChatEngine.recall serves it (a new conversation: nothing excluded); ``k``: serve
+    """One question served as ChatService.recall serves it (a new conversation: nothing excluded); ``k``: serve
     up to that many instead of the default."""
     user: _User = q["user"]
     started = time.perf_counter()
@@ -275,7 +275,7 @@ def _by_split(rows: list[dict], summarize) -> dict:
 
 
 def _answers(data, store, memory, questions: list[dict], quick: bool) -> dict:
-    """Mean answer F1 with memory off and on, the embedded model through ChatEngine (adapter off, greedy)."""
+    """Mean answer F1 with memory off and on, the embedded model through ChatService (adapter off, greedy)."""
     import torch
 
     from assistant.chat.service import ChatConfig

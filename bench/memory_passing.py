@@ -10,7 +10,7 @@ with ``MemoryConfig()`` defaults:
   memory holding one of its keywords among the served ones); for an updated fact, the new value served and
   the old never; a correction served to the question it corrects and never to a different question of the
   same domain; memories served to general questions and to questions about things never told; latency;
-- answers through ChatEngine (adapter off, greedy, ``ANSWER_TOKENS``): recall of the facts with memory on vs
+- answers through ChatService (adapter off, greedy, ``ANSWER_TOKENS``): recall of the facts with memory on vs
   off (a keyword in the answer; for an updated fact the new value and not the old);
 - general ability with memory on vs off: each user asks the split's general-knowledge questions
   (``bench.general_qa``, dev 70 / test 68 distinct), right when a keyword is in the answer. Where no memory is
@@ -205,7 +205,7 @@ def render(r: dict) -> str:
         f"about the user) / {cfg.get('general_margin')} (others), standing out from the user's other memories by "
         f"{cfg.get('stand_out', -1)} standard deviations (-1: not checked), "
         f"answer_min_score={cfg['answer_min_score']}, "
-        f"relative_margin={cfg['relative_margin']}. Answers: ChatEngine, adapter off, greedy, {ANSWER_TOKENS} tokens, "
+        f"relative_margin={cfg['relative_margin']}. Answers: ChatService, adapter off, greedy, {ANSWER_TOKENS} tokens, "
         f"{r['test'].get('dtype')}, {r['device']}; a keyword of the fact in the answer (an updated fact: the new "
         "value, never the old).", "",
         table(["split", "probe kind", "right memory served", "answer recall, memory off", "memory on"], rows), "",

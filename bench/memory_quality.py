@@ -11,7 +11,7 @@ the out-of-sample numbers are ``bench/memory_passing.py``'s test users. Then:
   margin over the question's baseline), recall of the probe's own fact among
   the retrieved memories, precision of what is retrieved, and the share of general questions (the 20
   general-QA questions + 60 everyday anchor prompts) that would get any memory injected;
-- memory-only recall of the probes through ChatEngine (adapter off, memory on, greedy, keyword match),
+- memory-only recall of the probes through ChatService (adapter off, memory on, greedy, keyword match),
   general QA with memory on vs off, the share of general questions with a memory block, the precision of
   injected memories, leakage (another user's keyword in an answer, another user's memory retrieved);
 - how the block is shown: the probe's fact plus two unrelated facts of the same user handed in (no
@@ -258,7 +258,7 @@ def render(r: dict) -> str:
         "short acknowledgment, between unrated general questions. Histories imported, memory built by "
         f"`MemoryService.backfill` with defaults (k={cfg['k']}, min_score={cfg['min_score']}, relative_margin="
         f"{cfg['relative_margin']}, dedupe overlap {cfg['dedupe_overlap']}, {cfg['embedder']}). Served by "
-        "ChatEngine with "
+        "ChatService with "
         f"the adapter off ({r['dtype']}, {r['device']}, greedy, keyword match).", "",
         f"What memory kept: {mem}.", "",
         table(["condition", "paraphrased probe recall", *kinds], rec), "",

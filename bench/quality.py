@@ -3,7 +3,7 @@
 Users of several kinds (``bench.quality_users``: facts told then asked about, facts told in passing with a
 short acknowledgment, a style taught through corrections, few vs many conversations, one writing in Chinese)
 are imported; each gets one training job with the default ``TrainConfig`` and the default gate (nothing
-relaxed: a rejected candidate is simply not served). Then, through the real serving path (ChatEngine +
+relaxed: a rejected candidate is simply not served). Then, through the real serving path (ChatService +
 TransformersBackend, continuous batches with per-row LoRA, + MemoryService with MiniLM, defaults):
 
 - recall of paraphrased probes (never seen in training; right = the keyword in the greedy answer) under
@@ -54,10 +54,10 @@ _hits = hits  # one rule for every bench: bench.general_qa.hits
 
 @functools.cache
 def _probe_engine():
-    """ChatEngine whose finished turns are not remembered (so a probe never answers the next one)."""
-    from assistant.chat.service import ChatEngine
+    """ChatService whose finished turns are not remembered (so a probe never answers the next one)."""
+    from assistant.chat.service import ChatService
 
-    class ProbeEngine(ChatEngine):
+    class ProbeEngine(ChatService):
         def _remember(self, user_id, turn):
             return None
 
@@ -276,7 +276,7 @@ def render(r: dict) -> str:
         f"{len(kinds)} kinds ({', '.join(kinds)}), each trained once with the default `TrainConfig` and judged by "
         "the default gate (nothing relaxed; a rejected candidate is not served, so its user gets the base model). "
         "Probes are paraphrased questions never seen in training; right = the keyword in the greedy answer "
-        f"(≤ {r['probe_tokens']} new tokens). Served by ChatEngine + TransformersBackend (`--quant {r['quant']}`, "
+        f"(≤ {r['probe_tokens']} new tokens). Served by ChatService + TransformersBackend (`--quant {r['quant']}`, "
         f"{r['dtype']}, {r['device']}, continuous batches of ≤ {r['batch']} rows with per-row LoRA) with "
         "MemoryService (MiniLM, defaults).", "",
         f"**Default gate: {published}/{len(r['jobs'])} jobs published.**", "",

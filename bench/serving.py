@@ -99,7 +99,7 @@ def run(quick: bool = False) -> dict:
         _publish(store, u, 1, loaded.path, seed=i)
     registry = AdapterRegistry(loaded.model)
 
-    def ref(user_id):  # what ChatEngine does on every turn: the user's active version, read from SQLite
+    def ref(user_id):  # what ChatService does on every turn: the user's active version, read from SQLite
         return resolve_adapter(store, user_id)
 
     batched = TransformersBackend(loaded, 2048, registry)  # BatchConfig defaults, as `serve` runs it

@@ -7,7 +7,7 @@ model), LoRA/QLoRA training with SFT + DPO + KTO-style losses, the evaluation ga
 publish of versions, the job worker process, the job runner, the background scheduler and
 ``TrainingError`` (``errors``).
 
-Must not know: gradio, the HTTP server, ChatEngine or how adapters are served. It reads and
+Must not know: gradio, the HTTP server, ChatService or how adapters are served. It reads and
 writes only through ``storage`` (SQLite rows and data-dir paths) and loads the base model with
 ``assistant.model``. Entry points for the CLI and the server are in :mod:`personalize.api`.
 """

@@ -4,7 +4,7 @@ whose process is gone (:func:`fail_stale`, :func:`queue_job`).
 
 The job row is created here (queued, with the child's pid as soon as it exists); the child claims
 it, and from then on all state is in SQLite. Child output goes to the server's stderr, or to a
-file when ``RunnerConfig.log_path`` is set. Must not know serving (gradio, HTTP, ChatEngine); rows
+file when ``RunnerConfig.log_path`` is set. Must not know serving (gradio, HTTP, ChatService); rows
 are read and written through ``storage.jobs``, process liveness comes from ``assistant.processes``.
 """
 

@@ -112,12 +112,12 @@ def tiny_loaded(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def engine(store, tiny_loaded):
-    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.base import GenerationSettings
     from assistant.engines.hf.backend import TransformersBackend
 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
-    return ChatEngine(store, TransformersBackend(tiny_loaded), cfg)
+    return ChatService(store, TransformersBackend(tiny_loaded), cfg)
 
 
 @pytest.fixture
@@ -130,12 +130,12 @@ def fake():
 
 @pytest.fixture
 def fake_engine(store, fake):
-    """ChatEngine on the scripted backend: for tests about turns, prompts and storage, not the model."""
-    from assistant.chat.service import ChatConfig, ChatEngine
+    """ChatService on the scripted backend: for tests about turns, prompts and storage, not the model."""
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.base import GenerationSettings
 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=16, temperature=0))
-    return ChatEngine(store, fake, cfg)
+    return ChatService(store, fake, cfg)
 
 
 @pytest.fixture

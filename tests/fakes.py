@@ -5,7 +5,7 @@
 
     fake = FakeBackend()
     fake.enqueue(["Hello", " world"])          # the next answer streams these two pieces
-    turn = run(ChatEngine(store, fake).send(alice.id, None, "Hi"))
+    turn = run(ChatService(store, fake).send(alice.id, None, "Hi"))
     assert turn.text == "Hello world"
     assert "Hi" in fake.calls[-1].prompt       # what the engine sent, decoded
     assert fake.calls[-1].adapter is None      # and with which adapter (engines never see users)
@@ -28,7 +28,7 @@ DEFAULT_ANSWER = ("I am", " a scripted", " answer.")
 
 
 class CharTokenizer:
-    """One token per character (its code point), with a ChatML chat template: enough for ChatEngine to
+    """One token per character (its code point), with a ChatML chat template: enough for ChatService to
     build, measure and cut prompts, and for tests to read them back exactly."""
 
     eos_token_id = 0
@@ -58,7 +58,7 @@ class FakeCall:
     """The prompt decoded back to text (ChatML)."""
     settings: GenerationSettings
     adapter: AdapterRef | None
-    """The adapter reference ChatEngine resolved for this turn; None for the base model."""
+    """The adapter reference ChatService resolved for this turn; None for the base model."""
 
     @property
     def adapter_version(self) -> int | None:
@@ -68,7 +68,7 @@ class FakeCall:
 class FakeBackend(ChatBackend):
     """A scripted, thread-safe chat backend. ``enqueue`` scripts answers (used first in, first out);
     with nothing queued, it answers ``DEFAULT_ANSWER``. ``fail`` scripts an error instead of an answer.
-    Adapters come as references resolved by ChatEngine: give a user one with :func:`activate_version`."""
+    Adapters come as references resolved by ChatService: give a user one with :func:`activate_version`."""
 
     def __init__(self, name: str = "fake-model", context_tokens: int = 4096):
         self.name = name
@@ -125,7 +125,7 @@ class FakeBackend(ChatBackend):
 
 def activate_version(store, user_id: int, version: int) -> None:
     """Record a published adapter version and make it the user's active one, as training leaves it: its row and
-    a stand-in folder whose files are whole (ChatEngine checks them; the fake backend loads no weights)."""
+    a stand-in folder whose files are whole (ChatService checks them; the fake backend loads no weights)."""
     from storage.common import utcnow
 
     path = store.data_dir.adapters(user_id) / f"v{version}"

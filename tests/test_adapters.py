@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from assistant.chat.adapters import resolve_adapter
-from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.chat.service import ChatConfig, ChatService
 from assistant.engines.base import GenerationSettings
 from assistant.engines.hf.backend import BatchConfig, TransformersBackend
 from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
@@ -44,7 +44,7 @@ def serving(store, tiny_model_dir, tmp_path):
                             DataDir(tmp_path / "m").ensure())
         registry = AdapterRegistry(loaded.model, AdapterConfig(max_loaded=max_loaded))
         backend = TransformersBackend(loaded, 512, registry, BatchConfig(max_batch=max_batch, window_ms=200))
-        return ChatEngine(store, backend, ChatConfig(context_tokens=512, defaults=GREEDY))
+        return ChatService(store, backend, ChatConfig(context_tokens=512, defaults=GREEDY))
     return make
 
 

@@ -36,15 +36,15 @@ rows = db_rows
 
 @pytest.fixture
 def fapi(store, fake):
-    """The /v1 router in process over ChatEngine + FakeBackend, users alice and bob with keys."""
+    """The /v1 router in process over ChatService + FakeBackend, users alice and bob with keys."""
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
     from assistant.api.routes import build_router
-    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.base import GenerationSettings
 
-    engine = ChatEngine(store, fake, ChatConfig(defaults=GenerationSettings(max_new_tokens=12, temperature=0)))
+    engine = ChatService(store, fake, ChatConfig(defaults=GenerationSettings(max_new_tokens=12, temperature=0)))
     app = FastAPI()
     app.include_router(build_router(engine))
     users = {n: store.users.create(n, "correct horse") for n in ("alice", "bob")}
@@ -191,10 +191,10 @@ def test_401_on_a_fresh_install_says_to_add_a_user_first(store, fake):
     from starlette.testclient import TestClient
 
     from assistant.api.routes import build_router
-    from assistant.chat.service import ChatEngine
+    from assistant.chat.service import ChatService
 
     app = FastAPI()
-    app.include_router(build_router(ChatEngine(store, fake)))
+    app.include_router(build_router(ChatService(store, fake)))
     with TestClient(app) as http:
         for headers in ({}, {"Authorization": "Bearer att-000000000000-wrong"}):
             r = http.get("/v1/models", headers=headers)

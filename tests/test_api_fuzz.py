@@ -1,5 +1,5 @@
 """Fuzzing the HTTP API with 1,000+ generated requests: the whole app of ``assistant.server.build_app`` (the ``/v1``
-API, the sign-in routes, ``/healthz``) served by uvicorn on a loopback port, over ChatEngine + the scripted
+API, the sign-in routes, ``/healthz``) served by uvicorn on a loopback port, over ChatService + the scripted
 FakeBackend (tests/fakes.py) and personal memory on the hash embedder, so a request takes milliseconds.
 
 Two sources of requests, both sent with a valid API key, with none, with a wrong key or a malformed header:
@@ -47,7 +47,7 @@ class Served:
     def __init__(self, data_dir):
         import uvicorn
 
-        from assistant.chat.service import ChatConfig, ChatEngine
+        from assistant.chat.service import ChatConfig, ChatService
         from assistant.engines.base import GenerationSettings
         from assistant.memory.service import MemoryConfig, MemoryService
         from assistant.server import build_app
@@ -60,7 +60,7 @@ class Served:
         self.store.throttle.config = ThrottleConfig(name_failures=10**6, address_failures=10**6,
                                                     key_failures=10**6)
         self.memory = MemoryService(self.store, MemoryConfig(embedder="hash"))  # memory on: recalled and recorded
-        self.engine = ChatEngine(self.store, FakeBackend(), ChatConfig(
+        self.engine = ChatService(self.store, FakeBackend(), ChatConfig(
             context_tokens=512, defaults=GenerationSettings(max_new_tokens=8, temperature=0)), self.memory)
         alice = self.store.users.create("alice", "correct horse")
         self.key = self.store.users.new_api_key(alice.id)

@@ -21,7 +21,7 @@ import pytest
 import sqlite_utils
 from test_personalize import tiny_cfg, write_history
 
-from assistant.chat.service import ChatConfig, ChatEngine
+from assistant.chat.service import ChatConfig, ChatService
 from assistant.engines.base import GenerationSettings
 from assistant.engines.hf.backend import TransformersBackend
 from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
@@ -72,12 +72,12 @@ DAMAGES = {"cut_in_half": (cut_in_half, "adapter_model.safetensors is cut short"
            "garbage_config": (garbage_config, "adapter_config.json is not valid JSON")}
 
 
-def tiny_engine(store, model_dir, tmp_path) -> ChatEngine:
+def tiny_engine(store, model_dir, tmp_path) -> ChatService:
     """A fresh serving process's engine: the tiny model loaded anew (adapters are injected into it)."""
     loaded = load_model(ModelConfig(model=str(model_dir), quant="none", device="cpu", dtype="float32"),
                         DataDir(tmp_path / "m").ensure())
     backend = TransformersBackend(loaded, 512, AdapterRegistry(loaded.model, AdapterConfig()))
-    return ChatEngine(store, backend, ChatConfig(context_tokens=512, defaults=GREEDY))
+    return ChatService(store, backend, ChatConfig(context_tokens=512, defaults=GREEDY))
 
 
 def ask(engine, user, text=QUESTION, **kw):
@@ -166,9 +166,9 @@ def test_an_adapter_peft_cannot_load_leaves_the_shared_model_as_it_was(store, ti
 
 
 # memories ---------------------------------------------------------------------------------------------------
-def memory_engine(store, fake) -> ChatEngine:
+def memory_engine(store, fake) -> ChatService:
     memory = MemoryService(store, MemoryConfig(embedder="hash", min_score=0.2, relative_margin=2.0, k=3))
-    return ChatEngine(store, fake, ChatConfig(context_tokens=2048, defaults=GREEDY), memory=memory)
+    return ChatService(store, fake, ChatConfig(context_tokens=2048, defaults=GREEDY), memory=memory)
 
 
 def corrupt_garbage(path) -> None:

@@ -1,4 +1,4 @@
-"""assistant/: ChatEngine. Where the model is the point (streaming, determinism, stop, incremental decoding)
+"""assistant/: ChatService. Where the model is the point (streaming, determinism, stop, incremental decoding)
 with the tiny random Llama; everything else (turns stored, prompts, context budget, retry, corrections,
 scoping) with the scripted FakeBackend of tests/fakes.py, so the assertions are exact."""
 

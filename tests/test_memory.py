@@ -29,7 +29,7 @@ def turn(store, user, question, answer, conversation_id=None, status="complete")
 
 
 def rate(store, memory, user, answer_id, kind, correction=None):
-    """Feedback as ChatEngine.feedback records it: written to SQLite, then memory follows it."""
+    """Feedback as ChatService.feedback records it: written to SQLite, then memory follows it."""
     store.chats.add_feedback(user.id, answer_id, kind, correction)
     return memory.remember_turn(user.id, answer_id)
 
@@ -506,12 +506,12 @@ def test_second_person():
 
 
 def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_words(store, alice, tiny_loaded):
-    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.base import GenerationSettings
     from assistant.engines.hf.backend import TransformersBackend
 
     memory = make_service(store)
-    engine = ChatEngine(store, TransformersBackend(tiny_loaded),
+    engine = ChatService(store, TransformersBackend(tiny_loaded),
                         ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=4, temperature=0)),
                         memory)
     for _ in engine.send(alice.id, None, "My dog is called Biscuit."):

@@ -25,7 +25,7 @@ def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_
     has run must not change what the base model says (bitsandbytes' CPU repack once broke exactly this)."""
     from test_adapters import publish_random_adapter
 
-    from assistant.chat.service import ChatEngine
+    from assistant.chat.service import ChatService
     from assistant.engines.hf.backend import TransformersBackend
     from assistant.engines.hf.registry import AdapterRegistry
     from conftest import seed_models
@@ -43,7 +43,7 @@ def test_real_embedded_model_answers_and_survives_adapter_loads(embedded_models_
         assert loaded.quant == "nf4" and loaded.model.get_memory_footprint() < 250e6  # ~166 MB vs ~538 MB
     store = Store(dd)
     alice, bob = store.users.create("alice", "correct horse"), store.users.create("bob", "battery staple")
-    engine = ChatEngine(store, TransformersBackend(loaded, registry=AdapterRegistry(loaded.model)))
+    engine = ChatService(store, TransformersBackend(loaded, registry=AdapterRegistry(loaded.model)))
     before = ask(engine, alice, "What is the capital of France?")
     assert "Paris" in before.text
     assert store.chats.message(alice.id, before.assistant_message_id)["model"] == "SmolLM2-135M-Instruct"

@@ -1,4 +1,4 @@
-"""Faults and bad input: SIGKILL mid-stream, property-based fuzzing of the API, import and ChatEngine."""
+"""Faults and bad input: SIGKILL mid-stream, property-based fuzzing of the API, import and ChatService."""
 
 from __future__ import annotations
 
@@ -56,14 +56,14 @@ def api_client(tmp_path_factory, tiny_loaded):
     """The real FastAPI app in process (TestClient), on the tiny model."""
     from fastapi.testclient import TestClient
 
-    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.hf.backend import TransformersBackend
     from assistant.server import build_app
     from storage import Store
 
     store = Store(tmp_path_factory.mktemp("fuzz") / "data")
     alice = store.users.create("alice", "correct horse")
-    engine = ChatEngine(store, TransformersBackend(tiny_loaded, 512),
+    engine = ChatService(store, TransformersBackend(tiny_loaded, 512),
                         ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=2, temperature=0)))
     client = TestClient(build_app(engine))
     client.headers["Authorization"] = f"Bearer {store.users.new_api_key(alice.id)}"

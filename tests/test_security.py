@@ -46,7 +46,7 @@ def _no_dns(real, attempts):
 
 
 def test_full_chat_memory_and_training_without_network(no_network, store, alice, tiny_model_dir, tmp_path):
-    from assistant.chat.service import ChatConfig, ChatEngine
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.hf.backend import TransformersBackend
     from assistant.memory.service import MemoryConfig, MemoryService
     from assistant.model import ModelConfig, load_model
@@ -57,7 +57,7 @@ def test_full_chat_memory_and_training_without_network(no_network, store, alice,
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), quant="none", device="cpu"),
                         DataDir(tmp_path / "m").ensure())
     memory = MemoryService(store, MemoryConfig())  # the real packaged MiniLM, offline
-    engine = ChatEngine(store, TransformersBackend(loaded, 512), ChatConfig(context_tokens=512), memory)
+    engine = ChatService(store, TransformersBackend(loaded, 512), ChatConfig(context_tokens=512), memory)
     turn = None
     for turn in engine.send(alice.id, None, "My dog is called Biscuit.", GenerationSettings(max_new_tokens=4)):
         pass

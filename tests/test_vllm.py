@@ -72,8 +72,8 @@ def vstore(vllm_dd, tmp_path):
 
 
 def engines(store, vllm_url, hf_loaded, max_loaded: int = 8):
-    """(vLLM engine, transformers engine) over the same store: the same ChatEngine, two backends."""
-    from assistant.chat.service import ChatConfig, ChatEngine
+    """(vLLM engine, transformers engine) over the same store: the same ChatService, two backends."""
+    from assistant.chat.service import ChatConfig, ChatService
     from assistant.engines.hf.backend import BatchConfig, TransformersBackend
     from assistant.engines.hf.registry import AdapterRegistry
     from assistant.engines.vllm.backend import VLLMBackend, VLLMConfig
@@ -83,7 +83,7 @@ def engines(store, vllm_url, hf_loaded, max_loaded: int = 8):
     vllm = VLLMBackend(VLLMConfig(url=vllm_url, max_loaded=max_loaded), resolve_model_dir("embedded", store.data_dir),
                        store.data_dir, "SmolLM2-135M-Instruct", 1024)
     hf = TransformersBackend(hf_loaded, 1024, AdapterRegistry(hf_loaded.model), BatchConfig(max_batch=1))
-    return ChatEngine(store, vllm, cfg), ChatEngine(store, hf, cfg)
+    return ChatService(store, vllm, cfg), ChatService(store, hf, cfg)
 
 
 def publish(store, user_id: int, seed: int, **lora) -> int:

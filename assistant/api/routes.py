@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from assistant.api import protocol
 from assistant.api.protocol import APIConfig, ChatRequest, error, error_for
-from assistant.chat.service import ChatEngine, Turn
+from assistant.chat.service import ChatService, Turn
 from assistant.web import address_of
 from storage.errors import CLI, AttuneError, AuthError, InputError, TooLarge
 
@@ -73,27 +73,27 @@ class KeyCache:
 class ChatAPI:
     """The handlers behind ``/v1``, one method per route."""
 
-    def __init__(self, engine: ChatEngine, config: APIConfig | None = None):
-        self.engine = engine
+    def __init__(self, chat: ChatService, config: APIConfig | None = None):
+        self.chat = chat
         self.config = config or APIConfig()
-        self.store = engine.store
-        self.keys = KeyCache(engine.store)
+        self.store = chat.store
+        self.keys = KeyCache(chat.store)
 
     def models(self, request: Request):
         try:
             self.keys.user_id(request)
         except AttuneError as e:
             return error_for(e)
-        return {"object": "list", "data": [{"id": self.engine.backend.name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": self.chat.backend.name, "object": "model", "created": 0,
                                             "owned_by": "attune"}]}
 
     async def chat_completions(self, request: Request):
         try:
             user_id = self.keys.user_id(request)
-            req = protocol.parse_chat_request(await self._json(request), self.engine.config.defaults, self.config)
+            req = protocol.parse_chat_request(await self._json(request), self.chat.config.defaults, self.config)
         except AttuneError as e:
             return error_for(e)
-        created, model = int(time.time()), self.engine.backend.name
+        created, model = int(time.time()), self.chat.backend.name
         if not req.stream:
             return await self._complete(user_id, req, created, model)
         try:
@@ -109,9 +109,9 @@ class ChatAPI:
             fb = protocol.parse_feedback(await self._json(request))
             ids = []
             if fb.feedback is not None:
-                ids.append(self.engine.feedback(user_id, fb.message_id, fb.feedback, source="api"))
+                ids.append(self.chat.feedback(user_id, fb.message_id, fb.feedback, source="api"))
             if fb.correction is not None:
-                ids.append(self.engine.feedback(user_id, fb.message_id, "correction", fb.correction, source="api"))
+                ids.append(self.chat.feedback(user_id, fb.message_id, "correction", fb.correction, source="api"))
         except AttuneError as e:
             return error_for(e)
         return {"ok": True, "message_id": fb.message_id, "feedback_ids": ids,
@@ -148,7 +148,7 @@ class ChatAPI:
 
     def _generate(self, user_id: int, req: ChatRequest) -> Iterator[Turn]:
         cid = self._start_turn(user_id, req)
-        return self.engine.answer(user_id, cid, req.settings, source="api", use_adapter=req.use_adapter,
+        return self.chat.answer(user_id, cid, req.settings, source="api", use_adapter=req.use_adapter,
                                   use_memory=req.use_memory)
 
     def _start_turn(self, user_id: int, req: ChatRequest) -> int:
@@ -156,20 +156,20 @@ class ChatAPI:
         chats, cid = self.store.chats, req.conversation_id
         if cid is not None:
             chats.conversation(user_id, cid)  # NotFound for someone else's id
-            self.engine.post(user_id, cid, req.messages[-1]["content"], source="api")
+            self.chat.post(user_id, cid, req.messages[-1]["content"], source="api")
             return cid
         *earlier, last = req.messages
         cid = chats.create_conversation(user_id, title=last["content"], source="api")
         for m in earlier:
             if m["content"].strip():
                 chats.add_message(user_id, cid, m["role"], m["content"], source="api")
-        self.engine.post(user_id, cid, last["content"], source="api")
+        self.chat.post(user_id, cid, last["content"], source="api")
         return cid
 
 
-def build_router(engine: ChatEngine, config: APIConfig | None = None) -> APIRouter:
-    """The ``/v1`` routes over one ChatEngine, with ``config``'s limits (and those limits in the OpenAPI schema)."""
-    api = ChatAPI(engine, config)
+def build_router(chat: ChatService, config: APIConfig | None = None) -> APIRouter:
+    """The ``/v1`` routes over one ChatService, with ``config``'s limits (and those limits in the OpenAPI schema)."""
+    api = ChatAPI(chat, config)
     router = APIRouter(prefix="/v1")
     router.add_api_route("/models", api.models, methods=["GET"])
     router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"],

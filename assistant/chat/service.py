@@ -1,4 +1,4 @@
-"""ChatEngine: one chat turn end to end — store the user's message, build the prompt with the
+"""ChatService: one chat turn end to end — store the user's message, build the prompt with the
 model's chat template inside the context budget, stream the answer, store it with its metadata.
 
 A turn is answered whatever is damaged on disk: an active adapter whose files are damaged is marked so and the
@@ -30,7 +30,7 @@ MAX_FALLBACKS = 8
 
 @dataclass
 class ChatConfig:
-    """How ChatEngine builds prompts."""
+    """How ChatService builds prompts."""
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     """The system message at the top of every prompt."""
@@ -86,7 +86,7 @@ class Turn:
         return " ".join(parts) or None
 
 
-class ChatEngine:
+class ChatService:
     def __init__(self, store: Store, backend: ChatBackend, config: ChatConfig | None = None, memory=None):
         self.store = store
         self.backend = backend

@@ -6,7 +6,7 @@ index in step under the user's lock. The rules of what becomes memory, which nea
 comes out for a question are in ``assistant.memory.policy``; the per-user FAISS indexes in RAM and on disk
 in ``assistant.memory.cache`` (over ``assistant.memory.index``); the text forms in ``assistant.memory.text``.
 
-Feedback reaches memory one way: it is written to SQLite (``ChatEngine.feedback`` ->
+Feedback reaches memory one way: it is written to SQLite (``ChatService.feedback`` ->
 ``Chats.add_feedback``), then :meth:`MemoryService.remember_turn` makes the answer's memories match it.
 SQLite is the source of truth: every hit is re-read from SQLite for that user, so a deleted memory or
 another user's memory can never be returned. Must not know the model, the UI or training.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from assistant.chat.service import ChatEngine, Turn
+from assistant.chat.service import ChatService, Turn
 from assistant.engines.base import GenerationSettings
 from assistant.ui.auth import WebAuth
 from assistant.ui.i18n import lang_of, make_i18n, tr, tr_error
@@ -50,11 +50,11 @@ class _Busy:
 
 
 class ChatUI:
-    def __init__(self, engine: ChatEngine, auth: WebAuth, config: UIConfig | None = None, runner=None):
-        self.engine = engine
+    def __init__(self, chat: ChatService, auth: WebAuth, config: UIConfig | None = None, runner=None):
+        self.chat = chat
         self.auth = auth
         self.runner = runner  # personalize.runner.JobRunner for "Retrain now"; None without a personalizer
-        self.store = engine.store
+        self.store = chat.store
         self.config = config or UIConfig()
         self.i18n = make_i18n()
         self._busy: dict[int, _Busy] = {}
@@ -71,7 +71,7 @@ class ChatUI:
     # rendering -------------------------------------------------------------------------------
     def _chatbot(self, uid: int, lang: str, cid: int | None, pending: bool = False, version: int | None = None):
         """(Chatbot update, message ids, Rendered); ``version`` picks which answer of the last turn shows."""
-        r = render(self.store, self.engine.memory, lang, uid, cid, version)
+        r = render(self.store, self.chat.memory, lang, uid, cid, version)
         chat = r.chat + ([{"role": "assistant", "content": "…"}] if pending else [])
         return gr.update(value=chat, feedback_value=r.ratings), r.ids, r
 
@@ -193,7 +193,7 @@ class ChatUI:
         if self._claim(uid) is None:
             return self._refused(tr(lang, "busy"))
         try:
-            cid, _ = self.engine.post(uid, cid, text)
+            cid, _ = self.chat.post(uid, cid, text)
         except AttuneError as e:
             self._release(uid)
             return self._refused("⚠️ " + tr_error(lang, e))
@@ -215,7 +215,7 @@ class ChatUI:
 
     def settings(self, temperature, max_new_tokens, top_p) -> GenerationSettings:
         return GenerationSettings.from_request(
-            self.engine.config.defaults, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
+            self.chat.config.defaults, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
             top_p=float(top_p))
 
     def respond(self, cid, mode, temperature, max_new_tokens, top_p, use_adapter, use_memory,
@@ -242,12 +242,12 @@ class ChatUI:
     def _stream(self, uid, lang, cid, mode, stop, sliders, switches):
         try:
             settings = self.settings(*sliders)
-            r = render(self.store, self.engine.memory, lang, uid, cid)
+            r = render(self.store, self.chat.memory, lang, uid, cid)
             chat = list(r.chat)
             if mode in ("retry", "continue") and chat and chat[-1]["role"] == "assistant":
                 chat.pop()
-            start = {"answer": self.engine.answer, "retry": self.engine.retry,
-                     "continue": self.engine.continue_answer}[mode]
+            start = {"answer": self.chat.answer, "retry": self.chat.retry,
+                     "continue": self.chat.continue_answer}[mode]
             stream = start(uid, cid, settings, stop, **switches)
             chat.append({"role": "assistant", "content": "…"})
             turn: Turn | None = None
@@ -277,7 +277,7 @@ class ChatUI:
         uid, lang = self.user(request)
         with self._busy_lock:
             busy = uid in self._busy  # e.g. a refused send while another tab's answer streams
-        r = render(self.store, self.engine.memory, lang, uid, cid, version)
+        r = render(self.store, self.chat.memory, lang, uid, cid, version)
         return self._conv_update(uid, cid, interactive=not busy), *self._controls(busy, r)
 
     def stop(self, request: gr.Request):
@@ -292,7 +292,7 @@ class ChatUI:
             raise gr.Error(tr(lang, "no_longer_shown"))
         kind = {True: "like", False: "dislike"}.get(data.liked, "clear")
         try:
-            self.engine.feedback(uid, ids[idx], kind)
+            self.chat.feedback(uid, ids[idx], kind)
         except AttuneError as e:
             raise gr.Error(tr_error(lang, e)) from None
 
@@ -313,12 +313,12 @@ class ChatUI:
             if new == old:
                 return *shown(), "", "", *SAME
             if msg["role"] == "assistant":
-                self.engine.feedback(uid, msg["id"], "correction", new)
+                self.chat.feedback(uid, msg["id"], "correction", new)
                 return *shown(), tr(lang, "correction_saved"), "", *SAME
             if self._claim(uid) is None:
                 return *shown(), tr(lang, "busy"), "", *SAME
             try:
-                self.engine.edit_question(uid, cid, msg["id"], new)
+                self.chat.edit_question(uid, cid, msg["id"], new)
             except AttuneError:
                 self._release(uid)
                 raise

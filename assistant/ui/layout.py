@@ -75,7 +75,7 @@ def theme():
 # Over 60 lines on purpose: the page's components in reading order, then their wiring to ChatUI's handlers.
 def build_layout(ui: ChatUI) -> gr.Blocks:
     t = ui.i18n
-    d = ui.engine.config.defaults
+    d = ui.chat.config.defaults
     with gr.Blocks(title=ui.config.title, analytics_enabled=False) as demo:
         cid, ids, mode = gr.State(None), gr.State([]), gr.State("")
         width = gr.Number(None, visible=False)  # the browser window's width, read by the page-load event

@@ -113,7 +113,7 @@ def account_tab(ui: ChatUI) -> None:
         except AttuneError as e:
             raise gr.Error(tr_error(lang, e)) from None
         ui._stop_user(uid)
-        forget_user(ui.store, uid, ui.engine.memory)
+        forget_user(ui.store, uid, ui.chat.memory)
 
     tab.select(show, None, [url, keys, pick, export], **PRIVATE)
     make.click(new_key, [key_name], [key, keys, pick, key_msg, key_name], **PRIVATE)

@@ -65,9 +65,9 @@ def run_compare(ui: ChatUI, request, question, temperature, max_new_tokens, top_
     try:
         settings = ui.settings(temperature, max_new_tokens, top_p)
         streams = {
-            "base": ui.engine.send(uid, None, question, settings, source="compare", use_adapter=False,
+            "base": ui.chat.send(uid, None, question, settings, source="compare", use_adapter=False,
                                    use_memory=False),
-            "personal": ui.engine.send(uid, None, question, settings, source="compare"),
+            "personal": ui.chat.send(uid, None, question, settings, source="compare"),
         }
         for stream in streams.values():  # commit both questions now, so errors show before any thread starts
             next(stream)

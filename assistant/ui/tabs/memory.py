@@ -77,7 +77,7 @@ class MemoryTab:
     # reading ---------------------------------------------------------------------------------
     def rows(self, q, request: gr.Request):
         uid, lang = self.ui.user(request)
-        memory, data = self.ui.engine.memory, []
+        memory, data = self.ui.chat.memory, []
         if memory is not None:
             memories = memory.list(uid, q or None, limit=200)
             origin = memory.sources(uid, [m.id for m in memories])
@@ -89,9 +89,9 @@ class MemoryTab:
         """A click on a row: that memory, its text to edit, and its Save edit / Delete buttons."""
         uid, lang = self.ui.user(request)
         row = evt.row_value or []
-        if len(row) < 5 or row[0] in (None, "") or self.ui.engine.memory is None:
+        if len(row) < 5 or row[0] in (None, "") or self.ui.chat.memory is None:
             return None, "", "", HIDE, HIDE, ""
-        found = self.ui.engine.memory.used(uid, [int(row[0])])  # the user's own row, read again
+        found = self.ui.chat.memory.used(uid, [int(row[0])])  # the user's own row, read again
         if not found:
             return None, "", "", HIDE, HIDE, ""
         about = tr(lang, "memory_picked", id=found[0].id, kind=row[1], source=row[3], date=row[4])
@@ -99,9 +99,9 @@ class MemoryTab:
 
     def ask_delete(self, memory_id, request: gr.Request):
         uid, lang = self.ui.user(request)
-        if memory_id is None or self.ui.engine.memory is None:
+        if memory_id is None or self.ui.chat.memory is None:
             return HIDE, ""
-        found = self.ui.engine.memory.used(uid, [int(memory_id)])
+        found = self.ui.chat.memory.used(uid, [int(memory_id)])
         if not found:
             return HIDE, ""
         return gr.update(visible=True), tr(lang, "memory_delete_confirm", id=found[0].id, text=found[0].text[:200])
@@ -110,7 +110,7 @@ class MemoryTab:
     def _run(self, q, request, action):
         """Run ``action(uid, lang)`` -> message; then the table, the message, and the selection cleared."""
         uid, lang = self.ui.user(request)
-        if self.ui.engine.memory is None:
+        if self.ui.chat.memory is None:
             return self.rows(q, request), "⚠️ " + tr(lang, "memory_off"), None, HIDE, HIDE
         try:
             message = action(uid, lang)
@@ -122,7 +122,7 @@ class MemoryTab:
         def action(uid, lang):
             if memory_id is None:
                 raise InputError(tr(lang, "memory_pick_first"))
-            self.ui.engine.memory.delete(uid, int(memory_id))
+            self.ui.chat.memory.delete(uid, int(memory_id))
             return tr(lang, "memory_deleted", id=int(memory_id))
         return self._run(q, request, action)
 
@@ -130,20 +130,20 @@ class MemoryTab:
         def action(uid, lang):
             if memory_id is None:
                 raise InputError(tr(lang, "memory_pick_first"))
-            self.ui.engine.memory.edit(uid, int(memory_id), text)
+            self.ui.chat.memory.edit(uid, int(memory_id), text)
             return tr(lang, "memory_edited", id=int(memory_id))
         return self._run(q, request, action)
 
     def do_add(self, q, text, request: gr.Request):
         def action(uid, lang):
-            return tr(lang, "remembered" if self.ui.engine.memory.remember_fact(uid, text) else "already_remembered")
+            return tr(lang, "remembered" if self.ui.chat.memory.remember_fact(uid, text) else "already_remembered")
         return self._run(q, request, action)
 
     def do_forget(self, q, confirmed, request: gr.Request):
         def action(uid, lang):
             if not confirmed:
                 raise InputError(tr(lang, "forget_confirm"))
-            return tr(lang, "forgot", n=self.ui.engine.memory.forget_all(uid))
+            return tr(lang, "forgot", n=self.ui.chat.memory.forget_all(uid))
         return self._run(q, request, action)
 
 
