@@ -70,12 +70,14 @@ def ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int, us
     settings but greedy: the answers' texts."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from assistant.chat.service import TurnOptions
+
     settings = _serving(tokens)
+    options = TurnOptions(settings, source="api", use_adapter=use_adapter, use_memory=use_memory)
 
     def one(item):
         turn = None
-        for turn in engine.send(item[0], None, item[1], settings, source="api", use_adapter=use_adapter,
-                                use_memory=use_memory):
+        for turn in engine.send(item[0], None, item[1], options):
             pass
         return turn.text
 

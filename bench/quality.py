@@ -66,14 +66,15 @@ def _probe_engine():
 
 def _ask_all(engine, items: list[tuple[int, str]], use_adapter: bool, use_memory: bool, tokens: int) -> list:
     """Each (user_id, question) in a new conversation, concurrently (the backend batches them): final Turns."""
+    from assistant.chat.service import TurnOptions
     from assistant.engines.base import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
+    options = TurnOptions(settings, source="api", use_adapter=use_adapter, use_memory=use_memory)
 
     def one(item):
         turn = None
-        for turn in engine.send(item[0], None, item[1], settings, source="api", use_adapter=use_adapter,
-                                use_memory=use_memory):
+        for turn in engine.send(item[0], None, item[1], options):
             pass
         return turn
 

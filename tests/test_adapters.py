@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from assistant.chat.adapters import resolve_adapter
-from assistant.chat.service import ChatConfig, ChatService
+from assistant.chat.service import ChatConfig, ChatService, TurnOptions
 from assistant.engines.base import GenerationSettings
 from assistant.engines.hf.backend import BatchConfig, TransformersBackend
 from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
@@ -50,7 +50,7 @@ def serving(store, tiny_model_dir, tmp_path):
 
 def answer(engine, user, text, **kw):
     turn = None
-    for turn in engine.send(user.id, None, text, GREEDY, **kw):
+    for turn in engine.send(user.id, None, text, TurnOptions(GREEDY, **kw)):
         pass
     return turn
 

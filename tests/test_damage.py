@@ -21,7 +21,7 @@ import pytest
 import sqlite_utils
 from test_personalize import tiny_cfg, write_history
 
-from assistant.chat.service import ChatConfig, ChatService
+from assistant.chat.service import ChatConfig, ChatService, TurnOptions
 from assistant.engines.base import GenerationSettings
 from assistant.engines.hf.backend import TransformersBackend
 from assistant.engines.hf.registry import AdapterConfig, AdapterRegistry
@@ -82,7 +82,7 @@ def tiny_engine(store, model_dir, tmp_path) -> ChatService:
 
 def ask(engine, user, text=QUESTION, **kw):
     turn = None
-    for turn in engine.send(user.id, None, text, GREEDY, **kw):
+    for turn in engine.send(user.id, None, text, TurnOptions(GREEDY, **kw)):
         pass
     return turn
 

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from assistant.chat.service import TurnOptions
 from assistant.engines.base import GenerationSettings
 from fakes import activate_version
 from storage import InputError, NotFound
@@ -36,24 +37,26 @@ def test_turn_is_stored_with_metadata(engine, store, alice):
 
 
 def test_streaming_yields_growing_text(engine, alice):
-    texts = [t.text[:] for t in engine.send(alice.id, None, "Tell me about Paris", GenerationSettings(
-        max_new_tokens=24, temperature=0))]
+    texts = [t.text[:] for t in engine.send(alice.id, None, "Tell me about Paris", TurnOptions(GenerationSettings(
+        max_new_tokens=24, temperature=0)))]
     assert len(texts) >= 3 and texts[-1].startswith(texts[-2]) and len(texts[-1]) > 0
 
 
 def test_greedy_is_deterministic_and_settings_are_per_request(engine, alice):
     greedy = GenerationSettings(max_new_tokens=12, temperature=0)
-    a = run(engine.send(alice.id, None, "Python is", greedy)).text
-    b = run(engine.send(alice.id, None, "Python is", greedy)).text
+    a = run(engine.send(alice.id, None, "Python is", TurnOptions(greedy))).text
+    b = run(engine.send(alice.id, None, "Python is", TurnOptions(greedy))).text
     assert a == b
-    short = run(engine.send(alice.id, None, "Python is", GenerationSettings(max_new_tokens=3, temperature=0)))
+    short = run(engine.send(alice.id, None, "Python is",
+                            TurnOptions(GenerationSettings(max_new_tokens=3, temperature=0))))
     assert short.stats.completion_tokens <= 3 and short.stats.finish_reason == "length"
 
 
 def test_stop_keeps_the_partial_answer(engine, store, alice):
     stop = threading.Event()
     turn = None
-    for turn in engine.send(alice.id, None, "Hello", GenerationSettings(max_new_tokens=200, temperature=0), stop):
+    long = GenerationSettings(max_new_tokens=200, temperature=0)
+    for turn in engine.send(alice.id, None, "Hello", TurnOptions(long, stop=stop)):
         if turn.text:
             stop.set()
     assert turn.status == "stopped" and turn.stats.completion_tokens < 200
@@ -97,7 +100,7 @@ def test_prompt_has_system_prompt_history_and_ends_ready_for_the_answer(fake_eng
 def test_adapter_switches_reach_the_backend(fake_engine, fake, store, alice):
     activate_version(store, alice.id, 3)
     on = run(fake_engine.send(alice.id, None, "hi"))
-    off = run(fake_engine.send(alice.id, None, "hi", use_adapter=False))
+    off = run(fake_engine.send(alice.id, None, "hi", TurnOptions(use_adapter=False)))
     store.users.set_personalization(alice.id, False)
     personal_off = run(fake_engine.send(alice.id, None, "hi"))
     ref = fake.calls[0].adapter  # a reference to the active version, never the user's id
@@ -109,11 +112,12 @@ def test_adapter_switches_reach_the_backend(fake_engine, fake, store, alice):
 
 def test_answer_limit_and_stop_end_the_answer(fake_engine, fake, store, alice):
     fake.enqueue(["one", " two", " three", " four"])
-    short = run(fake_engine.send(alice.id, None, "count", GenerationSettings(max_new_tokens=2, temperature=0)))
+    short = run(fake_engine.send(alice.id, None, "count",
+                                 TurnOptions(GenerationSettings(max_new_tokens=2, temperature=0))))
     assert short.text == "one two" and short.stats.finish_reason == "length" and short.status == "complete"
     stop = threading.Event()
     fake.enqueue(["a", "b", "c", "d"])
-    for turn in fake_engine.send(alice.id, None, "go", stop=stop):
+    for turn in fake_engine.send(alice.id, None, "go", TurnOptions(stop=stop)):
         if turn.text == "ab":
             stop.set()
     assert turn.text == "ab" and turn.status == "stopped"

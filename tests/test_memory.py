@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from assistant.chat.service import TurnOptions
 from assistant.memory.embedder import E5Embedder, HashEmbedder, HashEmbedderConfig, MiniLMEmbedder
 from assistant.memory.service import MemoryConfig, MemoryService
 from assistant.memory.text import BLOCK_HEADER
@@ -526,7 +527,7 @@ def test_engine_puts_the_facts_before_the_question_and_stores_only_the_users_wor
     assert [m["content"] for m in store.chats.messages(alice.id, cid)] == ["What is my dog called?"]
     plain, _ = engine.build_prompt(alice.id, cid, 4)
     assert BLOCK_HEADER not in tiny_loaded.tokenizer.decode(plain)
-    for _ in engine.send(alice.id, None, "My cat is called Miso.", source="compare"):
+    for _ in engine.send(alice.id, None, "My cat is called Miso.", TurnOptions(source="compare")):
         pass
     assert [m.text for m in memory.list(alice.id)] == ["My dog is called Biscuit."]  # a Compare run is no memory
 

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from assistant.chat.service import TurnOptions
 from assistant.errors import ModelError
 from assistant.model import ModelConfig, cpu_has_bf16, load_model, resolve_model_dir
 from storage import DataDir
@@ -13,7 +14,8 @@ def ask(engine, user, text, **kw):
     from assistant.engines.base import GenerationSettings
 
     turn = None
-    for turn in engine.send(user.id, None, text, GenerationSettings(max_new_tokens=12, temperature=0), **kw):
+    greedy = GenerationSettings(max_new_tokens=12, temperature=0)
+    for turn in engine.send(user.id, None, text, TurnOptions(greedy, **kw)):
         pass
     return turn
 

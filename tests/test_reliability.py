@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from assistant.chat.service import TurnOptions
 from assistant.engines.base import GenerationSettings
 from helpers import Server, cli
 from storage import InputError, NotFound
@@ -145,7 +146,7 @@ def test_engine_stores_any_text_or_refuses_it_clearly(engine, store, text):
     user = store.users.by_name("prop") if store.users.count() else store.users.create("prop", "correct horse")
     try:
         turn = None
-        for turn in engine.send(user.id, None, text, GenerationSettings(max_new_tokens=2, temperature=0)):
+        for turn in engine.send(user.id, None, text, TurnOptions(GenerationSettings(max_new_tokens=2, temperature=0))):
             pass
     except InputError as e:
         assert "empty" in str(e) and not text.strip()
@@ -161,7 +162,7 @@ def test_unknown_conversation_ids(engine, store, cid):
     if cid is None:
         return
     with pytest.raises(NotFound):
-        for _ in engine.send(user.id, cid, "hello", GenerationSettings(max_new_tokens=2, temperature=0)):
+        for _ in engine.send(user.id, cid, "hello", TurnOptions(GenerationSettings(max_new_tokens=2, temperature=0))):
             pass
 
 

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from assistant.chat.service import TurnOptions
 from assistant.engines.base import GenerationSettings
 from storage import DataDir, NotFound
 from storage.paths import _uid
@@ -59,7 +60,8 @@ def test_full_chat_memory_and_training_without_network(no_network, store, alice,
     memory = MemoryService(store, MemoryConfig())  # the real packaged MiniLM, offline
     engine = ChatService(store, TransformersBackend(loaded, 512), ChatConfig(context_tokens=512), memory)
     turn = None
-    for turn in engine.send(alice.id, None, "My dog is called Biscuit.", GenerationSettings(max_new_tokens=4)):
+    four = TurnOptions(GenerationSettings(max_new_tokens=4))
+    for turn in engine.send(alice.id, None, "My dog is called Biscuit.", four):
         pass
     assert turn.status == "complete" and store.memories.count(alice.id) == 1
     history = tmp_path / "h.jsonl"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from assistant.chat.service import TurnOptions
 from assistant.engines.base import GenerationSettings
 from conftest import seed_models
 from helpers import ROOT, Server, cli
@@ -110,7 +111,7 @@ def publish(store, user_id: int, seed: int, **lora) -> int:
 
 def ask(engine, user_id: int, text: str, **kw):
     turn = None
-    for turn in engine.send(user_id, None, text, GREEDY, **kw):
+    for turn in engine.send(user_id, None, text, TurnOptions(GREEDY, **kw)):
         pass
     return turn
 
@@ -181,7 +182,7 @@ def test_stop_ends_the_stream_and_keeps_the_text(vstore, vllm_url, hf_loaded):
     stop = threading.Event()
     long = GenerationSettings(max_new_tokens=400, temperature=0.7, seed=3)
     turn = None
-    for turn in vllm.send(dana, None, "Tell me a long story about a dog.", long, stop=stop):
+    for turn in vllm.send(dana, None, "Tell me a long story about a dog.", TurnOptions(long, stop=stop)):
         if turn.text:
             stop.set()
     assert turn.status == "stopped" and turn.text and turn.stats.completion_tokens < 400

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from assistant.api import protocol
 from assistant.api.protocol import APIConfig, ChatRequest, error, error_for
-from assistant.chat.service import ChatService, Turn
+from assistant.chat.service import ChatService, Turn, TurnOptions
 from assistant.web import address_of
 from storage.errors import CLI, AttuneError, AuthError, InputError, TooLarge
 
@@ -147,24 +147,9 @@ class ChatAPI:
         return protocol.completion(turn, created, model)
 
     def _generate(self, user_id: int, req: ChatRequest) -> Iterator[Turn]:
-        cid = self._start_turn(user_id, req)
-        return self.chat.answer(user_id, cid, req.settings, source="api", use_adapter=req.use_adapter,
-                                  use_memory=req.use_memory)
-
-    def _start_turn(self, user_id: int, req: ChatRequest) -> int:
-        """Log the request's messages: a new conversation (all messages) or an existing one (last only)."""
-        chats, cid = self.store.chats, req.conversation_id
-        if cid is not None:
-            chats.conversation(user_id, cid)  # NotFound for someone else's id
-            self.chat.post(user_id, cid, req.messages[-1]["content"], source="api")
-            return cid
-        *earlier, last = req.messages
-        cid = chats.create_conversation(user_id, title=last["content"], source="api")
-        for m in earlier:
-            if m["content"].strip():
-                chats.add_message(user_id, cid, m["role"], m["content"], source="api")
-        self.chat.post(user_id, cid, last["content"], source="api")
-        return cid
+        cid = self.chat.post_messages(user_id, req.conversation_id, req.messages, source="api")
+        return self.chat.answer(user_id, cid, TurnOptions(req.settings, source="api", use_adapter=req.use_adapter,
+                                                          use_memory=req.use_memory))
 
 
 def build_router(chat: ChatService, config: APIConfig | None = None) -> APIRouter:

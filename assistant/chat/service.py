@@ -47,6 +47,28 @@ class ChatConfig:
 
 
 @dataclass
+class TurnOptions:
+    """How one turn is answered; every way of starting one (send, answer, retry, continue) takes these."""
+
+    settings: GenerationSettings | None = None
+    """Generation settings; None: ``ChatConfig.defaults``."""
+    stop: threading.Event | None = None
+    """Set it to end the answer early (stored as stopped, with what it has so far)."""
+    source: str = "ui"
+    """Where the turn comes from, logged with its messages (``ui``, ``api``, ``compare``)."""
+    use_adapter: bool = True
+    """False: the base model answers, whatever the user's personal version."""
+    use_memory: bool = True
+    """False: no memories are looked up for this turn."""
+
+    def __post_init__(self):
+        if self.settings is not None and not isinstance(self.settings, GenerationSettings):
+            raise ValueError(f"settings: must be GenerationSettings or None, got {type(self.settings).__name__}")
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"source: must be a non-empty string, got {self.source!r}")
+
+
+@dataclass
 class Turn:
     """What one turn produced; ``text`` grows while streaming, ids are set once stored."""
 
@@ -116,9 +138,25 @@ class ChatService:
             conversation_id = self.store.chats.create_conversation(user_id, title=text, source=source)
         return conversation_id, self.store.chats.add_message(user_id, conversation_id, "user", text, source=source)
 
-    def answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
-               stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
-               use_memory: bool = True) -> Iterator[Turn]:
+    def post_messages(self, user_id: int, conversation_id: int | None, messages: list[dict],
+                      source: str = "api") -> int:
+        """Log a client's message list before its answer (an API client sends the whole conversation each time):
+        into a new conversation every message, into an existing one (the user's own, else NotFound) only the
+        last, the one to answer. Returns the conversation id."""
+        chats = self.store.chats
+        if conversation_id is not None:
+            chats.conversation(user_id, conversation_id)  # NotFound for someone else's id
+            self.post(user_id, conversation_id, messages[-1]["content"], source=source)
+            return conversation_id
+        *earlier, last = messages
+        conversation_id = chats.create_conversation(user_id, title=last["content"], source=source)
+        for m in earlier:
+            if m["content"].strip():
+                chats.add_message(user_id, conversation_id, m["role"], m["content"], source=source)
+        self.post(user_id, conversation_id, last["content"], source=source)
+        return conversation_id
+
+    def answer(self, user_id: int, conversation_id: int, options: TurnOptions | None = None) -> Iterator[Turn]:
         """Stream an answer to the conversation's last user message and store it.
 
         Yields the same ``Turn`` after every new piece of text; its last state has the stored ids.
@@ -127,22 +165,18 @@ class ChatService:
         if not history or history[-1]["role"] != "user":
             raise InputError("The conversation has no new message to answer; send one first.")
         turn = Turn(conversation_id=conversation_id, user_message_id=history[-1]["id"])
-        yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
-        self._remember(user_id, turn)
+        yield from self._turn(user_id, turn, options, history)
 
-    def send(self, user_id: int, conversation_id: int | None, text, settings: GenerationSettings | None = None,
-             stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
-             use_memory: bool = True) -> Iterator[Turn]:
+    def send(self, user_id: int, conversation_id: int | None, text,
+             options: TurnOptions | None = None) -> Iterator[Turn]:
         """``post`` then ``answer``: the user's message is committed before the first token."""
-        conversation_id, message_id = self.post(user_id, conversation_id, text, source)
+        options = options or TurnOptions()
+        conversation_id, message_id = self.post(user_id, conversation_id, text, options.source)
         turn = Turn(conversation_id=conversation_id, user_message_id=message_id)
         yield turn
-        yield from self._answer(user_id, turn, settings, stop, source, use_adapter=use_adapter, use_memory=use_memory)
-        self._remember(user_id, turn)
+        yield from self._turn(user_id, turn, options)
 
-    def retry(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
-              stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
-              use_memory: bool = True) -> Iterator[Turn]:
+    def retry(self, user_id: int, conversation_id: int, options: TurnOptions | None = None) -> Iterator[Turn]:
         """Answer the last user message again; the previous answer is kept in the log as replaced."""
         history = self.store.chats.messages(user_id, conversation_id)
         if not history or not any(m["role"] == "user" for m in history):
@@ -151,14 +185,10 @@ class ChatService:
         last_user = [m for m in history if m["role"] == "user"][-1]
         turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"],
                     replaces=old["id"] if old else None)
-        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=turn.replaces,
-                                 use_adapter=use_adapter, use_memory=use_memory):
-            yield turn
-        self._remember(user_id, turn)
+        yield from self._turn(user_id, turn, options, history, exclude_id=turn.replaces)
 
-    def continue_answer(self, user_id: int, conversation_id: int, settings: GenerationSettings | None = None,
-                        stop: threading.Event | None = None, source: str = "ui", use_adapter: bool = True,
-                        use_memory: bool = True) -> Iterator[Turn]:
+    def continue_answer(self, user_id: int, conversation_id: int,
+                        options: TurnOptions | None = None) -> Iterator[Turn]:
         """Go on writing the last answer (one cut at the token limit): the longer answer replaces it."""
         history = self.store.chats.messages(user_id, conversation_id)
         if not history or history[-1]["role"] != "assistant" or not history[-1]["content"]:
@@ -166,10 +196,7 @@ class ChatService:
         old = history[-1]
         last_user = [m for m in history if m["role"] == "user"][-1]
         turn = Turn(conversation_id=conversation_id, user_message_id=last_user["id"], replaces=old["id"])
-        for turn in self._answer(user_id, turn, settings, stop, source, exclude_id=old["id"], use_adapter=use_adapter,
-                                 use_memory=use_memory, prefix=old["content"]):
-            yield turn
-        self._remember(user_id, turn)
+        yield from self._turn(user_id, turn, options, history, exclude_id=old["id"], prefix=old["content"])
 
     def edit_question(self, user_id: int, conversation_id: int, message_id: int, text) -> int:
         """Replace a question (and everything after it) by an edited one, to be answered next; the old
@@ -210,11 +237,13 @@ class ChatService:
             return []
         return self.memory.retrieve(user_id, query, exclude_conversation=conversation_id)
 
-    def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int,
-                     exclude_id: int | None = None, memory_block: str = "") -> tuple[list[int], Turn]:
-        """Token ids of the prompt for the next answer, and a Turn noting what was cut to fit."""
+    def build_prompt(self, user_id: int, conversation_id: int, max_new_tokens: int, exclude_id: int | None = None,
+                     memory_block: str = "", history: list[dict] | None = None) -> tuple[list[int], Turn]:
+        """Token ids of the prompt for the next answer, and a Turn noting what was cut to fit. ``history``: the
+        conversation's messages when the caller has read them already (else they are read here)."""
         turn = Turn(conversation_id=conversation_id)
-        history = self.store.chats.messages(user_id, conversation_id)
+        if history is None:
+            history = self.store.chats.messages(user_id, conversation_id)
         corrections = self.store.chats.corrections(user_id, conversation_id)
         msgs = [{"role": m["role"], "content": corrections.get(m["id"], m["content"])}
                 for m in history if m["id"] != exclude_id and m["role"] != "system" and
@@ -267,20 +296,29 @@ class ChatService:
         tail = tok.decode(ids[len(ids) - keep // 2:]) if keep > 1 else ""
         return head + OMITTED.format(n=len(text) - len(head) - len(tail)) + tail
 
-    def _answer(self, user_id: int, turn: Turn, settings: GenerationSettings | None,
-                stop: threading.Event | None, source: str, exclude_id: int | None = None,
-                use_adapter: bool = True, use_memory: bool = True, prefix: str = "") -> Iterator[Turn]:
-        settings = settings or self.config.defaults
+    def _turn(self, user_id: int, turn: Turn, options: TurnOptions | None, history: list[dict] | None = None,
+              exclude_id: int | None = None, prefix: str = "") -> Iterator[Turn]:
+        """Answer, then let memory keep the finished turn. The conversation is read once per turn: ``history``
+        when the caller has it, else here."""
+        if history is None:
+            history = self.store.chats.messages(user_id, turn.conversation_id)
+        yield from self._answer(user_id, turn, options or TurnOptions(), history, exclude_id, prefix)
+        self._remember(user_id, turn)
+
+    def _answer(self, user_id: int, turn: Turn, options: TurnOptions, history: list[dict],
+                exclude_id: int | None, prefix: str) -> Iterator[Turn]:
+        settings, source = options.settings or self.config.defaults, options.source
+        use_adapter, use_memory = options.use_adapter, options.use_memory
         turn.use_adapter, turn.use_memory = use_adapter, use_memory
-        stop = stop or threading.Event()
+        stop = options.stop or threading.Event()
         # Reserve room for the answer, but never more than half the context: a long answer limit must not
         # squeeze the prompt to nothing. The answer then gets whatever room the prompt leaves.
         block = ""
         personalized = self._personalized(user_id)  # read once: the whole turn sees one value
         if use_memory and self.memory is not None and personalized:
-            block = self._memory_block(user_id, turn)
+            block = self._memory_block(user_id, turn, history)
         ids, plan = self.build_prompt(user_id, turn.conversation_id, min(settings.max_new_tokens, self.budget // 2),
-                                      exclude_id, block)
+                                      exclude_id, block, history)
         if prefix:  # continuing an answer: the model goes on from its own earlier words
             ids = ids + list(self.backend.tokenizer.encode(prefix, add_special_tokens=False))
             turn.text = prefix
@@ -350,10 +388,12 @@ class ChatService:
         turn.adapter_version = ref.version if ref else None
         return ref
 
-    def _memory_block(self, user_id: int, turn: Turn) -> str:
+    def _memory_block(self, user_id: int, turn: Turn, history: list[dict]) -> str:
         """The facts block for this turn's question (fills ``turn.memories``). Memories that cannot be searched
         (say the index cannot be rebuilt) leave this turn without them, with a notice, instead of failing it."""
-        query = self.store.chats.message(user_id, turn.user_message_id)["content"]
+        query = next((m["content"] for m in history if m["id"] == turn.user_message_id), None)
+        if query is None:  # a question is in its conversation's history; should it not be, read it directly
+            query = self.store.chats.message(user_id, turn.user_message_id)["content"]
         try:
             turn.memories = self.recall(user_id, query, turn.conversation_id)
         except Exception as e:  # the index is a cache of SQLite: the next turn tries again

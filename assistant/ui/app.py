@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from assistant.chat.service import ChatService, Turn
+from assistant.chat.service import ChatService, Turn, TurnOptions
 from assistant.engines.base import GenerationSettings
 from assistant.ui.auth import WebAuth
 from assistant.ui.i18n import lang_of, make_i18n, tr, tr_error
@@ -248,7 +248,7 @@ class ChatUI:
                 chat.pop()
             start = {"answer": self.chat.answer, "retry": self.chat.retry,
                      "continue": self.chat.continue_answer}[mode]
-            stream = start(uid, cid, settings, stop, **switches)
+            stream = start(uid, cid, TurnOptions(settings, stop, **switches))
             chat.append({"role": "assistant", "content": "…"})
             turn: Turn | None = None
             for turn in stream:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from assistant.chat.service import TurnOptions
 from assistant.ui.i18n import tr, tr_error
 from assistant.ui.render import PRIVATE
 from storage.errors import AttuneError
@@ -65,9 +66,9 @@ def run_compare(ui: ChatUI, request, question, temperature, max_new_tokens, top_
     try:
         settings = ui.settings(temperature, max_new_tokens, top_p)
         streams = {
-            "base": ui.chat.send(uid, None, question, settings, source="compare", use_adapter=False,
-                                   use_memory=False),
-            "personal": ui.chat.send(uid, None, question, settings, source="compare"),
+            "base": ui.chat.send(uid, None, question, TurnOptions(settings, source="compare", use_adapter=False,
+                                                                 use_memory=False)),
+            "personal": ui.chat.send(uid, None, question, TurnOptions(settings, source="compare")),
         }
         for stream in streams.values():  # commit both questions now, so errors show before any thread starts
             next(stream)
