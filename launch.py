@@ -241,7 +241,6 @@ def serve(store, args: argparse.Namespace) -> None:
     serve(store, model_cfg, config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
           start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
-          train_after=schedule_cfg.min_new_events,
           vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine,
           llamacpp_cfg=config_from(args, LlamaCppConfig), api_cfg=config_from(args, APIConfig))
 

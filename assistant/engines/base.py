@@ -32,6 +32,12 @@ class AdapterRef:
 
 MAX_NEW_TOKENS = 4096
 """The most tokens one answer may ask for, whatever the engine."""
+SETTING_RANGES: dict[str, tuple[int | float, int | float]] = {
+    "max_new_tokens": (1, MAX_NEW_TOKENS), "temperature": (0, 2), "top_p": (0, 1), "repetition_penalty": (0.5, 2),
+    # 0 to 2**63 - 1: what every engine's generator takes (torch overflows past 2**64, numpy refuses < 0)
+    "seed": (0, 2**63 - 1)}
+"""Each generation setting's lowest and highest value (top_p's lowest excluded): checked here, shown by the UI's
+sliders and the API's schema."""
 
 
 @dataclass
@@ -50,16 +56,20 @@ class GenerationSettings:
     """Sampling seed for reproducible answers; None draws one."""
 
     def __post_init__(self):
+        r = SETTING_RANGES
         checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
-             f"an integer from 1 to {MAX_NEW_TOKENS}"),
-            ("temperature", is_number(self.temperature) and 0 <= self.temperature <= 2, "a number from 0 to 2"),
-            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("repetition_penalty", is_number(self.repetition_penalty) and 0.5 <= self.repetition_penalty <= 2,
-             "a number from 0.5 to 2"),
-            # 0 to 2**63 - 1: what every engine's generator takes (torch overflows past 2**64, numpy refuses < 0)
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and r["max_new_tokens"][0] <= self.max_new_tokens
+             <= r["max_new_tokens"][1], "an integer from {} to {}".format(*r["max_new_tokens"])),
+            ("temperature", is_number(self.temperature) and r["temperature"][0] <= self.temperature
+             <= r["temperature"][1], "a number from {} to {}".format(*r["temperature"])),
+            ("top_p", is_number(self.top_p) and r["top_p"][0] < self.top_p <= r["top_p"][1],
+             "a number in ({}, {}]".format(*r["top_p"])),
+            ("repetition_penalty", is_number(self.repetition_penalty) and r["repetition_penalty"][0]
+             <= self.repetition_penalty <= r["repetition_penalty"][1], "a number from {} to {}".format(
+                *r["repetition_penalty"])),
             ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                           and 0 <= self.seed < 2**63), "an integer from 0 to 2**63 - 1, or null"),
+                                           and r["seed"][0] <= self.seed <= r["seed"][1]),
+             "an integer from 0 to 2**63 - 1, or null"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -82,6 +92,13 @@ class GenerationSettings:
 def is_number(x) -> bool:
     """A real number (int or float), not a bool."""
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def context_cap(requested: int | None, model_limit: int | None) -> int:
+    """The context an engine serves: the tokens asked for (``ChatConfig.context_tokens``; None: all), capped by
+    the model's own limit (2048 when the model does not say)."""
+    limit = model_limit or 2048
+    return min(requested or limit, limit)
 
 
 @dataclass

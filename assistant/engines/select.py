@@ -41,9 +41,9 @@ def build_backend(data_dir: Path, model_cfg: ModelConfig, context_tokens: int, v
         return _llamacpp(data_dir, model_cfg, context_tokens, llamacpp_cfg)
     if vllm_cfg is not None:
         from assistant.engines.vllm.backend import VLLMBackend
-        from assistant.model import EMBEDDED, resolve_model_dir
+        from assistant.model import EMBEDDED, EMBEDDED_NAME, resolve_model_dir
 
-        name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else model_cfg.model
+        name = EMBEDDED_NAME if model_cfg.model == EMBEDDED else model_cfg.model
         backend = VLLMBackend(vllm_cfg, resolve_model_dir(model_cfg.model, data_dir), data_dir, name,
                               context_tokens)
         print(f"attune: model {name} served by vLLM at {backend.url}", flush=True)
@@ -57,7 +57,7 @@ def build_backend(data_dir: Path, model_cfg: ModelConfig, context_tokens: int, v
 def _llamacpp(data_dir: Path, model_cfg: ModelConfig, context_tokens: int, cfg=None) -> ChatBackend:
     from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig, available
     from assistant.engines.llamacpp.gguf_lora import serving_weights
-    from assistant.model import EMBEDDED, gguf_source, resolve_model_dir
+    from assistant.model import EMBEDDED, EMBEDDED_NAME, gguf_source, resolve_model_dir
 
     gguf = gguf_source(model_cfg.model)
     if gguf is None:
@@ -68,7 +68,7 @@ def _llamacpp(data_dir: Path, model_cfg: ModelConfig, context_tokens: int, cfg=N
                          "--engine transformers.")
     started = time.monotonic()
     cfg = cfg or LlamaCppConfig(threads=model_cfg.threads)
-    name = "SmolLM2-135M-Instruct" if model_cfg.model == EMBEDDED else gguf.stem
+    name = EMBEDDED_NAME if model_cfg.model == EMBEDDED else gguf.stem
     model_dir = resolve_model_dir(model_cfg.model, data_dir)
     if cfg.weights == "q8_0":
         gguf = serving_weights(model_dir, gguf)

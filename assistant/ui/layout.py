@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from assistant.engines.base import SETTING_RANGES
 from assistant.ui.app import ChatUI
 from assistant.ui.render import PRIVATE
 from assistant.ui.tabs.account import account_tab
@@ -95,10 +96,12 @@ def build_layout(ui: ChatUI) -> gr.Blocks:
                     yes_btn = gr.Button(t("delete_yes"), variant="stop", size="sm", elem_id="del-yes")
                     no_btn = gr.Button(t("cancel"), size="sm", elem_id="del-no")
             with gr.Accordion(t("settings"), open=False, elem_id="settings"):
-                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label=t("temperature"))
-                max_new = gr.Slider(1, 4096, value=d.max_new_tokens, step=1, label=t("max_new_tokens"),
-                                    elem_id="max-new")
-                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label=t("top_p"))
+                temperature = gr.Slider(*SETTING_RANGES["temperature"], value=d.temperature, step=0.05,
+                                        label=t("temperature"))
+                max_new = gr.Slider(*SETTING_RANGES["max_new_tokens"], value=d.max_new_tokens, step=1,
+                                    label=t("max_new_tokens"), elem_id="max-new")
+                top_p = gr.Slider(SETTING_RANGES["top_p"][0] + 0.05, SETTING_RANGES["top_p"][1], value=d.top_p,
+                                  step=0.05, label=t("top_p"))  # top_p's lowest is excluded: one step above it
                 use_adapter = gr.Checkbox(True, label=t("use_adapter"), elem_id="use-adapter")
                 use_memory = gr.Checkbox(True, label=t("use_memory"), elem_id="use-memory")
         sliders = [temperature, max_new, top_p, use_adapter, use_memory]

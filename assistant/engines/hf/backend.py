@@ -9,7 +9,7 @@ import queue
 import time
 from dataclasses import dataclass
 
-from assistant.engines.base import AdapterRef, QueuedBackend, Request, is_number
+from assistant.engines.base import AdapterRef, QueuedBackend, Request, context_cap, is_number
 from assistant.errors import ModelError
 from storage.errors import CLI
 
@@ -48,8 +48,7 @@ class TransformersBackend(QueuedBackend):
         self.name = loaded.name
         self.registry = registry or AdapterRegistry(loaded.model)
         self.batch = batch or BatchConfig()
-        limit = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
-        self.context_tokens = min(context_tokens or limit, limit)
+        self.context_tokens = context_cap(context_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
         self.batch_sizes: list[int] = []
         """Rows decoding together after each admission (tests and the bench read it)."""
         self._rows = RowLora()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from assistant.engines.base import GenerationSettings, QueuedBackend, Request
+from assistant.engines.base import GenerationSettings, QueuedBackend, Request, context_cap
 from assistant.engines.llamacpp.gguf_lora import convert, gguf_path
 from assistant.errors import ModelError
 
@@ -144,8 +144,7 @@ class LlamaCppBackend(QueuedBackend):
         llama_cpp.llama_backend_init()
         self._llama = llama_cpp
         self.model = LlamaModel(path_model=str(gguf), params=llama_cpp.llama_model_default_params(), verbose=False)
-        limit = llama_cpp.llama_model_n_ctx_train(self.model.model) or 2048
-        self.context_tokens = min(context_tokens or limit, limit)
+        self.context_tokens = context_cap(context_tokens, llama_cpp.llama_model_n_ctx_train(self.model.model))
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.slots: list[_Slot] = []
         self._adapters: OrderedDict[str, object] = OrderedDict()  # name -> llama_adapter_lora pointer

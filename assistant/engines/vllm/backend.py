@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.engines.base import AdapterRef, ChatBackend, GenerationSettings, StreamStats
+from assistant.engines.base import AdapterRef, ChatBackend, GenerationSettings, StreamStats, context_cap
 from assistant.engines.vllm.adapters import ALLOWED_RANKS, check_vllm_adapter, write_zero_adapter
 from assistant.errors import ModelError
 from storage.errors import CLI
@@ -129,8 +129,7 @@ class VLLMBackend(ChatBackend):
         self.tokenizer = load_tokenizer(self.model_dir)
         self.name = name
         model_cfg = json.loads((self.model_dir / "config.json").read_text())
-        limit = model_cfg.get("max_position_embeddings") or 2048
-        self.context_tokens = min(context_tokens or limit, limit)
+        self.context_tokens = context_cap(context_tokens, model_cfg.get("max_position_embeddings"))
         self.eos = sorted({t for t in _as_list(model_cfg.get("eos_token_id")) + [self.tokenizer.eos_token_id]
                            if t is not None})
         self.server = None
