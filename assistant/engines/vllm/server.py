@@ -17,7 +17,9 @@ from pathlib import Path
 
 from assistant.errors import ModelError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
+"""The repository root: the vLLM venv is found from here, and the server starts here (started in
+``assistant/engines``, this folder's name would shadow the ``vllm`` package)."""
 
 
 def venv_python(venv: str | Path) -> Path:
