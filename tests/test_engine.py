@@ -247,3 +247,30 @@ def test_streamed_pieces_rebuild_the_answer_exactly(tiny_loaded, text):
     for piece in pieces[:-1]:  # every piece but the last ends at a word boundary
         sent += len(piece)
         assert piece.endswith((" ", "\n")) or text[sent] == " ", (piece, text[sent:])
+
+
+def test_turn_options_name_the_bad_field():
+    with pytest.raises(ValueError, match="source"):
+        TurnOptions(source="")
+    with pytest.raises(ValueError, match="settings"):
+        TurnOptions({"temperature": 0})  # a dict is not GenerationSettings
+
+
+def test_a_turn_reads_its_conversation_once(fake_engine, fake, store, alice, monkeypatch):
+    """send, retry and answer each read the conversation's messages once: the prompt (and the memory query) use
+    the history the turn already read (before, retry and answer read it twice, three times with memory)."""
+    first = run(fake_engine.send(alice.id, None, "Hi"))
+    cid = first.conversation_id
+    reads = []
+    real = store.chats.messages
+    monkeypatch.setattr(store.chats, "messages", lambda *a, **k: reads.append(a) or real(*a, **k))
+    fake.enqueue(["one"])
+    run(fake_engine.send(alice.id, cid, "Again"))
+    fake.enqueue(["two"])
+    retried = run(fake_engine.retry(alice.id, cid))
+    fake_engine.post(alice.id, cid, "And now?")
+    fake.enqueue(["three"])
+    answered = run(fake_engine.answer(alice.id, cid))
+    assert len(reads) == 3
+    assert retried.text == "two" and answered.text == "three"
+    assert [m["content"] for m in real(alice.id, cid)] == ["Hi", first.text, "Again", "two", "And now?", "three"]
