@@ -13,6 +13,7 @@ from pathlib import Path
 from bench import (
     adapter_passing,
     adapter_style,
+    api_speed,
     load,
     memory_bench,
     memory_locomo,
@@ -29,6 +30,8 @@ from bench import (
 SECTIONS = {
     "quant": ("Serving configuration search (chooses `--quant auto` and `--dtype auto`)", quant.render),
     "serving": ("Serving: time to first token, decode speed, concurrent users, adapter switching", serving.render),
+    "api_speed": ("Speed through the API: one user's streamed answer vs the engine at its seam and plain llama.cpp",
+                  api_speed.render),
     "memory_bench": ("Memory: retrieval latency per user (chooses `approx_threshold`)", memory_bench.render),
     "memory_quality": ("Memory quality: what is kept, what is retrieved, recall and general answers with memory on",
                        memory_quality.render),
