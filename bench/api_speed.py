@@ -30,7 +30,7 @@ def run(quick: bool = False) -> dict:
     out["seam"] = _seam(data, ref, tokens, repeats)
     from bench.serving import _llama_cpp
 
-    out["plain_llamacpp"] = _llama_cpp(tokens)
+    out["plain_llamacpp"] = _llama_cpp(tokens, PROMPT)
     out["api"] = _api(data, key, tokens, repeats)
     return out
 

@@ -303,7 +303,7 @@ def _q8(model_dir: Path, ids, tokens: int, short, busy: list, quick: bool) -> di
     return out
 
 
-def _llama_cpp(tokens: int) -> dict | None:
+def _llama_cpp(tokens: int, prompt: str = PROMPT) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -311,7 +311,7 @@ def _llama_cpp(tokens: int) -> dict | None:
     from assistant.model import embedded_gguf
 
     llm = Llama(model_path=str(embedded_gguf()), n_threads=os.cpu_count() or 1, n_ctx=1024, verbose=False)
-    messages = [{"role": "user", "content": PROMPT}]
+    messages = [{"role": "user", "content": prompt}]
     llm.create_chat_completion(messages, max_tokens=4, temperature=0)
     runs = []
     for _ in range(3):
