@@ -219,7 +219,7 @@ def test_sampling_keeps_the_tokens_transformers_keeps():
         TopPLogitsWarper,
     )
 
-    from assistant.engines.hf.continuous import Sampling, penalize, warp
+    from assistant.engines.sampling import Sampling, penalize, warp
 
     torch.manual_seed(0)
     logits = torch.randn(3, 500) * 3

@@ -103,6 +103,19 @@ def test_adapters_on_llama_cpp_give_pefts_greedy_answers(world):
             assert sum(a != b for a, b in zip(want, base, strict=True)) >= 3
 
 
+def test_seeded_sampling_on_llama_cpp_is_the_transformers_engines(world):
+    """Both in-process engines pick tokens with one code (``engines.sampling``: penalty, temperature, the model's
+    top-k, top-p, a generator per seed): at full precision the same seed gives the same sampled answer; another
+    seed, other answers."""
+    tok, ref = world["tok"], world["refs"][0]
+    seeded = [GenerationSettings(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=seed) for seed in (7, 8)]
+    want = [_answer(world["peft"], _ids(tok, p), ref, seeded[0])[0] for p in PROMPTS]
+    got = [_answer(world["fast32"], _ids(tok, p), ref, seeded[0])[0] for p in PROMPTS]
+    assert sum(a == b for a, b in zip(want, got, strict=True)) >= 6, list(zip(want, got, strict=True))
+    other = [_answer(world["fast32"], _ids(tok, p), ref, seeded[1])[0] for p in PROMPTS]
+    assert sum(a != b for a, b in zip(got, other, strict=True)) >= 6
+
+
 def _loss(gguf: Path, lora: Path | None, pairs) -> float:
     """Mean negative log-likelihood (nats/token) of each (prompt, answer) pair's answer under llama.cpp."""
     import numpy as np

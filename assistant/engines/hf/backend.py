@@ -97,7 +97,7 @@ class TransformersBackend(QueuedBackend):
         """Prefill as many waiting requests as there is room for, pinning their adapters, and stream each
         one's first token. A request that cannot start (its adapter fails to load, the prefill fails) is told
         why; the rows already decoding are not touched."""
-        from assistant.engines.hf.continuous import Sampling
+        from assistant.engines.sampling import Sampling
 
         ready = []
         while waiting and len(reqs) + len(ready) < self.batch.max_batch:
@@ -118,7 +118,7 @@ class TransformersBackend(QueuedBackend):
         settings = [r.settings for r in ready]
         try:
             tokens = rows.admit([r.prompt_ids for r in ready], [r.adapter.name if r.adapter else None for r in ready],
-                                [Sampling(s.temperature, s.top_p, s.repetition_penalty, s.seed) for s in settings])
+                                [Sampling.of(s) for s in settings])
         except BaseException as e:  # e.g. out of memory on a long prompt: these requests learn why
             for req in ready:
                 req.error = e

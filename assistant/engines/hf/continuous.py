@@ -6,31 +6,22 @@ padding no remaining row needs is trimmed). Each row keeps its own adapter name 
 so users with different adapters and different sliders share every step.
 
 Owns: the KV cache rows, attention mask and positions of the batch, and per-row sampling (repetition penalty,
-temperature, top-k, top-p, a seeded generator per row, as ``generate`` applies them). Knows nothing of users,
+temperature, top-k, top-p, a seeded generator per row: ``engines.sampling``). Knows nothing of users,
 queues, adapters' files or streaming: the backend hands it prompts and a forward function and gets token ids
 back."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from assistant.engines.sampling import Sampling, generator, sample
+
 Forward = Callable[..., torch.Tensor]
 """``forward(names, input_ids=, attention_mask=, position_ids=, cache=)`` -> last-position logits ``[rows, vocab]``;
 ``names`` is each row's adapter name (None: the base model)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One row's sampling settings (see ``GenerationSettings``)."""
-
-    temperature: float
-    top_p: float
-    repetition_penalty: float
-    seed: int | None
 
 
 class RowBatch:
@@ -71,7 +62,7 @@ class RowBatch:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             seen[row, list(prompt)] = True
-        generators = [_generator(s.seed, device) for s in sampling]
+        generators = [generator(s.seed, device) for s in sampling]
         tokens = sample(logits, seen, list(sampling), generators, self.top_k)
         seen[torch.arange(len(prompts), device=device), tokens] = True
         self._join(cache, mask, positions[:, -1] + 1, tokens, seen)
@@ -134,45 +125,3 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
         return t
     pad = [0, 0] * (-dim - 1) + [missing, 0]
     return F.pad(t, pad)
-
-
-def _generator(seed: int | None, device) -> torch.Generator | None:
-    """A row's own random stream when it asked for a seed (same seed, same answer, whoever shares the batch)."""
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
-
-
-def sample(logits: torch.Tensor, seen: torch.Tensor, sampling: list[Sampling],
-           generators: list[torch.Generator | None], top_k: int | None) -> torch.Tensor:
-    """Each row's next token from its last-position ``logits`` [rows, vocab], as ``generate`` picks it: the
-    repetition penalty on the tokens the row has seen (prompt and answer), then greedy (temperature 0) or a draw
-    from the row's generator after temperature, top-k and top-p."""
-    logits = penalize(logits.float(), seen, [s.repetition_penalty for s in sampling])
-    tokens = logits.argmax(-1)
-    drawn = [i for i, s in enumerate(sampling) if s.temperature > 0]
-    if drawn:
-        probs = warp(logits[drawn], [sampling[i] for i in drawn], top_k).softmax(-1)
-        for row, i in enumerate(drawn):
-            tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
-    return tokens
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalties: list[float]) -> torch.Tensor:
-    """The repetition penalty (CTRL's, as transformers applies it) on each row's ``seen`` tokens."""
-    penalty = torch.tensor(penalties, device=logits.device)[:, None]
-    if not bool((penalty != 1).any()):
-        return logits
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-
-
-def warp(logits: torch.Tensor, sampling: list[Sampling], top_k: int | None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (the likeliest token always stays); removed tokens get -inf."""
-    device = logits.device
-    scores = logits / torch.tensor([s.temperature for s in sampling], device=device)[:, None]
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    top_p = torch.tensor([s.top_p for s in sampling], device=device)[:, None]
-    ordered, order = scores.sort(-1)
-    remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-    remove[:, -1] = False
-    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))

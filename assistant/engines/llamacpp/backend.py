@@ -2,8 +2,8 @@
 
 The base model is the GGUF file itself (the embedded model's Q4_1 file, or ``--model X.gguf``): llama.cpp
 reads the quantized weights with its own kernels (BENCHMARKS.md, "Serving"). A user's adapter is a GGUF LoRA
-(``assistant.engines.llamacpp.gguf_lora``), loaded once with ``llama_adapter_lora_init`` and applied per request with
-``llama_set_adapters_lora``; like every engine this one gets adapter references, never users.
+(``assistant.engines.llamacpp.gguf_lora``), loaded once with ``llama_adapter_lora_init`` and applied per request
+with ``llama_set_adapters_lora``; like every engine this one gets adapter references, never users.
 
 llama.cpp applies one adapter set to a whole context, so rows with different adapters cannot share a decode
 batch. Requests are served in slots, each its own llama context (own KV cache, own adapter): the worker
@@ -11,8 +11,8 @@ decodes one token of every active slot in turn, and a request that arrives meanw
 group of slots being decoded (``admit_every``), not after the whole turn (continuous batching: nobody waits for
 another answer to end). A slot keeps its KV cache after a
 request, so the same user's next turn (same adapter, same conversation so far) prefills only the new tokens.
-Sampling (repetition penalty, temperature, top-p, seed) is done here on llama.cpp's logits, with the same
-rules as the transformers engine, so greedy answers match it.
+Sampling (repetition penalty, temperature, the model's top-k, top-p, seed) is done on llama.cpp's logits by
+``assistant.engines.sampling``, the transformers engine's own code, so both engines pick tokens alike.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from assistant.engines.base import GenerationSettings, QueuedBackend, Request, context_cap
+from assistant.engines.base import QueuedBackend, Request, context_cap
 from assistant.engines.llamacpp.gguf_lora import convert, gguf_path
 from assistant.errors import ModelError
 
@@ -115,8 +115,10 @@ class _Slot:
     req: Request | None = None
     pending: int | None = None
     """The last sampled token, decoded at this slot's next turn."""
-    seen: set[int] = field(default_factory=set)
+    seen: object = None
+    """Which tokens the slot has seen (prompt and answer): a bool tensor [1, vocab] for the repetition penalty."""
     rng: object = None
+    """The request's own torch generator when it asked for a seed."""
     threads: int = 0
     """llama.cpp threads this context decodes with now."""
 
@@ -134,9 +136,10 @@ class LlamaCppBackend(QueuedBackend):
         self.name, self.model_dir = name, Path(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         try:
-            gen_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        except OSError:  # no generation_config.json: the tokenizer's end of sequence only
-            gen_eos = None
+            generation = GenerationConfig.from_pretrained(model_dir)
+            gen_eos, self.top_k = generation.eos_token_id, generation.top_k
+        except OSError:  # no generation_config.json: the tokenizer's end of sequence only, no top-k
+            gen_eos, self.top_k = None, None
         super().__init__(tokenizer, gen_eos)
         from llama_cpp._logger import set_verbose
 
@@ -297,8 +300,13 @@ class LlamaCppBackend(QueuedBackend):
             self._finish(req)
             return
         req.stats.adapter_version = req.adapter.version if req.adapter else None
-        slot.req, slot.seen = req, set(req.prompt_ids)
-        slot.rng = _rng(req.settings.seed)
+        import torch
+
+        from assistant.engines.sampling import generator
+
+        slot.req, slot.rng = req, generator(req.settings.seed)
+        slot.seen = torch.zeros((1, self.n_vocab), dtype=torch.bool)
+        slot.seen[0, [t for t in req.prompt_ids if 0 <= t < self.n_vocab]] = True
         try:
             if len(req.prompt_ids) + 1 >= self.context_tokens:
                 raise ModelError(f"The prompt ({len(req.prompt_ids)} tokens) does not fit the model's context of "
@@ -317,7 +325,8 @@ class LlamaCppBackend(QueuedBackend):
             self._fail(slot, e)
 
     def _step(self, slot: _Slot) -> None:
-        """Decode the slot's last token and sample the next (llama.cpp and numpy; the bookkeeping under the lock)."""
+        """Decode the slot's last token and sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping
+        under the lock)."""
         req = slot.req
         if req.stop.is_set() or req.finished or len(slot.tokens) + 1 >= self.context_tokens:
             with self._lock:
@@ -336,7 +345,7 @@ class LlamaCppBackend(QueuedBackend):
             self._emit(slot, token)
 
     def _emit(self, slot: _Slot, token: int) -> None:
-        slot.seen.add(token)
+        slot.seen[0, token] = True
         slot.pending = token
         self._token(slot.req, token)
         if slot.req.finished:
@@ -362,11 +371,15 @@ class LlamaCppBackend(QueuedBackend):
         slot.tokens.extend(tokens)
 
     def _sample(self, slot: _Slot) -> int:
+        """The next token from the slot's last logits, picked as the transformers engine picks it."""
         import numpy as np
+        import torch
+
+        from assistant.engines.sampling import Sampling, sample
 
         ptr = self._llama.llama_get_logits_ith(slot.ctx.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-        return pick(logits, slot.seen, slot.req.settings, slot.rng)
+        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
+        return int(sample(logits, slot.seen, [Sampling.of(slot.req.settings)], [slot.rng], self.top_k)[0])
 
     # adapters ------------------------------------------------------------------------------------
     def _gguf_ready(self, req: Request):
@@ -447,32 +460,6 @@ class LlamaCppBackend(QueuedBackend):
     @property
     def loaded_adapters(self) -> list[str]:
         return list(self._adapters)
-
-
-def pick(logits, seen: set[int], s: GenerationSettings, rng) -> int:
-    """The next token from one position's logits, as transformers' ``generate`` picks it: repetition penalty on
-    every token seen so far (prompt and answer), then greedy, or temperature + top-p sampling."""
-    import numpy as np
-
-    if s.repetition_penalty != 1.0 and seen:
-        idx = np.fromiter(seen, dtype=np.int64, count=len(seen))
-        values = logits[idx]
-        logits[idx] = np.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
-    if s.temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / s.temperature
-    order = np.argsort(-logits)
-    probs = np.exp(logits[order] - logits[order[0]])
-    probs /= probs.sum()
-    keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1  # the smallest head with mass >= top_p
-    head = probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(keep, p=head)])
-
-
-def _rng(seed: int | None):
-    import numpy as np
-
-    return np.random.default_rng(seed)
 
 
 def _common(a: list[int], b: list[int]) -> int:
