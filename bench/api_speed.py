@@ -61,7 +61,8 @@ def _user_with_adapter():
 
 
 def _seam(data, ref, tokens: int, repeats: int) -> dict:
-    """The llama.cpp engine in this process, the prompt the API builds (default system prompt + the question)."""
+    """The llama.cpp engine in this process, on the default system prompt and the question (the API's prompt
+    may also carry a memory block)."""
     from assistant.chat.service import ChatConfig
     from assistant.engines.base import GenerationSettings, StreamStats
     from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig
@@ -91,6 +92,7 @@ def _api(data, key: str, tokens: int, repeats: int) -> dict:
     client streaming one answer at a time."""
     import openai
 
+    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import Server
     from storage.db import Store
 

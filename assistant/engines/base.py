@@ -56,21 +56,15 @@ class GenerationSettings:
     """Sampling seed for reproducible answers; None draws one."""
 
     def __post_init__(self):
-        r = SETTING_RANGES
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and r["max_new_tokens"][0] <= self.max_new_tokens
-             <= r["max_new_tokens"][1], "an integer from {} to {}".format(*r["max_new_tokens"])),
-            ("temperature", is_number(self.temperature) and r["temperature"][0] <= self.temperature
-             <= r["temperature"][1], "a number from {} to {}".format(*r["temperature"])),
-            ("top_p", is_number(self.top_p) and r["top_p"][0] < self.top_p <= r["top_p"][1],
-             "a number in ({}, {}]".format(*r["top_p"])),
-            ("repetition_penalty", is_number(self.repetition_penalty) and r["repetition_penalty"][0]
-             <= self.repetition_penalty <= r["repetition_penalty"][1], "a number from {} to {}".format(
-                *r["repetition_penalty"])),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                           and r["seed"][0] <= self.seed <= r["seed"][1]),
-             "an integer from 0 to 2**63 - 1, or null"),
-        ]
+        def within(name: str, kind, noun: str = "a number", low_open: bool = False) -> tuple[str, bool, str]:
+            value, (low, high) = getattr(self, name), SETTING_RANGES[name]
+            ok = kind(value) and (low < value if low_open else low <= value) and value <= high
+            return name, ok, f"{noun} in ({low}, {high}]" if low_open else f"{noun} from {low} to {high}"
+
+        checks = [within("max_new_tokens", lambda x: isinstance(x, int), "an integer"),
+                  within("temperature", is_number), within("top_p", is_number, low_open=True),
+                  within("repetition_penalty", is_number),
+                  ("seed", self.seed is None or within("seed", _is_int)[1], "an integer from 0 to 2**63 - 1, or null")]
         for name, ok, what in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {what}, got {reprlib.repr(getattr(self, name))}")
@@ -87,6 +81,10 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def is_number(x) -> bool:

