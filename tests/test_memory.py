@@ -489,6 +489,11 @@ def test_old_turn_dumps_are_rederived_as_statements_nothing_lost(tmp_path):
     ("我下个月要搬到成都了，你知道那边冬天冷吗？", ["我下个月要搬到成都了。"]),
     ("我是一名护士，在医院上夜班。能推荐一些助眠的方法吗？", ["我是一名护士，在医院上夜班。"]),
     ("帮我写一封邮件，我的老板叫王伟。", ["我的老板叫王伟。"]),
+    # an aside naming whom someone is to the user, even inside a question; not a greeting or a verb
+    ("Is it ok to give Max, my beagle, some cheese?", ["Max is my beagle."]),
+    ("My boss, Tom Baker, is strict.", ["My boss, Tom Baker, is strict.", "My boss is Tom Baker."]),
+    ("I met Tom, my boss, at lunch.", ["I met Tom, my boss, at lunch.", "Tom is my boss."]),
+    ("Hi, my name is Bo.", ["My name is Bo."]),
 ])
 def test_statements_keep_what_the_user_says_about_themselves(text, expected):
     from assistant.memory.text import statements

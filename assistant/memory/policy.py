@@ -46,10 +46,11 @@ from assistant.memory.text import (
 )
 from storage.memories import Memory, SourceTurn, search_texts
 
-POLICY = 4
+POLICY = 5
 """Version of what memory is derived from messages; rows of an older one are re-derived (m006). 3: clauses
 (not sentences), corrections and liked answers found by their question, topics. 4: a statement is also found
-by the question it answered (``asked``)."""
+by the question it answered (``asked``). 5: an aside naming whom someone is to the user is a statement of its
+own, in any sentence ("Can Biscotti, our rabbit, join in?" -> "Biscotti is our rabbit.")."""
 CUE_CHARS = 300
 """Characters of a question kept as the cue of the correction or liked answer it belongs to."""
 CONTEXT_CHARS = 1000

@@ -165,6 +165,68 @@ def _opens_clause(part: str, asks: bool) -> bool:
                 or re.match(r"^(?:you|call me|thanks|thank you)\b", part, re.I))
 
 
+_RELATION_VERBS = frozenset(
+    "is are was were am be been has have had do does did will would can could should may might must loves love likes "
+    "like hates hate wants want needs need got gets get goes go went says say said thinks think lives live works "
+    "work".split())
+_NOT_NAMES = frozenset(
+    "can could would should will is are do does did hi hey hello thanks so and but also ok okay well yes no please "
+    "btw oh the what where when why how which who any since because if i my our".split())
+"""Capitalized words that are no name ("So, my sister, ..." names nobody)."""
+
+
+def _relation(piece: str) -> bool:
+    """The piece only says whom someone is to the user: "my beagle", "our eldest daughter" (no verb, no name)."""
+    words = piece.split()
+    return (2 <= len(words) <= 5 and words[0].lower() in ("my", "our")
+            and all(re.fullmatch(r"[a-z][a-z'-]*", w) and w not in _RELATION_VERBS for w in words[1:]))
+
+
+def _name_at_end(text: str) -> str | None:
+    """The name (one or two capitalized words, not a question word or a greeting) that ``text`` ends with."""
+    words = text.split()
+    name = []
+    for word in reversed(words[-2:]):
+        if not re.fullmatch(r"[A-Z][\w'-]+", word) or word.lower() in _NOT_NAMES:
+            break
+        name.insert(0, word)
+    return " ".join(name) or None
+
+
+def _name_at_start(text: str) -> str | None:
+    words = text.split()[:2]
+    name = []
+    for word in words:
+        if not re.fullmatch(r"[A-Z][\w'-]+", word) or word.lower() in _NOT_NAMES:
+            break
+        name.append(word)
+    return " ".join(name) if name and len(name) == len(text.split()[:len(name)]) else None
+
+
+def _appositive(part: str, before: str) -> bool:
+    """``part`` names whom the name that ends ``before`` is to the user ("Max, **my beagle**, hates baths")."""
+    return _relation(part) and _name_at_end(before) is not None
+
+
+def named(sentence: str) -> list[str]:
+    """Statements of whom a name is to the user, said as an aside inside any sentence, a question included:
+    "Can Biscotti, our rabbit, join in?" -> ["Biscotti is our rabbit."]; "Our rabbit, Biscotti, hates it." ->
+    ["Our rabbit is Biscotti."]. English only (Chinese says it with 叫, which a statement keeps)."""
+    pieces = [p.strip() for p in re.split(r",\s+", sentence.strip().rstrip(" .!?"))]
+    out = []
+    for i, piece in enumerate(pieces):
+        if not _relation(piece):
+            continue
+        relation = piece[0].lower() + piece[1:]
+        name = _name_at_end(pieces[i - 1]) if i > 0 else None
+        after = pieces[i + 1] if i + 1 < len(pieces) else ""
+        if name:
+            out.append(f"{name} is {relation}.")
+        elif _name_at_start(after) and (i + 2 == len(pieces) or len(after.split()) <= 2):
+            out.append(f"{relation[0].upper()}{relation[1:]} is {_name_at_start(after)}.")
+    return out
+
+
 def _zh_opens_clause(part: str, asks: bool) -> bool:
     return "我" in part or bool(_ZH_ASKS.search(part) or _ZH_REQUEST.match(part) or part.startswith("你"))
 
@@ -189,7 +251,7 @@ def clauses(sentence: str) -> list[str]:
         lead = text.strip() if zh else _LEAD.sub("", text.strip()).strip()
         if not lead:
             continue
-        if not out or opens(lead, asks):
+        if not out or (opens(lead, asks) and (zh or not _appositive(lead, out[-1][0]))):
             out.append([lead, sep])
         else:
             out[-1][0] += out[-1][1] + text.strip()
@@ -236,7 +298,7 @@ def statements(text: str) -> list[str]:
     out: list[str] = []
     for sentence in sentences(text):
         sentence = " ".join(sentence.split())
-        for clause in clauses(sentence):
+        for clause in [*clauses(sentence), *([] if _is_zh(sentence) else named(sentence))]:
             clause = clause.strip(" ,;:-–—")
             if not is_statement(clause):
                 continue
