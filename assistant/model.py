@@ -176,14 +176,16 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars_in_logs()
-    print(f"attune: converting {gguf.name} to safetensors under {data_dir.models} (once, ~25 s; again only if "
-          "that copy is deleted or damaged)...", flush=True)
+    need = _check_convertible(gguf, data_dir)
+    print(f"attune: converting {gguf.name} to float32 safetensors under {data_dir.models} for training (once; "
+          f"about {_size(need)} of disk; again only if that copy is deleted or damaged)...", flush=True)
     started = time.monotonic()
     staging = data_dir.models / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with progress("reading the tokenizer", 1, 3):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _template_tokens_whole(tok, gguf)
         with progress("de-quantizing the weights", 2, 3):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
@@ -197,10 +199,75 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if model_folder_problem(final) is None:  # another process converted it first
             return final
-        raise ModelError(f"Could not convert {gguf}: {e}. If the disk is full, free about 550 MB under "
+        raise ModelError(f"Could not convert {gguf}: {e}. If the disk is full, free about {_size(need)} under "
                          f"{data_dir.models}; it is converted again on the next start.") from e
     print(f"attune: converted in {time.monotonic() - started:.0f} s -> {final}", flush=True)
     return final
+
+
+GGUF_SLACK_BYTES = 64 * 2**20
+"""Disk a conversion needs beyond the float32 weights (tokenizer, config, the staging copy's metadata)."""
+
+
+def gguf_summary(gguf: Path) -> tuple[str, int]:
+    """The architecture and parameter count a GGUF file's header states (read without loading its weights)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+    except Exception as e:  # not a GGUF file, or a damaged one
+        raise ModelError(f"{gguf} is not a readable GGUF file ({e}). Check the file, or pass another --model.") from e
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
+    return arch, sum(int(t.n_elements) for t in reader.tensors)
+
+
+def _template_tokens_whole(tok, gguf: Path) -> None:
+    """The chat template's markers (``<start_of_turn>``, ``<|im_end|>``...) stay one token each, as the model was
+    trained: a GGUF may not mark them special (a converter labels them by what the tokenizer declared), and then
+    transformers' GGUF tokenizer splits them into pieces of text."""
+    import re
+
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    markers = set(re.findall(r"<[^<>\s'\"]{1,40}>", template))
+    if not markers:
+        return
+    tokens = GGUFReader(gguf).fields.get("tokenizer.ggml.tokens")
+    vocab = {bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data} if tokens else set()
+    wanted = [AddedToken(m, special=True, normalized=False) for m in sorted(markers & vocab)
+              if len(tok.encode(m, add_special_tokens=False)) != 1]
+    if wanted:
+        size = len(tok)
+        tok.add_tokens(wanted, special_tokens=True)
+        if len(tok) != size:  # they are in the vocabulary already: only how text is split may change
+            raise ModelError(f"The tokenizer in {gguf.name} does not hold its chat template's tokens as it should; "
+                             "pass the model's transformers folder or hub id with --model.")
+
+
+def _check_convertible(gguf: Path, data_dir: DataDir) -> int:
+    """Bytes the float32 copy will take; a ModelError saying why when it cannot be made (an architecture
+    transformers cannot read from GGUF, or too little disk), before anything is written."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch, params = gguf_summary(gguf)
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"{gguf.name} is a {arch!r} model, and transformers cannot read that architecture from GGUF (it reads "
+            f"{', '.join(sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer')))}). "
+            "Attune trains on transformers weights: pass the model's transformers folder or hub id with --model.")
+    need = 4 * params + GGUF_SLACK_BYTES
+    free = shutil.disk_usage(data_dir.models).free
+    if free < need:
+        raise ModelError(f"Converting {gguf.name} for training needs about {_size(need)} of disk under "
+                         f"{data_dir.models}, and {_size(free)} are free. Free some space, or use another --data-dir.")
+    return need
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{max(n / 2**20, 1):.0f} MB"
 
 
 @contextmanager
@@ -297,6 +364,50 @@ def load_tokenizer(path: Path):
     if not tok.chat_template:
         raise ModelError(f"The tokenizer in {path} has no chat template; Attune needs an instruction/chat model.")
     return tok
+
+
+_SYSTEM_PROBE = "\u2063attune-system-probe\u2063"
+
+
+def takes_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message (Gemma's raises on one; some drop it).
+    Asked once per tokenizer."""
+    known = getattr(tokenizer, "_attune_takes_system", None)
+    if known is None:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": _SYSTEM_PROBE},
+                                                  {"role": "user", "content": "hi"}], tokenize=False,
+                                                 add_generation_prompt=True)
+            known = _SYSTEM_PROBE in text
+        except Exception as e:  # jinja2's TemplateError (raise_exception) or any template failure
+            log.info("The chat template takes no system message (%s); it is put into the first user message.", e)
+            known = False
+        tokenizer._attune_takes_system = known
+    return known
+
+
+def chat_messages(tokenizer, messages: list[dict]) -> list[dict]:
+    """``messages`` as this model's template takes them: where it has no system role, the system prompt (and
+    with it the memory block) opens the first user message instead of being lost."""
+    if not messages or messages[0].get("role") != "system" or takes_system_role(tokenizer):
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    first = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
+    if first is None:
+        return [{"role": "user", "content": system}, *rest]
+    rest[first] = {**rest[first], "content": f"{system}\n\n{rest[first]['content']}"}
+    return rest
+
+
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = True, tokenize: bool = False):
+    """The chat template applied (text, or token ids with ``tokenize``), for any model family."""
+    out = tokenizer.apply_chat_template(chat_messages(tokenizer, messages), tokenize=tokenize,
+                                        add_generation_prompt=generation_prompt)
+    if tokenize:
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+    return out
 
 
 def load_model(cfg: ModelConfig, data_dir: DataDir) -> LoadedModel:

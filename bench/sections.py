@@ -19,6 +19,7 @@ from bench import (
     memory_locomo,
     memory_passing,
     memory_quality,
+    model_size,
     quality,
     quant,
     reliability,
@@ -46,6 +47,8 @@ SECTIONS = {
                       "report)", adapter_style.render),
     "adapter_passing": ("Adapters on natural histories: facts said once in passing, updates, never-told questions "
                         "(dev users tune, test users report)", adapter_passing.render),
+    "model_size": ("What a bigger model costs here: SmolLM2-family shapes (135M, 360M, 1.7B) served and trained",
+                   model_size.render),
     "reliability": ("Reliability: kill -9 under load, API fuzzing, damaged files, backup, throttling",
                     reliability.render),
     "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from assistant.memory.text import facts_block, second_person, statements, topic, with_facts
+from assistant.model import render_chat
 from personalize.config import TrainConfig
 from personalize.facts import fact_questions, is_filler, target_key, untold_questions
 
@@ -355,7 +356,7 @@ def is_new(example: Example, watermark: dict | None) -> bool:
 
 # tokenization ----------------------------------------------------------------------------------
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return render_chat(tokenizer, messages, generation_prompt)
 
 
 def token_ids(tokenizer, text: str) -> list[int]:

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from assistant.model import render_chat
 from personalize.config import TrainConfig
 from personalize.dataset import Example, UserData, _with_system, is_new, memory_context, with_distractors
 from storage.paths import atomic_write_bytes
@@ -96,8 +97,7 @@ def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str,
     out: list[tuple[str, bool]] = []
     try:
         for i in range(0, len(prompts), GENERATION_BATCH):
-            texts = [tokenizer.apply_chat_template(_with_system([{"role": "user", "content": p}], system_prompt),
-                                                   tokenize=False, add_generation_prompt=True)
+            texts = [render_chat(tokenizer, _with_system([{"role": "user", "content": p}], system_prompt))
                      for p in prompts[i:i + GENERATION_BATCH]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():

@@ -92,3 +92,41 @@ def test_progress_reports_a_long_phase_while_it_runs(capsys):
     assert lines[0] == "attune: [2/3] de-quantizing the weights..."
     assert len(lines) >= 4 and all(line.endswith(" s") for line in lines[1:-1])
     assert lines[-1].startswith("attune: [2/3] de-quantizing the weights: done in ")
+
+
+def _gguf(path, arch: str, n: int = 1000):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((n // 10, 10), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_transformers_cannot_read_is_refused_naming_why(tmp_path):
+    """A user's GGUF of an architecture transformers cannot de-quantize: one error that names it and says what to
+    pass instead, before anything is written."""
+    data = DataDir(tmp_path / "data").ensure()
+    with pytest.raises(ModelError, match=r"'rwkv7' model.*transformers folder or hub id"):
+        resolve_model_dir(str(_gguf(tmp_path / "odd.gguf", "rwkv7")), data)
+    assert not any(data.models.iterdir())
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+        resolve_model_dir(str(tmp_path / "junk.gguf"), data)
+
+
+def test_converting_a_gguf_says_the_disk_it_needs_and_refuses_without_it(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    data = DataDir(tmp_path / "data").ensure()
+    path = _gguf(tmp_path / "big.gguf", "llama", n=2_000_000)  # 2M parameters: 8 MB at float32, plus slack
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 20 * 2**20, 20 * 2**20))
+    with pytest.raises(ModelError, match=r"needs about 72 MB of disk .* and 20 MB are free"):
+        resolve_model_dir(str(path), data)
+    assert not any(data.models.iterdir())

@@ -17,6 +17,7 @@ from assistant.chat.adapters import check_adapter, fall_back, resolve_adapter
 from assistant.engines.base import AdapterRef, ChatBackend, GenerationSettings, StreamStats
 from assistant.errors import AdapterDamaged
 from assistant.memory.text import with_facts
+from assistant.model import render_chat
 from storage.chats import clean_text, storable
 from storage.db import Store
 from storage.errors import CLI, AttuneError, InputError
@@ -283,10 +284,7 @@ class ChatService:
 
     # internals ---------------------------------------------------------------------------------
     def _encode(self, messages: list[dict]) -> list[int]:
-        out = self.backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
+        return render_chat(self.backend.tokenizer, messages, tokenize=True)
 
     def _shorten(self, text: str, excess_tokens: int) -> str:
         tok = self.backend.tokenizer
