@@ -111,4 +111,4 @@ $(VLLM_STAMP):
 
 # Integration tests against a real vLLM server started from $(VLLM_VENV) (float32, CPU or CUDA).
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	ATTUNE_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m vllm tests/test_vllm.py $(PYTEST_ARGS)
+	ATTUNE_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m vllm tests/test_vllm.py tests/test_families.py $(PYTEST_ARGS)

@@ -201,6 +201,8 @@ def render(r: dict) -> str:
         (f"The implied job time scales the training bench's measured 100-answer job at 135M ({job / 60:.1f} min, "
          "anchors and gate included) by the training speed against the 135M shape here; on paper, not a run. "
          if job else "The training bench has not run, so no job time is implied. ") +
-        "On a GPU the same job is bound by memory bandwidth rather than these 2 cores: not measured (no GPU here).",
+        "Serving's peak is the whole process's: the weights, the engine's contexts (a KV cache each, one kept ready "
+        "for the next request; the 1.7B shape has no grouped-query attention) and the tokenizer. On a GPU: not "
+        "measured (none lent).",
         "", f"Time: {r['seconds'] / 60:.1f} min.",
     ])

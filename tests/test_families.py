@@ -12,6 +12,7 @@ message: the system prompt and the memory block must still reach the model. ``py
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,16 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
+
 pytestmark = [pytest.mark.families, pytest.mark.slow]
 
-SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 2048}
+SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "max_position_embeddings": 2048}
+"""Heads of 64 dimensions: a size vLLM's CPU attention takes."""
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     # Gemma 3 scales attention by query_pre_attn_scalar, which equals head_dim in its released sizes
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}),
+               {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 64}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
 }
@@ -187,7 +191,7 @@ def _peft_answer(model_dir: Path, adapter_dir: Path, ids: list[int]) -> str:
     return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def _serve_and_compare(store, uid: int, data: Path, model: str, engine: str) -> None:
+def _serve_and_compare(store, uid: int, data: Path, model: str, engine: str, vllm_cfg=None) -> None:
     """The user's next turn is answered by their published adapter, as peft answers it; the prompt holds the
     system prompt and the memory block whatever the template."""
     from assistant.chat.service import ChatConfig, ChatService
@@ -200,7 +204,7 @@ def _serve_and_compare(store, uid: int, data: Path, model: str, engine: str) -> 
     cfg = ChatConfig(context_tokens=512, defaults=GenerationSettings(max_new_tokens=ANSWER_TOKENS, temperature=0,
                                                                      repetition_penalty=1.0))
     model_cfg = ModelConfig(model=model, quant="none", device="cpu", dtype="float32")
-    backend = build_backend(DataDir(data), model_cfg, cfg.context_tokens, engine=engine)
+    backend = build_backend(DataDir(data), model_cfg, cfg.context_tokens, vllm_cfg=vllm_cfg, engine=engine)
     memory = MemoryService(store, MemoryConfig(embedder="hash"))
     chat = ChatService(store, backend, cfg, memory)
     try:
@@ -250,5 +254,25 @@ def test_the_loop_from_a_users_gguf_on_llama_cpp(family, tokenizer_dir, tmp_path
         _train(store, uid, str(gguf))
         assert (Path(store.adapters.active(uid)["path"]) / GGUF_NAME).is_file()  # converted at publish
         _serve_and_compare(store, uid, tmp_path / "data", str(gguf), "llamacpp")
+    finally:
+        store.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_loop_on_vllm(family, tokenizer_dir, tmp_path):
+    """The same loop served by a real vLLM server (float32) started on the family's folder: skipped, with the
+    reason, without the vLLM venv (``make vllm``; ``make test-vllm`` runs it)."""
+    from assistant.engines.vllm.backend import VLLMConfig
+
+    venv = Path(os.environ.get("ATTUNE_VLLM_VENV", ROOT / ".venv-vllm"))
+    if not (venv / "bin" / "python").is_file():
+        pytest.skip(f"no vLLM venv at {venv}: run `make vllm`, then `make test-vllm`")
+    model_dir = build(family, tokenizer_dir, tmp_path / f"tiny-{family}")
+    store, uid = _user_with_history(tmp_path / "data")
+    try:
+        _train(store, uid, str(model_dir))
+        _serve_and_compare(store, uid, tmp_path / "data", str(model_dir), "vllm",
+                           VLLMConfig(venv=str(venv), dtype="float32", max_loras=2, max_loaded=4))
     finally:
         store.close()
