@@ -17,6 +17,7 @@ from bench import (
     load,
     memory_bench,
     memory_locomo,
+    memory_options,
     memory_passing,
     memory_quality,
     model_size,
@@ -40,6 +41,8 @@ SECTIONS = {
                       memory_locomo.render),
     "memory_passing": ("Memory on facts said once in passing (dev users tune, test users report): served, recalled",
                        memory_passing.render),
+    "memory_options": ("Memory retrieval options on dev data: hybrid lexical + vector, statement rewriting, another "
+                       "embedder", memory_options.render),
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),

@@ -46,14 +46,14 @@ GEMMA_TEMPLATE = (
 PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 SENTENCEPIECE = {
-    "gemma3": ("GemmaTokenizer", ("<pad>", "<eos>", "<bos>", "<unk>"), ["<start_of_turn>", "<end_of_turn>"],
-               GEMMA_TEMPLATE),
-    "phi3": ("LlamaTokenizer", ("<pad>", "</s>", "<s>", "<unk>"),
-             ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], PHI3_TEMPLATE),
+    "gemma3": ("GemmaTokenizer", ("<pad>", "<end_of_turn>", "<bos>", "<unk>"), ["<start_of_turn>"], GEMMA_TEMPLATE),
+    "phi3": ("LlamaTokenizer", ("<pad>", "<|end|>", "<s>", "<unk>"),
+             ["</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"], PHI3_TEMPLATE),
 }
 """Families whose models ship a SentencePiece ``tokenizer.model`` (llama.cpp's converter reads it): the tokenizer
-class, its pad/eos/bos/unk pieces (llama.cpp looks Phi-3's up by name), its turn markers (the last ends a turn)
-and the chat template. The others use the embedded model's byte-level BPE tokenizer."""
+class, its pad/eos/bos/unk pieces (the end of a turn is the one end-of-sequence token, for every engine), its other
+markers (llama.cpp looks some of Phi-3's up by name) and the chat template. The others use the embedded model's
+byte-level BPE tokenizer."""
 TRAIN = {"lr": 0.003, "epochs": 2, "max_steps": 12, "max_seq_len": 128, "anchor_count": 6,
          "anchor_max_new_tokens": 6, "ability_checks": 4, "ability_max_new_tokens": 6, "anchor_margin": 100.0,
          "min_steps": 4, "mixed_precision": "no"}
@@ -92,7 +92,7 @@ def build(family: str, tokenizer_dir: Path, out: Path) -> Path:
 def sentencepiece_tokenizer(folder: Path, tokenizer_class: str, pieces: tuple[str, str, str, str], markers: list[str],
                             template: str):
     """A small SentencePiece tokenizer (``tokenizer.model``, what Gemma and Phi-3 ship), trained here on the test's
-    texts, with the family's turn markers as tokens of their own and the last one ending a turn."""
+    texts, its end-of-sequence piece the family's end of turn and its other markers tokens of their own."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -104,9 +104,9 @@ def sentencepiece_tokenizer(folder: Path, tokenizer_class: str, pieces: tuple[st
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
         user_defined_symbols=markers, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=pieces[0],
-        eos_piece=pieces[1], bos_piece=pieces[2], unk_piece=pieces[3], byte_fallback=True, minloglevel=2)
+        eos_piece=pieces[1], bos_piece=pieces[2], unk_piece=pieces[3], byte_fallback=False, minloglevel=2)
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": tokenizer_class, "bos_token": pieces[2], "eos_token": markers[-1], "pad_token": pieces[0],
+        "tokenizer_class": tokenizer_class, "bos_token": pieces[2], "eos_token": pieces[1], "pad_token": pieces[0],
         "unk_token": pieces[3], "chat_template": template}))
     tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = template
