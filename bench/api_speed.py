@@ -4,7 +4,8 @@ llama-cpp-python on the same GGUF, all in one run: the gap between the engine an
 
 Decode speed is completion tokens after the first over the time after it: from the answer's own row (what the
 server logged) and as the client saw the chunks arrive. Greedy, the serving defaults otherwise. The llama.cpp
-engine only (what ``--engine auto`` serves on a CPU); it needs ``make setup``."""
+engine (what ``--engine auto`` serves on a CPU; it needs ``make setup``), and the transformers engine at its seam
+and through the API beside it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def run(quick: bool = False) -> dict:
 
     out["plain_llamacpp"] = _llama_cpp(tokens, PROMPT)
     out["api"] = _api(data, key, tokens, repeats)
+    out["transformers"] = {"seam": _seam(data, ref, tokens, repeats, "transformers"),
+                           "api": _api(data, key, tokens, repeats, "transformers")}
     return out
 
 
@@ -60,18 +63,17 @@ def _user_with_adapter():
     return data, key, ref
 
 
-def _seam(data, ref, tokens: int, repeats: int) -> dict:
-    """The llama.cpp engine in this process, on the default system prompt and the question (the API's prompt
-    may also carry a memory block)."""
+def _seam(data, ref, tokens: int, repeats: int, engine: str = "llamacpp") -> dict:
+    """The engine in this process as ``serve`` builds it (``engine``: llamacpp or transformers, the serving
+    defaults), on the default system prompt and the question (the API's prompt may also carry a memory block)."""
     from assistant.chat.service import ChatConfig
     from assistant.engines.base import GenerationSettings, StreamStats
-    from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig
-    from assistant.model import embedded_gguf, resolve_model_dir
+    from assistant.engines.select import build_backend
+    from assistant.model import ModelConfig, render_chat
 
-    backend = LlamaCppBackend(embedded_gguf(), resolve_model_dir("embedded", data), "smol", LlamaCppConfig(), 2048)
+    backend = build_backend(data, ModelConfig(), 2048, engine=engine)
     messages = [{"role": "system", "content": ChatConfig().system_prompt}, {"role": "user", "content": PROMPT}]
-    ids = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = render_chat(backend.tokenizer, messages, tokenize=True)
 
     def once(adapter) -> float:
         stats = StreamStats()
@@ -87,8 +89,8 @@ def _seam(data, ref, tokens: int, repeats: int) -> dict:
     return out
 
 
-def _api(data, key: str, tokens: int, repeats: int) -> dict:
-    """``serve --engine llamacpp`` (memory on; no personalizer, so no training job starts mid-run) and the OpenAI
+def _api(data, key: str, tokens: int, repeats: int, engine: str = "llamacpp") -> dict:
+    """``serve --engine ENGINE`` (memory on; no personalizer, so no training job starts mid-run) and the OpenAI
     client streaming one answer at a time."""
     import openai
 
@@ -97,7 +99,7 @@ def _api(data, key: str, tokens: int, repeats: int) -> dict:
     from storage.db import Store
 
     out = {}
-    with Server(data.root, "--engine", "llamacpp", "--no-personalizer") as server:
+    with Server(data.root, "--engine", engine, "--no-personalizer") as server:
         client = openai.OpenAI(base_url=server.base + "/v1", api_key=key, max_retries=0)
         store = Store(data)
         for name, use_adapter in (("base", False), ("adapter", True)):
@@ -134,6 +136,11 @@ def render(r: dict) -> str:
         rows += [[f"llama.cpp engine at its seam: {label}", seam[name], None, seam[name] / plain],
                  [f"**through the API: {label}** (the answer's row / as the client saw it)", api[name]["row_tok_s"],
                   api[name]["client_tok_s"], api[name]["row_tok_s"] / plain]]
+    hf = r.get("transformers")
+    for name, label in (("base", "base model"), ("adapter", "with the user's LoRA adapter")) if hf else ():
+        rows += [[f"transformers engine at its seam: {label}", hf["seam"][name], None, hf["seam"][name] / plain],
+                 [f"through the API, transformers engine: {label}", hf["api"][name]["row_tok_s"],
+                  hf["api"][name]["client_tok_s"], hf["api"][name]["row_tok_s"] / plain]]
     base, adapter = api["base"]["row_tok_s"] / plain, api["adapter"]["row_tok_s"] / plain
     gaps = [api[n]["row_tok_s"] / seam[n] for n in ("base", "adapter")]
     return "\n".join([
@@ -144,4 +151,12 @@ def render(r: dict) -> str:
         f"{'met' if base >= 0.9 else 'not met'}), "
         f"with the adapter **{adapter:.2f}×** (target ≥ 0.8×: {'met' if adapter >= 0.8 else 'not met'}); the API rows "
         f"are {gaps[0]:.2f}× and {gaps[1]:.2f}× the engine-seam rows (target within 10%: "
-        f"{'met' if min(gaps) >= 0.9 else 'not met'})."])
+        f"{'met' if min(gaps) >= 0.9 else 'not met'}).", *_transformers_line(hf)])
+
+
+def _transformers_line(hf: dict | None) -> list[str]:
+    if not hf:
+        return []
+    gaps = [hf["api"][n]["row_tok_s"] / hf["seam"][n] for n in ("base", "adapter")]
+    return ["", f"The transformers engine (`--engine transformers`, its serving dtype on this CPU): the API rows are "
+                f"{gaps[0]:.2f}× (base) and {gaps[1]:.2f}× (adapter) its seam rows."]

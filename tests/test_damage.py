@@ -269,7 +269,8 @@ def test_a_deleted_or_damaged_model_cache_is_converted_again_on_start(tmp_path, 
                            json={"messages": [{"role": "user", "content": "Hi!"}]})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
             log = srv.log_path.read_text()
-        assert "converting SmolLM2-135M-Instruct.Q4_1.gguf to safetensors" in log
+        assert "converting SmolLM2-135M-Instruct.Q4_1.gguf to float32 safetensors" in log
+        assert "about 577 MB of disk" in log  # said up front
         assert ("is damaged (model.safetensors is cut short" in log) == (damage == "cut short")
     assert (target / "model.safetensors").stat().st_size == (cached / "model.safetensors").stat().st_size
     shutil.rmtree(target)

@@ -182,25 +182,23 @@ def _relation(piece: str) -> bool:
             and all(re.fullmatch(r"[a-z][a-z'-]*", w) and w not in _RELATION_VERBS for w in words[1:]))
 
 
-def _name_at_end(text: str) -> str | None:
-    """The name (one or two capitalized words, not a question word or a greeting) that ``text`` ends with."""
-    words = text.split()
-    name = []
-    for word in reversed(words[-2:]):
-        if not re.fullmatch(r"[A-Z][\w'-]+", word) or word.lower() in _NOT_NAMES:
-            break
-        name.insert(0, word)
-    return " ".join(name) or None
-
-
-def _name_at_start(text: str) -> str | None:
-    words = text.split()[:2]
-    name = []
-    for word in words:
+def _leading_name(words: list[str]) -> list[str]:
+    """The capitalized words ``words`` start with (not a question word or a greeting), at most two."""
+    name: list[str] = []
+    for word in words[:2]:
         if not re.fullmatch(r"[A-Z][\w'-]+", word) or word.lower() in _NOT_NAMES:
             break
         name.append(word)
-    return " ".join(name) if name and len(name) == len(text.split()[:len(name)]) else None
+    return name
+
+
+def _name_at_end(text: str) -> str | None:
+    """The name (one or two capitalized words) that ``text`` ends with."""
+    return " ".join(reversed(_leading_name(text.split()[::-1]))) or None
+
+
+def _name_at_start(text: str) -> str | None:
+    return " ".join(_leading_name(text.split())) or None
 
 
 def _appositive(part: str, before: str) -> bool:
