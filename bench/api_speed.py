@@ -28,12 +28,14 @@ def run(quick: bool = False) -> dict:
     tokens, repeats = (32, 2) if quick else (128, 5)
     data, key, ref = _user_with_adapter()
     out: dict = {"new_tokens": tokens, "repeats": repeats}
-    out["seam"] = _seam(data, ref, tokens, repeats)
+    from bench.common import in_fresh_process
     from bench.serving import _llama_cpp
 
-    out["plain_llamacpp"] = _llama_cpp(tokens, PROMPT)
+    # each in-process leg in a process of its own: one engine's threads and OpenMP runtime slow the next
+    out["seam"] = in_fresh_process(_seam, data, ref, tokens, repeats)
+    out["plain_llamacpp"] = in_fresh_process(_llama_cpp, tokens, PROMPT)
     out["api"] = _api(data, key, tokens, repeats)
-    out["transformers"] = {"seam": _seam(data, ref, tokens, repeats, "transformers"),
+    out["transformers"] = {"seam": in_fresh_process(_seam, data, ref, tokens, repeats, "transformers"),
                            "api": _api(data, key, tokens, repeats, "transformers")}
     return out
 
