@@ -71,12 +71,11 @@ def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
     return out
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+def _parts(row: dict) -> tuple[str, ...]:
+    """What serving embeds for the memory (``storage.memories.search_texts``)."""
+    from storage.memories import search_texts
 
-
-def _parts(row: dict) -> list[str]:
-    return [t for t in dict.fromkeys((row["text"], row.get("context"), row.get("asked"))) if t]
+    return search_texts(row["text"], row.get("cue"), row.get("context"), row.get("asked"))
 
 
 def _rows(store, user_id: int) -> list[dict]:
@@ -126,7 +125,7 @@ def _embed(embedder, texts: list[str], query: bool) -> dict[str, np.ndarray]:
 
 def _options(groups: list[dict]) -> dict:
     """name -> scorer(question, group) giving one score per memory row of the group."""
-    from assistant.memory.embedder import E5Embedder, MiniLMEmbedder
+    from assistant.memory.embedder import E5Embedder, MiniLMEmbedder, normalize
 
     texts = [t for g in groups for r in g["rows"] for t in _parts(r)]
     questions = [q for g in groups for q, _ in g["questions"]]
@@ -135,9 +134,9 @@ def _options(groups: list[dict]) -> dict:
     R = dict(zip(questions, e5.embed([rewrite(q) for q in questions]), strict=True))
     MP, MQ = _embed(minilm, texts, False), _embed(minilm, questions, True)
     for g in groups:
-        g["e5"] = _unit(np.stack([np.mean([P[t] for t in _parts(r)], axis=0) for r in g["rows"]]))
+        g["e5"] = normalize(np.stack([np.mean([P[t] for t in _parts(r)], axis=0) for r in g["rows"]]))
         g["e5_text"] = np.stack([P[r["text"]] for r in g["rows"]])
-        g["minilm"] = _unit(np.stack([np.mean([MP[t] for t in _parts(r)], axis=0) for r in g["rows"]]))
+        g["minilm"] = normalize(np.stack([np.mean([MP[t] for t in _parts(r)], axis=0) for r in g["rows"]]))
         g["docs"] = [_tokens(" ".join(_parts(r))) for r in g["rows"]]
 
     def lexical(q, g):
@@ -156,7 +155,7 @@ def _options(groups: list[dict]) -> dict:
         "BM25 alone": lexical,
         "e5 and BM25, reciprocal rank fusion": lambda q, g: rrf(dense(q, g), lexical(q, g)),
         "e5 + 0.02 x BM25 (scaled to the best)": added,
-        "e5, question + 0.3 x its statement form": lambda q, g: g["e5"] @ _unit(Q[q] + 0.3 * R[q]),
+        "e5, question + 0.3 x its statement form": lambda q, g: g["e5"] @ normalize((Q[q] + 0.3 * R[q])[None])[0],
         "MiniLM alone (English only)": lambda q, g: g["minilm"] @ MQ[q],
         "e5 + 0.3 x MiniLM": lambda q, g: dense(q, g) + 0.3 * (g["minilm"] @ MQ[q]),
     }
