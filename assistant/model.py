@@ -176,7 +176,8 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars_in_logs()
-    need = _check_convertible(gguf, data_dir)
+    header = gguf_header(gguf)
+    need = _check_convertible(gguf, header, data_dir)
     print(f"attune: converting {gguf.name} to float32 safetensors under {data_dir.models} for training (once; "
           f"about {_size(need)} of disk; again only if that copy is deleted or damaged)...", flush=True)
     started = time.monotonic()
@@ -185,7 +186,7 @@ def convert_gguf(gguf: Path, data_dir: DataDir) -> Path:
     try:
         with progress("reading the tokenizer", 1, 3):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            _template_tokens_whole(tok, gguf)
+            _template_tokens_whole(tok, gguf, header)
         with progress("de-quantizing the weights", 2, 3):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
@@ -209,33 +210,36 @@ GGUF_SLACK_BYTES = 64 * 2**20
 """Disk a conversion needs beyond the float32 weights (tokenizer, config, the staging copy's metadata)."""
 
 
-def gguf_summary(gguf: Path) -> tuple[str, int]:
-    """The architecture and parameter count a GGUF file's header states (read without loading its weights)."""
+def gguf_header(gguf: Path):
+    """A reader of the GGUF file's header and tensor table (the weights stay on disk, memory-mapped)."""
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(gguf)
+        return GGUFReader(gguf)
     except Exception as e:  # not a GGUF file, or a damaged one
         raise ModelError(f"{gguf} is not a readable GGUF file ({e}). Check the file, or pass another --model.") from e
-    field = reader.fields.get("general.architecture")
+
+
+def gguf_summary(header) -> tuple[str, int]:
+    """The architecture and parameter count a GGUF header (``gguf_header``) states."""
+    field = header.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
-    return arch, sum(int(t.n_elements) for t in reader.tensors)
+    return arch, sum(int(t.n_elements) for t in header.tensors)
 
 
-def _template_tokens_whole(tok, gguf: Path) -> None:
+def _template_tokens_whole(tok, gguf: Path, header) -> None:
     """The chat template's markers (``<start_of_turn>``, ``<|im_end|>``...) stay one token each, as the model was
     trained: a GGUF may not mark them special (a converter labels them by what the tokenizer declared), and then
     transformers' GGUF tokenizer splits them into pieces of text."""
     import re
 
-    from gguf import GGUFReader
     from tokenizers import AddedToken
 
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     markers = set(re.findall(r"<[^<>\s'\"]{1,40}>", template))
     if not markers:
         return
-    tokens = GGUFReader(gguf).fields.get("tokenizer.ggml.tokens")
+    tokens = header.fields.get("tokenizer.ggml.tokens")
     vocab = {bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data} if tokens else set()
     wanted = [AddedToken(m, special=True, normalized=False) for m in sorted(markers & vocab)
               if len(tok.encode(m, add_special_tokens=False)) != 1]
@@ -247,12 +251,12 @@ def _template_tokens_whole(tok, gguf: Path) -> None:
                              "pass the model's transformers folder or hub id with --model.")
 
 
-def _check_convertible(gguf: Path, data_dir: DataDir) -> int:
+def _check_convertible(gguf: Path, header, data_dir: DataDir) -> int:
     """Bytes the float32 copy will take; a ModelError saying why when it cannot be made (an architecture
     transformers cannot read from GGUF, or too little disk), before anything is written."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch, params = gguf_summary(gguf)
+    arch, params = gguf_summary(header)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"{gguf.name} is a {arch!r} model, and transformers cannot read that architecture from GGUF (it reads "
