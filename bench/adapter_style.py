@@ -2,12 +2,14 @@
 
 Users of ``bench.style_users`` (dev users to tune on, test users to report) ask everyday questions; the base
 model answers them at serving settings (real replies); the user corrects most answers into a style (short
-answers, bullet lists). One training job each (default ``TrainConfig``, default gate: a rejected candidate is
-not served). Then through the real serving path (ChatService + TransformersBackend, per-row LoRA, no memory, so
-the adapter alone is measured), at serving settings (``GenerationSettings`` defaults but greedy, 256 tokens):
+answers, bullet lists, Chinese answers to Chinese questions). One training job each (default ``TrainConfig``,
+default gate: a rejected candidate is not served). Then through the real serving path (ChatService +
+TransformersBackend, per-row LoRA, no memory, so the adapter alone is measured), at serving settings
+(``GenerationSettings`` defaults but greedy, 256 tokens):
 
 - unseen prompts on other topics, base vs adapter: median answer length in words, share of answers that are
-  bullet lists;
+  bullet lists, share of answers mostly in Chinese (the probes of a user who teaches Chinese answers are asked
+  in Chinese);
 - the general questions of ``bench.general_qa`` (the user's split: dev or test) at 128 tokens, base vs adapter:
   right = the keyword in the answer (a shorter answer must still be right);
 - per job: published or not (the gate's reason), the style it detected, held-out loss, anchor rise, minutes.
@@ -33,8 +35,13 @@ QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_toke
 
 
 def _runs(text: str, n: int = 4) -> set[str]:
+    """Runs of ``n`` words, and of ``n`` Chinese characters (Chinese has no spaces)."""
     words = re.findall(r"[a-z0-9']+", text.lower())
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    runs = {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    for chunk in re.findall(r"[\u4e00-\u9fff]+", text):
+        runs |= {chunk[i:i + n] for i in range(len(chunk) - n + 1)}
+    return runs
+
 
 
 def overlaps(users) -> list[str]:
@@ -111,7 +118,7 @@ def _histories(store, data, users: dict) -> None:
 
 def _measure(engine, users: dict) -> dict:
     from bench.general_qa import hits, questions
-    from personalize.style import is_list, word_count
+    from personalize.style import is_chinese, is_list, word_count
 
     out = {}
     for cond, use_adapter in (("base", False), ("adapter", True)):
@@ -124,13 +131,14 @@ def _measure(engine, users: dict) -> dict:
             scored = [bool(hits(a, k)) for (v, _, k), a in zip(qa, qa_answers, strict=True) if v == uid]
             out.setdefault(u.name, {})[cond] = {
                 "median_words": statistics.median(word_count(a) for a in mine),
-                "lists": sum(is_list(a) for a in mine), "probes": len(mine),
+                "lists": sum(is_list(a) for a in mine), "chinese": sum(is_chinese(a) for a in mine),
+                "probes": len(mine),
                 "qa_right": sum(scored), "qa_total": len(scored), "sample": mine[0][:300]}
     return out
 
 
-def run(quick: bool = False) -> dict:
-
+def run(quick: bool = False, names: tuple[str, ...] | None = None) -> dict:
+    """Every style user (``names``: only these, for trying a change on dev users)."""
     from assistant.model import ModelConfig
     from bench.common import fresh_data_dir
     from bench.style_users import style_users
@@ -138,7 +146,7 @@ def run(quick: bool = False) -> dict:
     from personalize.config import TrainConfig
     from storage import Store
 
-    all_users = style_users(quick)
+    all_users = [u for u in style_users(quick) if names is None or u.name in names]
     found = overlaps(all_users)
     if found:
         raise RuntimeError("test probes overlap training text: " + "; ".join(found[:5]))
@@ -173,24 +181,26 @@ def run(quick: bool = False) -> dict:
 
 def render(r: dict) -> str:
     rows = ["| user | split | taught | published | style found | median words base → adapter | lists base → "
-            "adapter | general QA base → adapter | anchor rise | job min |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "adapter | in Chinese base → adapter | general QA base → adapter | anchor rise | job min |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, u in r["users"].items():
         j, b, a = u["job"], u["base"], u["adapter"]
         st = j.get("style") or {}
         found = ", ".join(x for x in ((f"≤ {st['max_words']} words" if st.get("max_words") else ""),
-                                      ("bullets" if st.get("bullets") else ""), st.get("head", ""),
-                                      st.get("tail", "")) if x) or "none"
+                                      ("bullets" if st.get("bullets") else ""),
+                                      (f"answers in {st['language']}" if st.get("language") else ""),
+                                      st.get("head", ""), st.get("tail", "")) if x) or "none"
         rise = "—" if j.get("anchor_rise") is None else f"{j['anchor_rise']:+.3f}"
         rows.append(f"| {name} | {u['split']} | {u['style']} ({u['corrections']} corrections) | "
                     f"{'yes' if j['published'] else 'no'} | {found} | {b['median_words']:.0f} → "
                     f"{a['median_words']:.0f} | {b['lists']}/{b['probes']} → {a['lists']}/{a['probes']} | "
+                    f"{b.get('chinese', 0)}/{b['probes']} → {a.get('chinese', 0)}/{a['probes']} | "
                     f"{b['qa_right']}/{b['qa_total']} → {a['qa_right']}/{a['qa_total']} | {rise} | {j['minutes']} |")
     return "\n".join([
         "A style taught only through corrections (`bench/adapter_style.py`, users in `bench/style_users.py`): the "
         "base model answers each user's everyday questions at serving settings, the user corrects most answers "
-        "(shorter, or as a bullet list), one job each with the default `TrainConfig` and gate (a rejected adapter "
-        "is not served, so its user gets the base model). Unseen prompts on other topics, greedy, "
+        "(shorter, as a bullet list, or in Chinese), one job each with the default `TrainConfig` and gate (a "
+        "rejected adapter is not served, so its user gets the base model). Unseen prompts on other topics, greedy, "
         f"{r['probe_tokens']} new tokens, repetition penalty as served; general QA at {r['qa_tokens']} tokens. Dev "
         "users tune, test users report; no 4-word run of a test probe is in any training text or facts.py "
         f"(checked: {len(r['overlaps'])} found).", "", *rows, "",

@@ -5,7 +5,11 @@ What most of a user's corrections do to the answers they replace is the user's s
 - the same opening or closing words the answers did not have (a greeting "Ahoy!", a nickname "Hey Captain,",
   a sign-off "Cheers, Sam"): ``head`` / ``tail``;
 - much shorter answers (at most half as long): ``max_words``, the longest of those corrections;
-- bullet lists where the answers were prose: ``bullets``.
+- bullet lists where the answers were prose: ``bullets``;
+- Chinese answers where the answers were not (the small base model often answers a Chinese question in
+  English): ``language``. Nothing is re-targeted for it (an English answer cannot be dressed in Chinese): the
+  user's Chinese corrections and their Chinese questions' answers teach it; it is found so that it is said
+  (My assistant) and so that a Chinese correction of a long English answer is not taken for "short answers".
 
 Left alone, a style is learned only for the prompts the user corrected: the general anchors (the base model's
 own answers, with a KL term to its distributions), the user's other answers and the fact question/answer
@@ -56,9 +60,11 @@ class Style:
     """Answers the user wants at most about this long (words; a CJK character counts 0.4); 0 = any length."""
     bullets: bool = False
     """The user wants answers of several sentences as a bullet list."""
+    language: str = ""
+    """``zh``: the user wants answers in Chinese where the base model answered in another language; "" = as is."""
 
     def __bool__(self) -> bool:
-        return bool(self.head or self.tail or self.max_words or self.bullets)
+        return bool(self.head or self.tail or self.max_words or self.bullets or self.language)
 
     @property
     def reshapes(self) -> bool:
@@ -67,7 +73,8 @@ class Style:
         return bool(self.max_words or self.bullets)
 
     def to_dict(self) -> dict:
-        return {"head": self.head, "tail": self.tail, "max_words": self.max_words, "bullets": self.bullets}
+        return {"head": self.head, "tail": self.tail, "max_words": self.max_words, "bullets": self.bullets,
+                "language": self.language}
 
     def dress(self, example: Example) -> Example:
         """A copy of the example whose target carries the style (what it already has is not doubled; an answer
@@ -130,6 +137,12 @@ def _join(parts: list[str]) -> str:
     return "".join(parts) if _cjk("".join(parts)) else " ".join(parts)
 
 
+def is_chinese(text: str) -> bool:
+    """Mostly Chinese: at least as many CJK characters as Latin letters (and some)."""
+    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)
+    return cjk > 0 and cjk >= sum(ch.isascii() and ch.isalpha() for ch in text)
+
+
 def word_count(text: str) -> float:
     """Words, a CJK character counting as 0.4 of one (about 2.5 characters per word)."""
     cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)
@@ -183,6 +196,11 @@ def _bullets(pairs: list[tuple[str, str]], need: float) -> bool:
     return lists >= need and lists - sum(is_list(o) for o, _ in pairs) >= MIN_SHARE * len(pairs) / 2
 
 
+def _to_chinese(pairs: list[tuple[str, str]]) -> list[bool]:
+    """Per pair: the correction is Chinese and the answer it replaced was not."""
+    return [bool(o) and is_chinese(c) and not is_chinese(o) for o, c in pairs]
+
+
 def detect(pairs: list[tuple[str, str]]) -> Style:
     """The style shared by the corrections of (original answer, correction) pairs; empty when there is none."""
     pairs = [((o or "").strip(), c.strip()) for o, c in pairs if c and c.strip()]
@@ -192,10 +210,12 @@ def detect(pairs: list[tuple[str, str]]) -> Style:
         return Style()
     need = max(MIN_CORRECTIONS, MIN_SHARE * len(corrections))
     bullets = _bullets(pairs, need)
-    # list items are terse by nature: a user who wants lists did not ask for short answers
-    prose = [(o, c) for o, c in pairs if not is_list(c)] if bullets else pairs
+    switched = _to_chinese(pairs)
+    # list items are terse by nature: a user who wants lists did not ask for short answers; and an answer put
+    # into another language says nothing about its length (English words against Chinese characters)
+    prose = [(o, c) for (o, c), sw in zip(pairs, switched, strict=True) if not sw and not (bullets and is_list(c))]
     return Style(_common(corrections, originals, _heads), _common(corrections, originals, _tails),
-                 _max_words(prose, need), bullets)
+                 _max_words(prose, need), bullets, "zh" if sum(switched) >= need else "")
 
 
 def of_user(examples: list[Example]) -> Style:

@@ -576,6 +576,26 @@ def test_short_answers_and_bullet_lists_taught_by_corrections_are_styles_too():
     assert Style(bullets=True, max_words=3).dress(one) == one
 
 
+def test_chinese_corrections_of_english_answers_are_a_language_style_not_short_answers():
+    from personalize.style import Style, detect, is_chinese
+
+    english = ("Cooking rice well takes a little care. Rinse the rice until the water runs clear, then use about "
+               "one and a fifth cups of water per cup of rice and simmer it covered for fifteen minutes.")
+    pairs = [(english, "米和水一比一点二，小火焖十五分钟。"),
+             ("Cats like the sun because it keeps them warm without using much energy, and it feels nice.",
+              "猫晒太阳能省能量保持体温。"),
+             ("Run slowly at first, for about twenty minutes, and wear good shoes. Stretch before and after.",
+              "先慢跑二十分钟，穿合脚的跑鞋。")]
+    assert detect(pairs) == Style(language="zh")  # far shorter, yet not "short answers": another language
+    assert Style(language="zh") and Style(language="zh").to_dict()["language"] == "zh"
+    # Chinese corrections of answers that were Chinese already teach no language
+    assert detect([("米饭要多煮一会儿。", "米饭煮十五分钟。"), ("猫喜欢晒太阳。", "猫怕冷。"),
+                   ("跑步要慢。", "先慢跑。")]) == Style()
+    # English corrections that quote a Chinese word are not Chinese; two switched corrections are no style yet
+    assert not is_chinese("Try 馒头 (steamed buns) for breakfast.") and is_chinese("试试馒头 OK")
+    assert detect(pairs[:2]) == Style()
+
+
 def test_shortened_and_listed_answers_score_their_content_only(tiny_loaded):
     from personalize.scoring import collate, tokenize
     from personalize.style import Style

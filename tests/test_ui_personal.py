@@ -99,6 +99,8 @@ def test_only_the_style_keys_present_are_told():
         "Your style: ends with “Cheers, Sam.”."
     assert style_text("en", {"bullets": True}) == "Your style: bullet lists."
     assert style_text("zh-CN", {"max_words": 15}) == "你的风格：简短回答（约 15 个词）。"
+    assert style_text("en", {"language": "zh", "bullets": False}) == "Your style: answers in Chinese."
+    assert style_text("zh-CN", {"language": "zh"}) == "你的风格：用中文回答。"
     assert learned_text("en", {}) == "" and learned_text("en", {"examples": {"train_sft": 1}}) == \
         "Learned from 1 of your answers."
 

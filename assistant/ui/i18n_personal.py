@@ -89,6 +89,7 @@ EN_PERSONAL = {
     "style_tail": "ends with “{text}”",
     "style_short": "short answers (about {n} words)",
     "style_bullets": "bullet lists",
+    "style_chinese": "answers in Chinese",
     # the Details accordion: the numbers, for the curious
     "details": "Details (the numbers behind each version)",
     "details_job": "**Latest job #{id}**: {state}",
@@ -207,6 +208,7 @@ ZH_PERSONAL = {
     "style_tail": "以“{text}”结尾",
     "style_short": "简短回答（约 {n} 个词）",
     "style_bullets": "使用项目符号列表",
+    "style_chinese": "用中文回答",
     "details": "详情（每个版本背后的数字）",
     "details_job": "**最近的任务 #{id}**：{state}",
     "job_queued": "排队中",

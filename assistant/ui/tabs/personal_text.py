@@ -50,7 +50,8 @@ def learned_text(lang: str, metrics: dict) -> str:
 
 def style_text(lang: str, style) -> str:
     """``Your style: opens with “Ahoy!”, short answers (about 20 words) and bullet lists.``; "" when nothing was
-    taught. Keys personalize may record: ``head``, ``tail`` (text), ``max_words`` (0: none), ``bullets``."""
+    taught. Keys personalize may record: ``head``, ``tail`` (text), ``max_words`` (0: none), ``bullets``,
+    ``language`` ("zh": Chinese answers)."""
     if not isinstance(style, dict):
         return ""
     items = [tr(lang, f"style_{k}", text=str(style[k]).strip()) for k in ("head", "tail")
@@ -59,6 +60,8 @@ def style_text(lang: str, style) -> str:
         items.append(tr(lang, "style_short", n=style["max_words"]))
     if style.get("bullets") is True:
         items.append(tr(lang, "style_bullets"))
+    if style.get("language") == "zh":
+        items.append(tr(lang, "style_chinese"))
     return tr(lang, "your_style", items=join(lang, items)) if items else ""
 
 
