@@ -689,3 +689,41 @@ def test_e5_serves_nothing_for_what_was_never_told(e5_memory):
         assert memory.retrieve(user.id, never) == [], never
     unchecked = MemoryService(store, MemoryConfig(embedder="e5", stand_out=-1))
     assert unchecked.retrieve(user.id, "What's my brother's name?") != []  # what the check stops
+
+
+def test_roles_are_the_users_own_relatives_in_english_and_chinese():
+    from assistant.memory.relations import other_relatives, roles
+
+    assert roles("My wife and our two kids") == {("partner", "wife"), ("child", None)}
+    assert roles("We told them their brother would be OK.") == set()  # someone else's brother
+    assert roles("Tom's wife Ann and his older brother") == set()
+    assert roles("我女儿和外孙女") == {("child", "daughter"), ("grandchild", "granddaughter")}  # not also 孙女
+    assert roles("他哥哥来了，她的女儿也来了") == set()
+    assert other_relatives("What's my wife's name?", "My daughter Wren is seven.")
+    assert other_relatives("我老婆叫什么？", "我女儿豆豆上一年级。")
+    # a family's general word matches each of its roles; a memory naming no role says nothing either way
+    assert not other_relatives("What are my kids called?", "My daughter Wren is seven.")
+    assert not other_relatives("What's my partner's name?", "My husband Arjun cooks.")
+    assert not other_relatives("What's my wife's name?", "Ana loves Porto.")
+    assert not other_relatives("Where do I live?", "My wife likes Porto.")
+
+
+@pytest.mark.slow
+def test_e5_passes_over_a_memory_about_another_relative(e5_memory):
+    store, memory = e5_memory
+    user = store.users.create("wren", "long enough")
+    for q in ["My daughter Wren wants to ride with me this spring, any bike seat you'd suggest?",
+              "I'm a paramedic, what stretches help after a long shift?",
+              "We live in Duluth, is it too cold for a dog?", "My husband Arjun wants a veg patch, what grows fast?",
+              "I play the oboe in a community orchestra.", "I turned 41 and want to start running.",
+              "I'm allergic to shellfish, what can I order at a seafood place?", "Our cat Pilot hates the vacuum."]:
+        memory.remember_turn(user.id, turn(store, user, q, "Sure.")[1])
+    assert "Wren" in memory.retrieve(user.id, "What's my daughter called?")[0].text
+    for never in ["What's my wife's name?", "What's my brother called?", "我儿子叫什么？"]:
+        assert memory.retrieve(user.id, never) == [], never
+    # what the pass-over does on its own (the stand-out check off): the wife question's best matches are the
+    # husband's and the daughter's memories; neither is served
+    unchecked = MemoryService(store, MemoryConfig(embedder="e5", stand_out=-1))
+    for never in ["What's my wife's name?", "What's my brother called?"]:
+        served = " ".join(h.text for h in unchecked.retrieve(user.id, never))
+        assert "Arjun" not in served and "Wren" not in served, (never, served)

@@ -45,6 +45,7 @@ from assistant.memory.policy import (
     superseded,
     topic_update,
 )
+from assistant.memory.relations import other_relatives
 from assistant.memory.text import NEUTRAL_STATEMENTS, facts_block, overlap, personal, topic
 from storage.chats import clean_text
 from storage.db import Store
@@ -228,7 +229,8 @@ class MemoryService:
         above the question's baseline, more so for a question not about the user), those within
         ``relative_margin`` of the best, at most ``k``, best first (ties broken by recency), as many as fit
         ``budget_chars`` once rendered; a correction or liked answer only for the question it belongs to; none
-        from ``exclude_conversation`` (the conversation being answered). Often empty, by design."""
+        from ``exclude_conversation`` (the conversation being answered); a statement naming only other relatives
+        than the question asks about is passed over (``memory_relations``). Often empty, by design."""
         k = self.config.k if k is None else k
         budget = self.config.budget_chars if budget_chars is None else budget_chars
         _check_int("k", k, 1, 100)
@@ -251,7 +253,8 @@ class MemoryService:
             origin = self.store.memories.conversations_of(user_id, [i for i, _ in found if i in rows])
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
         found = [(i, s) for i, s in found if i in rows]
-        facts = [(i, s) for i, s in found if rows[i].cue is None and s >= rel.min_score]
+        facts = [(i, s) for i, s in found if rows[i].cue is None and s >= rel.min_score
+                 and not other_relatives(query, rows[i].text)]
         if facts and not relevant(facts[0][1], self._baseline(vector), personal(query), rel, spread):
             facts = []
         answers = [(i, s) for i, s in found if rows[i].cue is not None and s >= rel.answer_min_score]
