@@ -373,3 +373,21 @@ def test_a_training_process_opens_the_servers_database(tmp_path, pg_url):
     assert command[command.index("--db") + 1] == pg_url and parse_args(command[3:]).db == pg_url
     default = JobRunner(Store(tmp_path / "lite"), ModelConfig(), TrainConfig()).command(7)
     assert "--db" not in default and parse_args(default[3:]).db == ""
+
+
+def test_postgresql_itself_refuses_a_second_open_job_per_user(pg_url, tmp_path):
+    """Whoever writes the row (a worker elsewhere, a hand-made INSERT): one queued or running job per user."""
+    import psycopg
+
+    store = Store(tmp_path, pg_url)
+    alice, bob = store.users.create("alice", "correct horse"), store.users.create("bob", "battery staple")
+    first = store.jobs.create(alice.id)
+    insert = "INSERT INTO jobs (user_id, status, created_at) VALUES (?, ?, '2026-01-01')"
+    with pytest.raises(psycopg.errors.UniqueViolation, match="idx_jobs_one_open_per_user"):
+        store.db.execute(insert, [alice.id, "running"])
+    store.db.execute(insert, [bob.id, "queued"])  # another user's open job is fine
+    store.db.execute(insert, [alice.id, "failed"])  # and any number of finished ones
+    store.jobs.claim(first, 1)
+    store.jobs.finish(first, "rejected")
+    assert store.jobs.get(alice.id, store.jobs.create(alice.id))["status"] == "queued"
+    store.close()

@@ -186,3 +186,10 @@ _P001_JSON_FUNCTIONS = """
     CREATE FUNCTION json_set(target text, path text, value text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
         SELECT attune_json_edit(target, path, to_jsonb(value), true) $$;
 """
+
+
+@migration
+def p002_one_open_job_per_user() -> str:
+    """The database itself refuses a second queued or running job for a user (``Jobs.create`` checks first and says
+    so in words; this holds for every writer, e.g. workers on other machines claiming and re-queueing jobs)."""
+    return "CREATE UNIQUE INDEX idx_jobs_one_open_per_user ON jobs(user_id) WHERE status IN ('queued', 'running')"
