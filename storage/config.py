@@ -34,8 +34,8 @@ class StoreConfig:
         if "://" not in self.db or scheme not in _SCHEMES:
             raise ValueError(f"db: {redact(self.db)!r} is not a database URL Attune knows; use sqlite:///FILE.db or "
                              "postgresql://USER@HOST:PORT/NAME (or leave --db out for attune.db in the data dir)")
-        if self.kind == SQLITE and not self.db[len("sqlite:///"):] or not self.db.lower().startswith(
-                ("sqlite:///", "postgresql://", "postgres://")):
+        sqlite_file = self.db[len("sqlite:///"):] if self.db.lower().startswith("sqlite:///") else ""
+        if self.kind == SQLITE and not sqlite_file:
             raise ValueError(f"db: {redact(self.db)!r} names no database; write sqlite:///FILE.db (three slashes, "
                              "four for an absolute path) or postgresql://USER@HOST:PORT/NAME")
 
