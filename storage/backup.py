@@ -10,6 +10,9 @@ complete (written beside it, then renamed).
 Restore checks every file against the manifest, refuses a data dir that holds anything (it never mixes two
 installs), copies the files into place and checks the database's integrity.
 
+On PostgreSQL (``--db postgresql://...``) the database is the server's to back up: both refuse with what to use
+instead (``pg_dump`` / ``pg_restore``, and a copy of ``adapters/``).
+
 Knows nothing of models or serving.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from storage.common import utcnow
+from storage.config import StoreConfig, redact
 from storage.errors import InputError, StorageError
 from storage.paths import DataDir, fsync_dir
 
@@ -49,6 +53,11 @@ def _empty(path: Path) -> bool:
 
 def backup(store: Store, dest: Path) -> dict:
     """Write a backup of ``store``'s data dir to the new or empty folder ``dest``; returns the manifest."""
+    if store.kind != "sqlite":
+        raise StorageError(
+            "launch.py backup copies a SQLite database; this Attune keeps its rows in PostgreSQL. Back the database "
+            "up with pg_dump (e.g. `pg_dump -Fc -f attune.dump URL`, consistent while Attune serves) and copy the "
+            f"adapters/ folder of {store.data_dir.root}.")
     dest = Path(dest).expanduser().resolve()
     if not _empty(dest):
         raise InputError(f"{dest} is not empty: give a new or empty folder for the backup.")
@@ -119,8 +128,12 @@ def _copy_adapters(root: Path, partial: Path) -> list[str]:
         db.close()
 
 
-def restore(source: Path, data_dir: DataDir) -> dict:
-    """Restore the backup in ``source`` into the empty data dir; returns counts of what is restored."""
+def restore(source: Path, data_dir: DataDir, config: StoreConfig | None = None) -> dict:
+    """Restore the backup in ``source`` into the empty data dir (its ``attune.db``: ``config`` must be the default
+    database); returns counts of what is restored."""
+    if config is not None and config.db:
+        raise InputError(f"restore writes attune.db into the data dir; run it without --db {redact(config.db)!r}. "
+                         "A PostgreSQL database is restored with pg_restore (and the adapters/ folder copied back).")
     source = Path(source).expanduser().resolve()
     manifest = _manifest(source)
     root = data_dir.root

@@ -8,7 +8,7 @@ from typing import Any
 
 from storage.common import ROLES, as_int, row_or_not_found, utcnow
 from storage.errors import InputError
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 MAX_MESSAGE_CHARS = 1_000_000
 MAX_TITLE_CHARS = 80
@@ -53,7 +53,7 @@ def _message(row: dict) -> dict:
 
 
 class Chats:
-    def __init__(self, store: SQLiteStore):
+    def __init__(self, store: StoreBase):
         self.store = store
 
     # conversations ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from storage.common import as_int, row_or_not_found, utcnow
 from storage.errors import InputError
 from storage.paths import remove_tree
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 OPEN = ("queued", "running")
 DONE = ("published", "rejected", "failed")
@@ -34,7 +34,7 @@ def _job(row: dict) -> dict:
 class Jobs:
     """Training jobs of each user. User-facing reads take the user's id; :meth:`load` is for the worker."""
 
-    def __init__(self, store: SQLiteStore):
+    def __init__(self, store: StoreBase):
         self.store = store
 
     def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:

@@ -19,7 +19,7 @@ from storage.chats import Chats, clean_text
 from storage.common import as_int as _int
 from storage.common import utcnow
 from storage.errors import InputError, NotFound
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 KINDS = ("statement", "correction", "liked", "fact", "turn")
 """``turn`` (a "User: … Assistant: …" dump) is only read: rows of it are re-derived as statements (m006)."""
@@ -135,7 +135,7 @@ def _like_pattern(query: str) -> str:
 
 
 class Memories:
-    def __init__(self, store: SQLiteStore, chats: Chats):
+    def __init__(self, store: StoreBase, chats: Chats):
         self.store = store
         self.chats = chats
 

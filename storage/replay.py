@@ -14,7 +14,7 @@ import hashlib
 import json
 
 from storage.common import utcnow
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 
 def priority(user_id: int, message_id: int, seed: int = 0) -> float:
@@ -26,7 +26,7 @@ def priority(user_id: int, message_id: int, seed: int = 0) -> float:
 class Replay:
     """Reservoir rows of each user (``replay_examples``); every call takes the user's id."""
 
-    def __init__(self, store: SQLiteStore):
+    def __init__(self, store: StoreBase):
         self.store = store
 
     def offer(self, user_id: int, examples: list[dict], size: int, seed: int = 0) -> int:

@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 from storage.users import User, Users, _user
 
 TOKEN_BYTES = 32
@@ -24,7 +24,7 @@ def _iso(t: datetime) -> str:
 
 
 class Sessions:
-    def __init__(self, store: SQLiteStore, users: Users):
+    def __init__(self, store: StoreBase, users: Users):
         self.store = store
         self.users = users
 

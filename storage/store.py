@@ -1,5 +1,8 @@
-"""The SQLite connection the repositories share: the data dir, one connection per thread (WAL, durable commits,
-foreign keys), the write lock (:meth:`SQLiteStore.write`) and the migrations applied on open.
+"""The connection the repositories share. :class:`StoreBase` is what a repository may use (the data dir, ``db``: this
+thread's connection with the sqlite-utils calls the repositories make, ``write()``: one atomic write);
+:class:`SQLiteStore` is it on a SQLite file: one connection per thread (WAL, durable commits, foreign keys), the
+write lock (:meth:`SQLiteStore.write`) and the migrations applied on open. The PostgreSQL one is
+``storage.postgres.store.PostgresStore``.
 
 Repositories import this module, never ``storage.db`` (which composes them into ``Store``): no import circle,
 counting type-only imports.
@@ -10,8 +13,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -20,17 +24,50 @@ from storage.migrations import migrations
 from storage.paths import DataDir
 
 
-class SQLiteStore:
+class StoreBase:
+    """What repositories use, whichever database is behind it. ``db`` is this thread's connection: sqlite-utils'
+    ``Database`` on SQLite, ``storage.postgres.sql.PGDatabase`` (the same calls, the same SQL) on PostgreSQL."""
+
+    kind = ""
+    """``sqlite`` or ``postgresql``."""
+    data_dir: DataDir
+    path: Path | None = None
+    """The SQLite file; None on PostgreSQL."""
+
+    @property
+    def db(self) -> Any:
+        raise NotImplementedError
+
+    def write(self) -> AbstractContextManager:
+        """One atomic write (``with store.write() as db: ...``), committed when the block ends; nested: a savepoint.
+        Writers are serialized, so a read inside the block sees every write committed before it."""
+        raise NotImplementedError
+
+    def integrity_ok(self) -> bool:
+        raise NotImplementedError
+
+    def compact(self) -> None:
+        """Give the space of deleted rows back (after forgetting a user), so their bytes do not linger."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close this thread's connection (the next use opens a new one)."""
+        raise NotImplementedError
+
+
+class SQLiteStore(StoreBase):
     """The SQLite source of truth. Safe to share across threads: each thread gets its own connection.
 
     Writes are committed (WAL, ``synchronous=FULL``) before the call returns, so anything a caller
     has acknowledged survives a crash of the process.
     """
 
-    def __init__(self, data_dir: DataDir | Path | str):
+    kind = "sqlite"
+
+    def __init__(self, data_dir: DataDir | Path | str, path: Path | None = None):
         self.data_dir = data_dir if isinstance(data_dir, DataDir) else DataDir(Path(data_dir))
         self.data_dir.ensure()
-        self.path = self.data_dir.db_path
+        self.path = Path(path) if path is not None else self.data_dir.db_path
         self._local = threading.local()
         try:
             db = self.db
@@ -76,6 +113,11 @@ class SQLiteStore:
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def compact(self) -> None:
+        """VACUUM, then truncate the WAL: nothing deleted stays in free pages or the log."""
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from storage.errors import TooManyAttempts
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 PASSWORD, API_KEY = "password", "api_key"
 
@@ -47,7 +47,7 @@ class ThrottleConfig:
 
 
 class Throttle:
-    def __init__(self, store: SQLiteStore, config: ThrottleConfig | None = None, clock=time.time):
+    def __init__(self, store: StoreBase, config: ThrottleConfig | None = None, clock=time.time):
         self.store = store
         self.config = config or ThrottleConfig()
         self.clock = clock

@@ -126,7 +126,7 @@ def export_user(store: Store, user_id: int) -> dict:
 
 def delete_user(store: Store, user_id: int) -> None:
     """Delete the user's rows (cascading to all their data) and every file of theirs under the data dir,
-    then VACUUM so nothing of theirs is left in free pages or the WAL.
+    then VACUUM so nothing of theirs is left in free pages or the WAL (``Store.compact``).
 
     Rows and files only: stop the user's training process first (``assistant.chat.account.forget_user``
     does), or a job may re-create files after this returns.
@@ -136,5 +136,4 @@ def delete_user(store: Store, user_id: int) -> None:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
     for path in store.data_dir.user_files(user_id):
         remove_tree(path)
-    store.db.execute("VACUUM")
-    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.compact()

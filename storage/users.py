@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from storage.common import row_or_not_found, utcnow
 from storage.errors import CLI, AuthError, InputError, NotFound
-from storage.store import SQLiteStore
+from storage.store import StoreBase
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 MIN_PASSWORD = 8
@@ -66,7 +66,7 @@ def _user(row: dict) -> User:
 
 
 class Users:
-    def __init__(self, store: SQLiteStore):
+    def __init__(self, store: StoreBase):
         self.store = store
 
     def create(self, name: str, password: str) -> User:

@@ -100,6 +100,39 @@ def store(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the whole test session (tests/postgres.py): loopback only, in a temporary folder,
+    stopped by PID at the end. Skipped, saying why, where the server binaries are not installed."""
+    from postgres import PostgresServer, find_bin
+
+    bin_dir = find_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: `apt-get install postgresql` "
+                    "to run the storage tests on PostgreSQL too (.ci/run does)")
+    with PostgresServer(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """The URL of a new database on the session's PostgreSQL server, with Attune's schema (a copy of one database
+    the migrations ran on; ``postgres_server.new_database()`` gives an empty one)."""
+    return postgres_server.new_database(migrated=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request, tmp_path):
+    """A Store on SQLite (the default: attune.db in the data dir) and, as a second run of the test, on PostgreSQL.
+    A test module runs its storage tests on both with ``store = any_store``-style fixtures."""
+    from storage import Store
+
+    db = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    s = Store(tmp_path / "data", db)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir, tmp_path_factory):
     from assistant.model import ModelConfig, load_model
     from storage import DataDir

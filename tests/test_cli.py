@@ -156,3 +156,16 @@ def test_serve_exits_0_after_a_clean_sigterm(tmp_path, tiny_model_dir):
     log = srv.log_path.read_text()
     assert srv.proc.returncode == 0, log
     assert "Traceback" not in log and "attune: stopped" in log
+
+
+def test_db_flag_keeps_users_in_postgresql_and_serve_help_names_it(tmp_path, pg_url):
+    added = cli("users", "add", "alice", "--db", pg_url, data_dir=tmp_path / "a", stdin="correct horse\n")
+    assert added.returncode == 0
+    listed = cli("--db", pg_url, "users", "list", data_dir=tmp_path / "b")  # another data dir, the same database
+    assert listed.returncode == 0 and "\talice\t" in listed.stdout
+    assert not (tmp_path / "a" / "attune.db").exists() and not (tmp_path / "b" / "attune.db").exists()
+    serve = " ".join(cli("serve", "--help", data_dir=tmp_path).stdout.split())
+    assert "--db URL" in serve and "postgresql://USER@HOST:PORT/NAME" in serve and "attune.db in the data dir" in serve
+    bad = cli("users", "list", "--db", "mysql://x@y/z", data_dir=tmp_path)
+    assert bad.returncode == 2 and "db: 'mysql://x@y/z' is not a database URL" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
-"""storage/: schema, users, messages, feedback, import/export/forget — on a real SQLite file."""
+"""storage/: schema, users, messages, feedback, import/export/forget — on a real SQLite file and, each test once
+more, on a real PostgreSQL database (``any_store``: skipped, saying why, without PostgreSQL's binaries)."""
 
 import json
 import sqlite3
@@ -10,7 +11,22 @@ from storage import AuthError, InputError, NotFound, Store
 from storage.transfer import delete_user, export_user, import_history
 
 
-def test_database_is_wal_with_all_migrations(store):
+@pytest.fixture
+def store(any_store):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_store
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = Store(tmp_path / "sqlite")
+    yield s
+    s.close()
+
+
+def test_database_is_wal_with_all_migrations(sqlite_store):
+    store = sqlite_store
+    assert store.kind == "sqlite" and store.path == store.data_dir.root / "attune.db"
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert {"users", "api_keys", "conversations", "messages", "feedback"} <= set(store.db.table_names())
     applied = [r["name"] for r in store.db.query("SELECT name FROM _sqlite_migrations")]
@@ -127,8 +143,11 @@ def test_concurrent_writers_lose_nothing(store, alice):
     for t in threads:
         t.join()
     assert errors == []
-    con = sqlite3.connect(store.path)  # another connection sees every committed row
-    assert con.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 200
+    other = Store(store.data_dir, store.config)  # another connection sees every committed row
+    assert other.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 200
+    if store.kind == "sqlite":
+        assert sqlite3.connect(store.path).execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 200
+    other.close()
     assert store.integrity_ok()
 
 
