@@ -6,6 +6,7 @@ Then through ChatService + TransformersBackend + MemoryService (defaults), greed
 under base / memory only / adapter only / adapter + memory:
 
 - recall of each fact probe (a keyword in the answer; an updated fact: the new value and not the old);
+- the question the user corrected, asked again in other words: the correction's keyword in the answer;
 - never-told questions (things the user never said): the share answered with "you haven't told me" or the like
   (:func:`abstained`) rather than a made-up answer;
 - general questions of the split (``bench.general_qa``), ``QA_TOKENS`` new tokens, base vs adapter + memory:
@@ -55,6 +56,9 @@ def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
             texts = ask(engine, [(uid, p["question"]) for uid, p in facts], use_adapter, TOKENS, use_memory)
             right = [_has(t, p["keywords"]) and not (p.get("old") and _has(t, p["old"]))
                      for (_, p), t in zip(facts, texts, strict=True)]
+            fixes = [(uid, p) for uid, u in zip(ids, users, strict=True) for p in u["probes"]
+                     if p["kind"] == "correction"]
+            fixed = ask(engine, [(uid, p["question"]) for uid, p in fixes], use_adapter, TOKENS, use_memory)
             never = [(uid, q) for uid, u in zip(ids, users, strict=True) for q in u["never_told"]]
             said = ask(engine, never, use_adapter, TOKENS, use_memory)
             if qa and cond in ("base", "both"):
@@ -66,6 +70,8 @@ def _split(split: str, quick: bool, train: dict, qa: bool) -> dict:
                          "updated": [sum(r for r, (_, p) in zip(right, facts, strict=True) if p["kind"] == "updated"),
                                      sum(p["kind"] == "updated" for _, p in facts)],
                          "abstained": [sum(map(abstained, said)), len(said)],
+                         "corrected": [sum(_has(t, p["keywords"]) for (_, p), t in zip(fixes, fixed, strict=True)),
+                                       len(fixes)],
                          "samples": [t[:200] for t in said[:2]]}
     finally:
         backend.close()
@@ -119,8 +125,8 @@ def _pct(pair) -> str:
 
 
 def render(r: dict) -> str:
-    rows = ["| split | condition | fact recall | updated: new value | never told: abstained |",
-            "|---|---|---|---|---|"]
+    rows = ["| split | condition | fact recall | updated: new value | correction followed | never told: abstained |",
+            "|---|---|---|---|---|---|"]
     jobs = ["| split | user | published | held-out loss base → after | anchor rise | job min |",
             "|---|---|---|---|---|---|"]
     qa = ["| split | distinct general questions | base | adapter + memory |", "|---|---|---|---|"]
@@ -129,7 +135,9 @@ def render(r: dict) -> str:
             continue
         for cond in CONDITIONS:
             c = r[split][cond]
-            rows.append(f"| {split} | {cond} | {_pct(c['recall'])} | {_pct(c['updated'])} | {_pct(c['abstained'])} |")
+            fixed = _pct(c["corrected"]) if "corrected" in c else "—"
+            rows.append(f"| {split} | {cond} | {_pct(c['recall'])} | {_pct(c['updated'])} | {fixed} | "
+                        f"{_pct(c['abstained'])} |")
         if "qa_base" in r[split]:
             b, a = r[split]["qa_base"], r[split]["qa_both"]
             qa.append(f"| {split} | {b[2]} | {_pct(b[:2])} | {_pct(a[:2])} |")
