@@ -12,6 +12,8 @@ TransformersBackend, per-row LoRA, no memory, so the adapter alone is measured),
   in Chinese);
 - the general questions of ``bench.general_qa`` (the user's split: dev or test) at 128 tokens, base vs adapter:
   right = the keyword in the answer (a shorter answer must still be right);
+- the same general questions sampled as served (temperature, top_p, penalty of ``GenerationSettings``), once per
+  seed of ``SEEDS``: right per run, and the adapter's difference with a 95% bootstrap interval over questions;
 - per job: published or not (the gate's reason), the style it detected, held-out loss, anchor rise, minutes.
 
 Before anything runs, :func:`overlaps` fails the bench when a 4-word run of a test probe appears in any
@@ -30,6 +32,8 @@ PROBE_TOKENS = 256
 QA_TOKENS = 128
 QA_QUESTIONS = 200
 """General questions per user: every one of its split in ``bench.general_qa`` (dev or test)."""
+SEEDS = (0, 1, 2)
+"""General QA is also sampled as served (temperature, top_p and penalty of ``GenerationSettings``), once per seed."""
 BATCH = 16
 QUICK_TRAIN = dict(max_steps=2, min_steps=1, anchor_count=8, anchor_max_new_tokens=8, max_seq_len=96)
 
@@ -52,10 +56,24 @@ def overlaps(users) -> list[str]:
     return sorted({f"{p!r}: {r!r}" for u in users if u.split == "test" for p in u.probes for r in _runs(p) & taught})
 
 
-def _serving(tokens: int):
+def _serving(tokens: int, seed: int | None = None):
+    """Serving's settings with ``tokens`` new tokens: greedy, or sampled as served with ``seed``."""
     from assistant.engines.base import GenerationSettings
 
-    return replace(GenerationSettings(), temperature=0.0, max_new_tokens=tokens)
+    served = GenerationSettings()
+    if seed is None:
+        return replace(served, temperature=0.0, max_new_tokens=tokens)
+    return replace(served, max_new_tokens=tokens, seed=seed)
+
+
+def paired_ci(base: list[float], other: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """95% interval of the mean difference ``other - base`` over paired items (a bootstrap over the items)."""
+    import random
+
+    rng = random.Random(0)
+    diffs = [o - b for b, o in zip(base, other, strict=True)]
+    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def _engine(data, store):
@@ -72,14 +90,15 @@ def _engine(data, store):
     return backend, _probe_engine()(store, backend, ChatConfig(defaults=GenerationSettings(temperature=0.0)))
 
 
-def ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int, use_memory: bool = False) -> list[str]:
+def ask(engine, items: list[tuple[int, str]], use_adapter: bool, tokens: int, use_memory: bool = False,
+        seed: int | None = None) -> list[str]:
     """Each (user id, question) in a new conversation, concurrently (the backend batches them), at serving
-    settings but greedy: the answers' texts."""
+    settings but greedy (``seed``: sampled as served, with this seed): the answers' texts."""
     from concurrent.futures import ThreadPoolExecutor
 
     from assistant.chat.service import TurnOptions
 
-    settings = _serving(tokens)
+    settings = _serving(tokens, seed)
     options = TurnOptions(settings, source="api", use_adapter=use_adapter, use_memory=use_memory)
 
     def one(item):
@@ -134,7 +153,27 @@ def _measure(engine, users: dict) -> dict:
                 "lists": sum(is_list(a) for a in mine), "chinese": sum(is_chinese(a) for a in mine),
                 "probes": len(mine),
                 "qa_right": sum(scored), "qa_total": len(scored), "sample": mine[0][:300]}
+    _sampled(engine, users, out)
     return out
+
+
+def _sampled(engine, users: dict, out: dict) -> None:
+    """General QA sampled as served, once per seed, base and adapter: right per seed, and the adapter's difference
+    with a 95% interval over questions (each question scored by its share of seeds answered right)."""
+    from bench.general_qa import hits, questions
+
+    qa = [(uid, q, k) for uid, u in users.items() for q, k in questions(u.split)[:QA_QUESTIONS]]
+    runs = {cond: [[bool(hits(a, k)) for (_, _, k), a in zip(qa, ask(engine, [(u, q) for u, q, _ in qa],
+                                                                      cond == "adapter", QA_TOKENS, seed=seed),
+                                                               strict=True)] for seed in SEEDS]
+            for cond in ("base", "adapter")}
+    for uid, u in users.items():
+        rows = [n for n, (v, _, _) in enumerate(qa) if v == uid]
+        share = {c: [sum(run[n] for run in runs[c]) / len(SEEDS) for n in rows] for c in runs}
+        lo, hi = paired_ci(share["base"], share["adapter"])
+        out[u.name]["sampled"] = {"seeds": len(SEEDS), "questions": len(rows),
+                                  **{c: [sum(run[n] for n in rows) for run in runs[c]] for c in runs},
+                                  "diff_ci": [round(lo * len(rows), 1), round(hi * len(rows), 1)]}
 
 
 def run(quick: bool = False, names: tuple[str, ...] | None = None) -> dict:
@@ -196,6 +235,15 @@ def render(r: dict) -> str:
                     f"{a['median_words']:.0f} | {b['lists']}/{b['probes']} → {a['lists']}/{a['probes']} | "
                     f"{b.get('chinese', 0)}/{b['probes']} → {a.get('chinese', 0)}/{a['probes']} | "
                     f"{b['qa_right']}/{b['qa_total']} → {a['qa_right']}/{a['qa_total']} | {rise} | {j['minutes']} |")
+    sampled = ["| user | split | base right per seed | adapter right per seed | adapter - base (mean, 95% interval) |",
+               "|---|---|---|---|---|"]
+    for name, u in r["users"].items():
+        sm = u.get("sampled")
+        if sm:
+            diff = (sum(sm["adapter"]) - sum(sm["base"])) / sm["seeds"]
+            sampled.append(f"| {name} | {u['split']} | {', '.join(map(str, sm['base']))} of {sm['questions']} | "
+                           f"{', '.join(map(str, sm['adapter']))} | {diff:+.1f} ({sm['diff_ci'][0]:+.1f} to "
+                           f"{sm['diff_ci'][1]:+.1f}) |")
     return "\n".join([
         "A style taught only through corrections (`bench/adapter_style.py`, users in `bench/style_users.py`): the "
         "base model answers each user's everyday questions at serving settings, the user corrects most answers "
@@ -204,4 +252,7 @@ def render(r: dict) -> str:
         f"{r['probe_tokens']} new tokens, repetition penalty as served; general QA at {r['qa_tokens']} tokens. Dev "
         "users tune, test users report; no 4-word run of a test probe is in any training text or facts.py "
         f"(checked: {len(r['overlaps'])} found).", "", *rows, "",
+        *([f"General QA sampled as served (temperature, top_p, repetition penalty of the serving defaults; "
+           f"{r['qa_tokens']} tokens), once per seed; the difference in questions right per run, its interval a "
+           "bootstrap over questions:", "", *sampled, ""] if len(sampled) > 2 else []),
         f"Time: {r['seconds'] / 60:.1f} min in all."])

@@ -46,8 +46,8 @@ SECTIONS = {
     "load": ("Load: concurrent API chats while a training job runs", load.render),
     "training": ("Training: tokens/s and minutes to personalize 100/500 examples, vs plain TRL", training.render),
     "quality": ("Quality: personal recall, leakage across users, general-ability retention", quality.render),
-    "adapter_style": ("Style taught through corrections: short answers and bullet lists (dev users tune, test users "
-                      "report)", adapter_style.render),
+    "adapter_style": ("Style taught through corrections: short answers, bullet lists, Chinese (dev users tune, "
+                      "test users report)", adapter_style.render),
     "adapter_passing": ("Adapters on natural histories: facts said once in passing, updates, never-told questions "
                         "(dev users tune, test users report)", adapter_passing.render),
     "model_size": ("What a bigger model costs here: SmolLM2-family shapes (135M, 360M, 1.7B) served and trained",
