@@ -69,10 +69,12 @@ def config_from(args: argparse.Namespace, cls: type, **extra):
 
 # the parser ------------------------------------------------------------------------------------
 def _common(top: bool, model: bool) -> argparse.ArgumentParser:
-    """--data-dir, --db and --model. Sub-commands use SUPPRESS so a flag given before the command is kept; the
-    contract lets every command take --model, but it is shown only where it matters (serve, train)."""
+    """--data-dir, --db, --adapter-store, --s3-endpoint and --model. Sub-commands use SUPPRESS so a flag given before
+    the command is kept; the contract lets every command take --model, but it is shown only where it matters (serve,
+    train)."""
     from assistant.model import ModelConfig
     from storage.config import StoreConfig
+    from storage.objects import AdapterStoreConfig
     from storage.paths import default_data_dir
 
     c = argparse.ArgumentParser(add_help=False)
@@ -81,6 +83,10 @@ def _common(top: bool, model: bool) -> argparse.ArgumentParser:
                    help=f"where all state lives (env ATTUNE_DATA_DIR; default {default_data_dir()})")
     c.add_argument("--db", metavar="URL", default=StoreConfig.db if top else argparse.SUPPRESS,
                    help=field_docs(StoreConfig)["db"])
+    for name in ("adapter_store", "s3_endpoint"):
+        c.add_argument("--" + name.replace("_", "-"), metavar="URL",
+                       default=getattr(AdapterStoreConfig, name) if top else argparse.SUPPRESS,
+                       help=field_docs(AdapterStoreConfig)[name])
     c.add_argument("--model", default=ModelConfig.model if top else argparse.SUPPRESS,
                    help=field_docs(ModelConfig)["model"] + " (default: embedded, SmolLM2-135M-Instruct)"
                    if model else argparse.SUPPRESS)
@@ -192,6 +198,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         needs_action[args.command].error(f"say what to do: {args.command} {actions}")
     args.data_dir = args.data_dir or default_data_dir()
     args.db = args.db or ""
+    args.adapter_store, args.s3_endpoint = args.adapter_store or "", args.s3_endpoint or ""
     return args
 
 
@@ -306,6 +313,7 @@ def forget(store, args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from storage import Store
     from storage.config import StoreConfig
+    from storage.objects import AdapterStoreConfig
     from storage.transfer import export_user
 
     db = config_from(args, StoreConfig)
@@ -315,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(restore(args.dir, DataDir(Path(args.data_dir)), db)))
         return 0
-    store = Store(args.data_dir, db)
+    store = Store(args.data_dir, db, config_from(args, AdapterStoreConfig))
     if args.command == "serve":
         serve(store, args)
     elif args.command == "users":

@@ -1,13 +1,15 @@
 """One training job end to end, normally in its own process:
 
-    python -m personalize.job --data-dir D [--db URL] --job-id J [--model M] [--threads T] [--config JSON]
+    python -m personalize.job --data-dir D [--db URL] [--adapter-store URL] --job-id J [--model M] [--threads T]
+        [--config JSON]
 
 The job row names the user. Steps: build the user's examples, load a fresh base model, answer
 the anchor prompts once (cached), continue from the active adapter (same base model) or start a
 new LoRA, mix new examples + reservoir + anchors, train (keeping the best checkpoint within the
 anchor margin, personalize.checkpoint), score the gate on what was kept, then publish
 (``save_pretrained`` into a staging folder, fsync, rename to ``v<N>``, switch the active pointer
-in one transaction, prune to ``keep_versions``) or record the rejection. Any exception marks
+in one transaction, prune to ``keep_versions``; with an adapter store the upload comes first, ``storage.adapters``)
+or record the rejection. Any exception marks
 the job failed with its message. A kill at any point leaves no ``v<N>`` and no pointer change:
 the staging folder is swept by the next job or by ``personalize.runner.fail_stale``.
 """
@@ -43,6 +45,7 @@ from storage.adapters import staging_dir
 from storage.config import StoreConfig
 from storage.db import Store
 from storage.errors import AttuneError, StorageError
+from storage.objects import AdapterStoreConfig
 from storage.paths import remove_tree
 
 log = logging.getLogger("attune.personalize")
@@ -55,6 +58,16 @@ def base_model_id(model_path: Path) -> str:
     for p in sorted(model_path.glob("*.safetensors")):
         h.update(f"{p.name}:{p.stat().st_size}".encode())
     return f"{Path(model_path).name}-{h.hexdigest()[:10]}"
+
+
+def _held(store: Store, row: dict) -> bool:
+    """Whether version ``row``'s files are in this data dir, downloading one kept in the adapter store; a version
+    that cannot be had is not continued from (the job starts afresh, and says why in the log)."""
+    try:
+        return bool(row.get("path")) and store.adapters.fetch(row) is not None
+    except StorageError as e:
+        log.warning("v%s cannot be continued from, starting afresh: %s", row["version"], e)
+        return False
 
 
 def _skip(store: Store, job_id: int, code: str, reason: str, metrics: dict) -> dict:
@@ -105,8 +118,8 @@ def run_job(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
     with phases("loading model", "load_s"):
         base_id = base_model_id(resolve_model_dir(model_cfg.model, store.data_dir))
         # Continue from the active adapter if it belongs to this base model and its files are whole
-        # (assistant.file_checks); else start afresh.
-        continuing = active if active and active.get("base_model") == base_id and active.get("path") and \
+        # (assistant.file_checks; downloaded first when it is kept in the adapter store); else start afresh.
+        continuing = active if active and active.get("base_model") == base_id and _held(store, active) and \
             adapter_problem(Path(active["path"])) is None else None
         watermark = continuing["metrics"].get("watermark") if continuing else None
         if continuing and not any(is_new(e, watermark) for e in user_train):
@@ -298,6 +311,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--db", default=StoreConfig.db, metavar="URL", help="the server's --db (default: attune.db in the "
                    "data dir)")
+    p.add_argument("--adapter-store", default=AdapterStoreConfig.adapter_store, metavar="URL",
+                   help="the server's --adapter-store (default: the data dir only)")
+    p.add_argument("--s3-endpoint", default=AdapterStoreConfig.s3_endpoint, metavar="URL",
+                   help="the server's --s3-endpoint")
     p.add_argument("--job-id", required=True, type=int)
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--quant", default="auto", help="the serving --quant ('none' keeps training off 4-bit)")
@@ -316,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_dict(json.loads(args.config))
         model_cfg = ModelConfig(model=args.model, quant=args.quant, device=args.device, threads=args.threads,
                                 dtype=args.dtype)
+        objects = AdapterStoreConfig(args.adapter_store, args.s3_endpoint)
     except (ValueError, TypeError) as e:
         Store(args.data_dir, args.db).jobs.finish(args.job_id, "failed", error=f"Bad training configuration: {e}.")
         print(f"attune job {args.job_id}: bad configuration: {e}", file=sys.stderr)
         return 2
-    store = Store(args.data_dir, args.db)
+    store = Store(args.data_dir, args.db, objects)
     try:
         result = execute(store, args.job_id, model_cfg, cfg)
     except AttuneError as e:

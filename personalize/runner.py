@@ -107,6 +107,10 @@ class JobRunner:
             cmd += ["--threads", str(self.model_cfg.threads)]
         if self.store.config.db:  # the job writes where the server reads (default: attune.db in the data dir)
             cmd += ["--db", self.store.config.db]
+        objects = self.store.adapter_store
+        if objects.adapter_store:  # and publishes where the server's other processes fetch from
+            cmd += ["--adapter-store", objects.adapter_store] + (["--s3-endpoint", objects.s3_endpoint]
+                                                                 if objects.s3_endpoint else [])
         return cmd
 
     def start(self, user_id: int, trigger: str = "manual") -> int:

@@ -8,25 +8,35 @@ SQLite and have no folder. A published version whose files serving found damaged
 (:meth:`Adapters.mark_damaged`): never served or made active again; its folder is swept like an orphan's.
 Training writes into ``adapters/u<id>/.staging-j<job>``, which is never a version until :meth:`Adapters.publish`
 renames it (a publish that fails after the rename removes the folder again). Knows nothing of torch or peft.
+
+With an adapter store (``--adapter-store``, ``storage.objects``) publishing first uploads the version's files under
+``u<id>/v<N>-<8 hex>`` with the completion marker last, then one transaction records the version (its ``location``
+and ``files`` manifest) and switches the active pointer; the publisher keeps its copy as its cache,
+``adapters/u<id>/v<N>-<8 hex>``, and any other process fetches it there on first use (:meth:`Adapters.fetch`). The
+random part keeps a forgotten user's cached files from ever answering for a new user given the same id.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 from storage.common import row_or_not_found, utcnow
 from storage.errors import CLI, InputError, NotFound, StorageError
 from storage.jobs import Jobs
+from storage.objects import AdapterStoreConfig, ObjectStore, open_store
 from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remove_tree
 from storage.replay import Replay
 from storage.store import StoreBase
 from storage.users import Users
 
 STATUSES = ("published", "rejected", "pruned", "damaged")
-_VERSION_DIR = re.compile(r"^v(\d+)$")
+_VERSION_DIR = re.compile(r"^v\d+(-[0-9a-f]+)?$")
+log = logging.getLogger("attune.storage")
 
 
 def staging_dir(store: StoreBase, user_id: int, job_id: int) -> Path:
@@ -37,6 +47,7 @@ def staging_dir(store: StoreBase, user_id: int, job_id: int) -> Path:
 def _row(row: dict, root: Path, active: int | None) -> dict:
     row = dict(row)
     row["metrics"] = json.loads(row.get("metrics") or "{}")
+    row["files"] = json.loads(row["files"]) if row.get("files") else None
     row["path"] = str(root / row["path"]) if row.get("path") else None
     row["active"] = row["version"] == active
     return row
@@ -45,9 +56,13 @@ def _row(row: dict, root: Path, active: int | None) -> dict:
 class Adapters:
     """Adapter versions of each user. Every call takes the user's id and sees only that user's rows."""
 
-    def __init__(self, store: StoreBase, users: Users, jobs: Jobs, replay: Replay):
+    def __init__(self, store: StoreBase, users: Users, jobs: Jobs, replay: Replay,
+                 objects: AdapterStoreConfig | None = None):
         self.store = store
         self.users, self.jobs, self.replay = users, jobs, replay
+        self.config = objects or AdapterStoreConfig()
+        self.objects: ObjectStore | None = self.config.open()
+        """Where this process publishes (None: the data dir only). Reading follows each version's ``location``."""
 
     # reads -------------------------------------------------------------------------------------
     def next_version(self, user_id: int) -> int:
@@ -85,46 +100,93 @@ class Adapters:
     # writes ------------------------------------------------------------------------------------
     def publish(self, user_id: int, staging: Path, *, base_model: str, metrics: dict, gate_reason: str,
                 parent_version: int | None, job_id: int | None, keep: int | None = None) -> int:
-        """Turn a fully written staging folder into ``v<N>`` and make it active; returns N.
+        """Turn a fully written staging folder into the user's next version ``N`` and make it active; returns N.
 
-        One write transaction: number the version, write ``metrics.json``, fsync and rename the
-        folder, insert the row and switch the active pointer. A crash before COMMIT leaves at most
-        a complete ``v<N>`` folder without a row, which is swept as an orphan (never served).
-        Then prunes to the last ``keep`` published versions when ``keep`` is given.
+        Without an adapter store, one write transaction: number the version, write ``metrics.json``, fsync and
+        rename the folder to ``v<N>``, insert the row and switch the active pointer. A crash before COMMIT leaves at
+        most a complete ``v<N>`` folder without a row, which is swept as an orphan (never served). With one, the
+        upload (marker last) comes first, then that transaction (:meth:`_publish_remote`). Then prunes to the last
+        ``keep`` published versions when ``keep`` is given.
         """
         staging = Path(staging)
         if not staging.is_dir() or not any(staging.iterdir()):
             raise StorageError(f"{staging} is missing or empty; the adapter was not saved. Run the job again.")
-        user_dir = self.store.data_dir.adapters(user_id)
+        record = {"user_id": user_id, "base_model": base_model, "status": "published",
+                  "parent_version": parent_version, "job_id": job_id, "metrics": metrics, "gate_reason": gate_reason}
+        if self.objects is None:
+            version = self._publish_local(user_id, staging, record)
+        else:
+            version = self._publish_remote(user_id, staging, record, self.objects)
+        if keep is not None:
+            self.prune(user_id, keep)
+        return version
+
+    def _publish_local(self, user_id: int, staging: Path, record: dict) -> int:
         renamed: Path | None = None
         try:
             with self.store.write() as db:
-                if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
-                    raise NotFound(f"User {user_id} no longer exists (forgotten while training); nothing was "
-                                   "published.")
-                version = self.next_version(user_id)
-                final = user_dir / f"v{version}"
+                version = self._check_user_and_number(db, user_id)
+                final = self.store.data_dir.adapters(user_id) / f"v{version}"
                 if final.exists():  # left by a crash between rename and COMMIT: no row points at it
                     remove_tree(final)
-                now = utcnow()
-                record = {"user_id": user_id, "version": version, "base_model": base_model, "status": "published",
-                          "parent_version": parent_version, "job_id": job_id, "metrics": metrics,
-                          "gate_reason": gate_reason, "created_at": now}
+                record = {**record, "version": version, "created_at": utcnow()}
                 atomic_write_bytes(staging / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
                 publish_dir(staging, final)
                 renamed = final
-                db["adapter_versions"].insert({**record, "metrics": json.dumps(metrics),
-                                               "path": str(final.relative_to(self.store.data_dir.root))})
-                db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
-                           "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, "
-                           "updated_at = excluded.updated_at", [user_id, version, now])
+                self._insert_active(db, record, final)
         except BaseException:
             if renamed is not None:  # renamed but never committed (e.g. the disk filled up): no half version stays
                 remove_tree(renamed)
             raise
-        if keep is not None:
-            self.prune(user_id, keep)
         return version
+
+    def _publish_remote(self, user_id: int, staging: Path, record: dict, objects: ObjectStore) -> int:
+        """Upload ``staging`` as version N (every file, then the completion marker), then one transaction: check N
+        is still the next number, keep the folder as this process's cache, insert the row (``location``, ``files``)
+        and switch the active pointer. A failure at any step deletes the objects and the folder again."""
+        version = self.next_version(user_id)  # one open job per user: nobody else numbers this user's versions
+        name = f"v{version}-{secrets.token_hex(4)}"
+        remote = objects.child(f"u{int(user_id)}/{name}")
+        final = self.store.data_dir.adapters(user_id) / name
+        record = {**record, "version": version, "created_at": utcnow()}
+        renamed: Path | None = None
+        try:
+            atomic_write_bytes(staging / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
+            files = remote.upload(staging)
+            with self.store.write() as db:
+                if self._check_user_and_number(db, user_id) != version:
+                    raise StorageError(f"Another process recorded version {version} of this user while it was "
+                                       "uploaded; nothing was published. Train again.")
+                publish_dir(staging, final)
+                renamed = final
+                self._insert_active(db, {**record, "location": remote.url, "files": json.dumps(files)}, final)
+        except BaseException:
+            if renamed is not None:
+                remove_tree(renamed)
+            self._delete_quietly(remote, f"v{version} was not published")
+            raise
+        return version
+
+    def _check_user_and_number(self, db, user_id: int) -> int:
+        """Inside a write: the user still exists (NotFound if forgotten meanwhile); the next version number."""
+        if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
+            raise NotFound(f"User {user_id} no longer exists (forgotten while training); nothing was published.")
+        return self.next_version(user_id)
+
+    def _insert_active(self, db, record: dict, final: Path) -> None:
+        db["adapter_versions"].insert({**record, "metrics": json.dumps(record["metrics"]),
+                                       "path": str(final.relative_to(self.store.data_dir.root))})
+        db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
+                   "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, "
+                   "updated_at = excluded.updated_at", [record["user_id"], record["version"], record["created_at"]])
+
+    def _delete_quietly(self, remote: ObjectStore, why: str) -> None:
+        """Delete ``remote``'s objects after a failure; if even that fails, say so in the log (they are orphans no
+        row points at, never served; forgetting the user deletes them)."""
+        try:
+            remote.delete()
+        except StorageError as e:
+            log.warning("%s, and its uploaded objects could not be deleted (%s); no row points at them", why, e)
 
     def reject(self, user_id: int, *, base_model: str, metrics: dict, gate_reason: str,
                parent_version: int | None, job_id: int | None) -> int:
@@ -147,9 +209,9 @@ class Adapters:
             if row["status"] != "published":
                 raise InputError(f"Version {row['version']} is {row['status']}; only published versions can be "
                                  f"made active. List them with: {CLI} adapters NAME")
-            if not row["path"] or not (Path(row["path"]) / "adapter_config.json").is_file():
-                raise NotFound(f"The folder of version {row['version']} is missing ({row['path']}); roll back to "
-                               "another version or train a new one.")
+            if not self._present(row):
+                raise NotFound(f"The files of version {row['version']} are missing ({row['location'] or row['path']}); "
+                               "roll back to another version or train a new one.")
             version = row["version"]
         with self.store.write() as db:
             db.execute("INSERT INTO active_adapters (user_id, version, updated_at) VALUES (?, ?, ?) "
@@ -209,11 +271,15 @@ class Adapters:
         doomed = [v for v in published[keep:] if v != active]
         if not doomed:
             return []
+        rows = [self.get(user_id, v) for v in doomed]
         with self.store.write() as db:
             db.execute(f"UPDATE adapter_versions SET status = 'pruned' WHERE user_id = ? AND version IN "
                        f"({', '.join('?' * len(doomed))})", [user_id, *doomed])
-        for v in doomed:
-            remove_tree(self.store.data_dir.adapters(user_id) / f"v{v}")
+        for row in rows:
+            if row["path"]:
+                remove_tree(Path(row["path"]))
+            if row["location"]:
+                self._delete_quietly(self._remote(row), f"v{row['version']} was pruned")
         return doomed
 
     def sweep(self, user_id: int, keep_staging: set[int] | None = None) -> list[str]:
@@ -222,20 +288,53 @@ class Adapters:
         user_dir = self.store.data_dir.adapters(user_id)
         if not user_dir.is_dir():
             return []
-        published = {r["version"] for r in self.store.db.query(
-            "SELECT version FROM adapter_versions WHERE user_id = ? AND status = 'published'", [user_id])}
+        published = {Path(r["path"]).name for r in self.store.db.query(
+            "SELECT path FROM adapter_versions WHERE user_id = ? AND status = 'published' AND path IS NOT NULL",
+            [user_id])}
         removed = []
         for child in user_dir.iterdir():
-            m = _VERSION_DIR.match(child.name)
             if child.name.startswith(STAGING_PREFIX):
                 job = child.name[len(STAGING_PREFIX):]
                 if job.isdigit() and int(job) in (keep_staging or set()):
                     continue
-            elif not m or int(m.group(1)) in published:
+            elif not _VERSION_DIR.match(child.name) or child.name in published:
                 continue
             remove_tree(child)
             removed.append(child.name)
         return removed
+
+    # the adapter store ------------------------------------------------------------------------
+    def _remote(self, row: dict) -> ObjectStore:
+        return open_store(row["location"], self.config.s3_endpoint)
+
+    def _present(self, row: dict) -> bool:
+        """Whether a version's files can be had: its folder here, else its completed upload in the adapter store."""
+        if row["path"] and (Path(row["path"]) / "adapter_config.json").is_file():
+            return True
+        return bool(row["location"]) and self._remote(row).manifest() is not None
+
+    def fetch(self, row: dict) -> Path | None:
+        """The folder of version ``row`` (from :meth:`get`) in this data dir, downloaded from the adapter store when
+        it is not here yet: only a completed upload (its marker), each file checked against the row's manifest.
+        Raises ``ObjectsIncomplete`` when the stored objects are not whole, ``ObjectStoreUnavailable`` when the
+        store cannot be reached; a version kept only in the data dir is returned as it is."""
+        folder = Path(row["path"]) if row["path"] else None
+        if folder is None or folder.exists() or not row["location"]:
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self._remote(row).download(folder, row["files"])
+        return folder
+
+    def delete_objects(self, user_id: int) -> int:
+        """Delete every object of the user in the adapter store: each version's (wherever its row says) and
+        anything under ``u<id>/`` of this process's store (uploads no row points at). Before the rows go
+        (``storage.transfer.delete_user``); ``ObjectStoreUnavailable`` if the store cannot be reached."""
+        roots = {r["location"] for r in self.store.db.query(
+            "SELECT location FROM adapter_versions WHERE user_id = ? AND location IS NOT NULL", [user_id])}
+        stores = [open_store(url, self.config.s3_endpoint) for url in sorted(roots)]
+        if self.objects is not None:
+            stores.append(self.objects.child(f"u{int(user_id)}"))
+        return sum(store.delete() for store in stores)
 
 
 def _version(value: Any) -> int:

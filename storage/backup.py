@@ -2,10 +2,11 @@
 
 A backup holds what cannot be made again: the database (SQLite's online backup API: one consistent snapshot,
 taken while other processes keep writing) and the adapter versions that snapshot lists as published (the
-active one and those kept for rollback). Caches are left out: converted base models (``models/``), the FAISS
-indexes (rebuilt from the database on first use) and the replay anchors (made again per base model). A
-manifest lists every file with its size and SHA-256; the backup folder appears under its name only once it is
-complete (written beside it, then renamed).
+active one and those kept for rollback; one kept in the adapter store, ``storage.objects``, is copied when this data
+dir holds it and otherwise stays there, its row pointing at it). Caches are left out: converted base models
+(``models/``), the FAISS indexes (rebuilt from the database on first use) and the replay anchors (made again per
+base model). A manifest lists every file with its size and SHA-256; the backup folder appears under its name only
+once it is complete (written beside it, then renamed).
 
 Restore checks every file against the manifest, refuses a data dir that holds anything (it never mixes two
 installs), copies the files into place and checks the database's integrity.
@@ -106,10 +107,10 @@ def _copy_adapters(root: Path, partial: Path) -> list[str]:
     the copy (never the active one) is marked pruned in the backup too; returns those paths."""
     db = sqlite3.connect(partial / DB_NAME)
     try:
-        rows = db.execute("SELECT user_id, version, path FROM adapter_versions WHERE status = 'published' "
+        rows = db.execute("SELECT user_id, version, path, location FROM adapter_versions WHERE status = 'published' "
                           "AND path IS NOT NULL").fetchall()
         missing = []
-        for user_id, version, path in rows:
+        for user_id, version, path, location in rows:
             source = (root / path).resolve()
             if root not in source.parents:
                 raise StorageError(f"Adapter path {path!r} of user {user_id} leaves the data dir; not backed up.")
@@ -119,6 +120,8 @@ def _copy_adapters(root: Path, partial: Path) -> list[str]:
             try:
                 shutil.copytree(source, partial / rel)
             except FileNotFoundError:
+                if location:  # kept in the adapter store (storage.objects): the restored Attune fetches it from there
+                    continue
                 db.execute("UPDATE adapter_versions SET status = 'pruned' WHERE user_id = ? AND version = ?",
                            [user_id, version])
                 missing.append(rel)

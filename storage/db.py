@@ -19,6 +19,7 @@ from storage.common import utcnow
 from storage.config import POSTGRESQL, StoreConfig
 from storage.jobs import Jobs
 from storage.memories import Memories
+from storage.objects import AdapterStoreConfig
 from storage.paths import DataDir
 from storage.replay import Replay
 from storage.sessions import Sessions
@@ -41,10 +42,14 @@ def open_database(data_dir: DataDir | Path | str, config: StoreConfig | str | No
 
 
 class Store(StoreBase):
-    """The database (:func:`open_database`) and its repositories, one per table group."""
+    """The database (:func:`open_database`) and its repositories, one per table group; ``adapter_store`` is where
+    this process publishes adapter versions (``storage.objects``; default: the data dir only)."""
 
-    def __init__(self, data_dir: DataDir | Path | str, db: StoreConfig | str | None = None):
+    def __init__(self, data_dir: DataDir | Path | str, db: StoreConfig | str | None = None,
+                 adapter_store: AdapterStoreConfig | str | None = None):
         self.config = db if isinstance(db, StoreConfig) else StoreConfig(db or "")
+        self.adapter_store = adapter_store if isinstance(adapter_store, AdapterStoreConfig) else \
+            AdapterStoreConfig(adapter_store or "")
         self.database = open_database(data_dir, self.config)
         self.data_dir, self.kind, self.path = self.database.data_dir, self.database.kind, self.database.path
         self.users = Users(self)
@@ -53,7 +58,7 @@ class Store(StoreBase):
         self.throttle = Throttle(self)
         self.jobs = Jobs(self)
         self.replay = Replay(self)
-        self.adapters = Adapters(self, self.users, self.jobs, self.replay)
+        self.adapters = Adapters(self, self.users, self.jobs, self.replay, self.adapter_store)
         self.sessions = Sessions(self, self.users)
 
     @property

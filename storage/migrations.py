@@ -334,3 +334,12 @@ def m011_memory_asked(db: Database) -> None:
     """A statement said in reply to a question of the other side ("Where are you based?" - "Porto, for now") is
     also found by that question (``asked``: its question sentences), with its text and message."""
     _run(db, "ALTER TABLE memories ADD COLUMN asked TEXT")
+
+
+@migrations()
+def m012_adapter_objects(db: Database) -> None:
+    """A version uploaded to the adapter store (``--adapter-store``, ``storage.objects``) records where
+    (``location``: the URL of its objects) and what (``files``: JSON, each file's bytes and SHA-256), so a server
+    whose data dir lacks it downloads and checks it on first use. NULL on versions kept only in the data dir."""
+    _run(db, "ALTER TABLE adapter_versions ADD COLUMN location TEXT; "
+             "ALTER TABLE adapter_versions ADD COLUMN files TEXT")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage.chats import clean_text
 from storage.common import ROLES, utcnow
-from storage.errors import InputError
+from storage.errors import InputError, StorageError
 from storage.paths import remove_tree
 
 if TYPE_CHECKING:
@@ -125,13 +125,18 @@ def export_user(store: Store, user_id: int) -> dict:
 
 
 def delete_user(store: Store, user_id: int) -> None:
-    """Delete the user's rows (cascading to all their data) and every file of theirs under the data dir,
-    then VACUUM so nothing of theirs is left in free pages or the WAL (``Store.compact``).
+    """Delete the user's objects in the adapter store, their rows (cascading to all their data) and every file of
+    theirs under the data dir, then VACUUM so nothing of theirs is left in free pages or the WAL (``Store.compact``).
 
     Rows and files only: stop the user's training process first (``assistant.chat.account.forget_user``
     does), or a job may re-create files after this returns.
     """
     store.users.by_id(user_id)
+    try:
+        store.adapters.delete_objects(user_id)  # first: should the store be unreachable, nothing is deleted yet
+    except StorageError as e:
+        raise StorageError(f"{e} Nothing of the user was deleted; run forget again once the adapter store "
+                           "answers.") from e
     with store.write() as db:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
     for path in store.data_dir.user_files(user_id):

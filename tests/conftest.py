@@ -120,6 +120,34 @@ def pg_url(postgres_server) -> str:
     return postgres_server.new_database(migrated=True)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint for the whole test session (tests/s3server.py: moto_server on a free loopback port), stopped by
+    PID at the end; boto3 finds its test credentials in the environment. ``make setup`` installs moto[s3]."""
+    from s3server import CREDENTIALS, S3Server, find_moto
+
+    moto = find_moto()
+    if moto is None:
+        pytest.fail("moto_server is not installed: run `make setup` (dev extra: moto[s3], flask, flask-cors).")
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with S3Server(moto) as server:
+            yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    """``s3://BUCKET/adapters`` in a new bucket of the session's S3 endpoint (``s3_server.endpoint``)."""
+    return s3_server.new_bucket()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store(request, tmp_path):
     """A Store on SQLite (the default: attune.db in the data dir) and, as a second run of the test, on PostgreSQL.

@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from assistant.chat.adapters import check_adapter, fall_back, resolve_adapter
+from assistant.chat.adapters import fall_back, held_fallback, ready, resolve_adapter
 from assistant.engines.base import AdapterRef, ChatBackend, GenerationSettings, StreamStats
-from assistant.errors import AdapterDamaged
+from assistant.errors import AdapterDamaged, AdapterUnavailable
 from assistant.memory.text import with_facts
 from assistant.model import render_chat
 from storage.chats import clean_text, storable
@@ -92,6 +92,10 @@ class Turn:
     """The user's version found damaged during this turn (``adapter_version`` answered instead)..."""
     damaged_what: str = ""
     """... and what is wrong with its files."""
+    unavailable_version: int | None = None
+    """The user's version that could not be downloaded from the adapter store for this turn..."""
+    unavailable_what: str = ""
+    """... and why (the next turn tries again)."""
     memory_error: str | None = None
     """Why this turn's memories could not be searched (it was answered without them)."""
 
@@ -103,6 +107,11 @@ class Turn:
             now = f"version {self.adapter_version}" if self.adapter_version else "the base model"
             parts.append(f"Your personal version {self.damaged_version} is damaged on disk ({self.damaged_what}), "
                          f"so {now} answered and answers from now on. Train a new version to replace it.")
+        if self.unavailable_version is not None:
+            now = f"version {self.adapter_version}" if self.adapter_version else "the base model"
+            parts.append(f"Your personal version {self.unavailable_version} could not be downloaded from the adapter "
+                         f"store ({self.unavailable_what}), so {now} answered this time; it is tried again on your "
+                         "next turn.")
         if self.memory_error:
             parts.append(f"Your memories could not be searched for this answer ({self.memory_error}); it was "
                          f"answered without them. If this goes on, rebuild them: {CLI} memory rebuild NAME")
@@ -361,22 +370,28 @@ class ChatService:
                 if adapter is None or turn.text != start:
                     raise
                 tries += 1
-                fallback = self._damaged(user_id, turn, e)
+                fallback = self._usable(user_id, turn, self._damaged(user_id, turn, e))
                 adapter = fallback if tries < MAX_FALLBACKS else None
                 turn.stats = StreamStats()
                 stop.clear()  # set by the backend as the failed attempt ended (before any text), not by the user
 
     def _adapter(self, user_id: int, turn: Turn) -> AdapterRef | None:
-        """The user's active version if its files are whole; else (marked damaged) the one that replaces it."""
-        ref = resolve_adapter(self.store, user_id)
+        """The user's active version if its files are whole (downloaded first if it is kept in the adapter store);
+        else (marked damaged) the one that replaces it, or for this turn an older one held here if it cannot be
+        downloaded now."""
+        return self._usable(user_id, turn, resolve_adapter(self.store, user_id))
+
+    def _usable(self, user_id: int, turn: Turn, ref: AdapterRef | None) -> AdapterRef | None:
         for _ in range(MAX_FALLBACKS):
             if ref is None:
                 return None
             try:
-                check_adapter(ref)
+                ready(self.store, user_id, ref)
                 return ref
             except AdapterDamaged as e:
                 ref = self._damaged(user_id, turn, e)
+            except AdapterUnavailable as e:
+                ref = self._unavailable(user_id, turn, e)
         return None
 
     def _damaged(self, user_id: int, turn: Turn, error: AdapterDamaged) -> AdapterRef | None:
@@ -384,6 +399,15 @@ class ChatService:
         if turn.damaged_version is None:  # the first one found is the version the user had
             turn.damaged_version, turn.damaged_what = error.version, error.what
         turn.adapter_version = ref.version if ref else None
+        return ref
+
+    def _unavailable(self, user_id: int, turn: Turn, error: AdapterUnavailable) -> AdapterRef | None:
+        ref = held_fallback(self.store, user_id, error.version)
+        if turn.unavailable_version is None:
+            turn.unavailable_version, turn.unavailable_what = error.version, error.what
+        turn.adapter_version = ref.version if ref else None
+        log.warning("user %s: adapter v%s cannot be downloaded now (%s); %s answers this turn", user_id,
+                    error.version, error.what, f"v{ref.version}" if ref else "the base model")
         return ref
 
     def _memory_block(self, user_id: int, turn: Turn, history: list[dict]) -> str:
@@ -414,6 +438,8 @@ class ChatService:
                                     "use_memory": turn.use_memory}
         if turn.damaged_version is not None:
             gen["adapter_damaged"] = turn.damaged_version
+        if turn.unavailable_version is not None:
+            gen["adapter_unavailable"] = turn.unavailable_version
         return self.store.chats.add_message(
             user_id, turn.conversation_id, "assistant", turn.text, status=turn.status, source=source,
             model=self.backend.name, adapter_version=turn.adapter_version, memory_ids=turn.memory_ids,

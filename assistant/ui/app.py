@@ -262,7 +262,7 @@ class ChatUI:
         if turn is not None:
             if turn.error:
                 notice = "⚠️ " + tr(lang, "err_generation", detail=turn.error)
-            elif turn.damaged_version is not None or turn.memory_error:
+            elif turn.damaged_version is not None or turn.unavailable_version is not None or turn.memory_error:
                 notice = "⚠️ " + damage_notice(lang, turn)
             elif turn.truncated:
                 notice = tr(lang, "truncated")

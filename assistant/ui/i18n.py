@@ -59,6 +59,10 @@ EN = {
                        "now on. Train a new version to replace it.",
     "adapter_damaged_base": "Your personal version {v} is damaged on disk, so the base model answered and answers "
                             "until a new version is trained.",
+    "adapter_unavailable": "Your personal version {v} could not be downloaded from the adapter store, so version {now} "
+                           "answered this time; it is tried again on your next message.",
+    "adapter_unavailable_base": "Your personal version {v} could not be downloaded from the adapter store, so the base "
+                                "model answered this time; it is tried again on your next message.",
     "memory_unavailable": "Your memories could not be searched for this answer; it was answered without them.",
     "question_edited": "Question edited: answering it again (the earlier version stays in your history).",
     "correction_saved": "Correction saved: Attune will learn from it.",
@@ -224,6 +228,9 @@ ZH = {
     "adapter_damaged": "你的个人版本 {v} 在磁盘上已损坏，因此由版本 {now} 回答，之后也由它回答。"
                        "请训练一个新版本来替换它。",
     "adapter_damaged_base": "你的个人版本 {v} 在磁盘上已损坏，因此由基础模型回答，直到训练出新版本。",
+    "adapter_unavailable": "你的个人版本 {v} 暂时无法从适配器存储下载，因此这次由版本 {now} 回答；下一条消息时会再试。",
+    "adapter_unavailable_base": "你的个人版本 {v} 暂时无法从适配器存储下载，因此这次由基础模型回答；"
+                                "下一条消息时会再试。",
     "memory_unavailable": "这次回答时无法检索你的记忆，因此回答未使用记忆。",
     "question_edited": "问题已修改：正在重新回答（之前的版本保留在你的历史记录中）。",
     "correction_saved": "更正已保存：Attune 会从中学习。",

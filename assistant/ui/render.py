@@ -141,11 +141,16 @@ def details(lang: str, m: dict, memories: dict, earlier: list[dict], corrections
 
 
 def damage_notice(lang: str, turn) -> str:
-    """What a turn met on the way (a damaged personal version, memories that could not be searched), in words."""
+    """What a turn met on the way (a damaged personal version, one that could not be downloaded, memories that could
+    not be searched), in words."""
     parts = []
     if turn.damaged_version is not None:
         parts.append(tr(lang, "adapter_damaged", v=turn.damaged_version, now=turn.adapter_version)
                      if turn.adapter_version else tr(lang, "adapter_damaged_base", v=turn.damaged_version))
+    if getattr(turn, "unavailable_version", None) is not None:
+        v = turn.unavailable_version
+        parts.append(tr(lang, "adapter_unavailable", v=v, now=turn.adapter_version) if turn.adapter_version
+                     else tr(lang, "adapter_unavailable_base", v=v))
     if turn.memory_error:
         parts.append(tr(lang, "memory_unavailable"))
     return " ".join(parts)

@@ -193,3 +193,9 @@ def p002_one_open_job_per_user() -> str:
     """The database itself refuses a second queued or running job for a user (``Jobs.create`` checks first and says
     so in words; this holds for every writer, e.g. workers on other machines claiming and re-queueing jobs)."""
     return "CREATE UNIQUE INDEX idx_jobs_one_open_per_user ON jobs(user_id) WHERE status IN ('queued', 'running')"
+
+
+@migration
+def p003_adapter_objects() -> str:
+    """SQLite's m012: where a version's objects are in the adapter store and what they hold (``storage.objects``)."""
+    return f"ALTER TABLE adapter_versions ADD COLUMN location {TEXT}, ADD COLUMN files {TEXT}"
