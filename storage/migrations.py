@@ -334,3 +334,18 @@ def m011_memory_asked(db: Database) -> None:
     """A statement said in reply to a question of the other side ("Where are you based?" - "Porto, for now") is
     also found by that question (``asked``: its question sentences), with its text and message."""
     _run(db, "ALTER TABLE memories ADD COLUMN asked TEXT")
+
+
+@migrations()
+def m012_job_leases(db: Database) -> None:
+    """Jobs that ``launch.py worker`` processes claim from the queue: which worker holds one (``worker_id``) and until
+    when (``lease_until``, ISO time, renewed while the job runs; a lapsed lease fails the job). Jobs the in-process
+    runner starts leave both NULL. The index serves the claim (the oldest queued job) and the open-job checks."""
+    _run(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until TEXT;
+        CREATE INDEX idx_jobs_open ON jobs(status, id) WHERE status IN ('queued', 'running')
+        """,
+    )
