@@ -198,14 +198,15 @@ class Jobs:
     def fail_lapsed(self, now: str, error: str, job_id: int | None = None, user_id: int | None = None) -> list[int]:
         """Fail, with ``error``, every running job whose lease ended before ``now`` (of one job or one user if
         given): one statement, so a lease renewed meanwhile is kept. Their ids; their staging folders are removed."""
-        where, params = "", [utcnow(), error, now]
+        where, params = "status = 'running' AND lease_until IS NOT NULL AND lease_until < ?", [now]
         for column, value in (("id", job_id), ("user_id", user_id)):
             if value is not None:
                 where, params = f"{where} AND {column} = ?", [*params, value]
+        if not list(self.store.db.query(f"SELECT id FROM jobs WHERE {where} LIMIT 1", params)):
+            return []  # the usual case, and always without workers: no write lock taken
         with self.store.write() as db:
-            rows = list(db.query("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE status = "
-                                 f"'running' AND lease_until IS NOT NULL AND lease_until < ?{where} "
-                                 "RETURNING id, user_id", params))
+            rows = list(db.query(f"UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE {where} "
+                                 "RETURNING id, user_id", [utcnow(), error, *params]))
         for row in rows:
             remove_tree(self.store.data_dir.staging(row["user_id"], row["id"]))
         return sorted(row["id"] for row in rows)

@@ -122,6 +122,24 @@ def test_due_users_is_one_query_with_the_schedulers_rule(any_store):
     assert later.due() == []
 
 
+def test_serve_with_external_workers_only_queues_and_local_stays_the_default(store):
+    from assistant.model import ModelConfig
+    from personalize.runner import JobRunner
+    from personalize.scheduler import start_background
+
+    runner, sched = start_background(store, ModelConfig(), None, SchedulerConfig(workers="external", poll_seconds=60))
+    try:
+        alice = store.users.create("alice", "correct horse")
+        job = runner.start(alice.id, "ui")  # what "Train a new version now" does
+        assert isinstance(runner, QueueRunner) and not runner.busy() and sched.grace is None
+        assert store.jobs.load(job)["pid"] is None and store.jobs.claim_next("w1", _at(30))["id"] == job
+    finally:
+        sched.stop()
+    runner, sched = start_background(store, ModelConfig(), None, SchedulerConfig(poll_seconds=60))
+    sched.stop()
+    assert isinstance(runner, JobRunner) and sched.grace is not None
+
+
 # processes on PostgreSQL ----------------------------------------------------------------------------------
 class Procs:
     """Processes a test starts: each stopped by its PID at the end (SIGTERM, then SIGKILL)."""
