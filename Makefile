@@ -15,7 +15,7 @@ LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA
 # machine the default wheel from the registry. Override with TORCH_SPEC="torch==X".
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup serve test bench lint browser vllm test-vllm llamacpp
+.PHONY: setup serve test test-scale bench lint browser vllm test-vllm llamacpp
 
 setup: $(STAMP) $(LLAMA_STAMP)
 
@@ -82,6 +82,14 @@ serve: $(STAMP) $(LLAMA_STAMP)
 
 test: $(STAMP) $(LLAMA_STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Beyond one machine (issue 27), loopback only: the PostgreSQL job queue with worker processes, leases and the
+# scheduler's lock (tests/test_workers.py, about 1.5 minutes here; object storage and several servers join it later).
+# Needs Debian's PostgreSQL server binaries, and fails rather than skipping without them.
+test-scale: $(STAMP)
+	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || { \
+	  echo "attune: make test-scale needs PostgreSQL's server binaries: apt-get install postgresql" >&2; exit 1; }
+	$(PY) -m pytest tests/test_workers.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)

@@ -6,6 +6,7 @@
     .venv/bin/python launch.py train NAME | adapters NAME [--rollback V]
     .venv/bin/python launch.py memory rebuild NAME
     .venv/bin/python launch.py export NAME | forget NAME
+    .venv/bin/python launch.py worker --db URL [--device cuda:N]   run queued training jobs until stopped
 
 Flags that set a config field are derived from the config dataclasses (name, type, default, choices and
 the field's docstring as help), so a default has one home: the dataclass.
@@ -25,7 +26,8 @@ from dataclasses import MISSING, fields
 from functools import cache
 from pathlib import Path
 
-COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget", "backup", "restore")
+COMMANDS = ("serve", "users", "import", "train", "adapters", "memory", "export", "forget", "backup", "restore",
+            "worker")
 _TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -110,7 +112,7 @@ def _serve_parser(sub, common) -> None:
     from assistant.engines.select import ENGINES
     from assistant.engines.vllm.backend import VLLMConfig
     from assistant.server import ServerConfig
-    from personalize.scheduler import SchedulerConfig
+    from personalize.scheduler import WORKERS, SchedulerConfig
 
     s = sub.add_parser("serve", parents=[common], help="start the UI and the API (the default command)",
                        description="Start the UI at / and the OpenAI-compatible API at /v1.")
@@ -127,6 +129,7 @@ def _serve_parser(sub, common) -> None:
                    help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     config_flag(s, SchedulerConfig, "min_new_events", flag="--train-after", metavar="N")
     config_flag(s, SchedulerConfig, "min_interval_minutes", flag="--train-interval", metavar="MINUTES")
+    config_flag(s, SchedulerConfig, "workers", choices=WORKERS)
     s.add_argument("--engine", default="auto", choices=ENGINES,
                    help="who generates: auto (llama.cpp on a CPU when installed and the model is GGUF, else "
                         "transformers), llamacpp, transformers, or a vLLM server (make vllm; README)")
@@ -135,6 +138,32 @@ def _serve_parser(sub, common) -> None:
     config_flag(s, APIConfig, "max_body_bytes", flag="--api-max-body-bytes", metavar="BYTES")
     config_flag(s, APIConfig, "max_messages", flag="--api-max-messages", metavar="N")
     config_flag(s, APIConfig, "max_tokens", flag="--api-max-tokens", metavar="N")
+
+
+def _worker_parser(sub, common) -> None:
+    from assistant import model
+    from personalize.worker import WorkerConfig
+
+    w = sub.add_parser(
+        "worker", parents=[common], help="run queued training jobs until stopped (serve --workers external)",
+        description="Claim queued training jobs from the database and run each in its own process, one at a time, "
+                    "until SIGTERM or Ctrl+C. With --db postgresql://... any number of workers on any number of "
+                    "machines share the queue (each job is claimed once, FOR UPDATE SKIP LOCKED) and wake as soon as "
+                    "a job is queued (LISTEN/NOTIFY); on SQLite a worker on the same machine polls. A worker holds "
+                    "a lease on its job, renewed while the job runs: if the worker dies, the job is failed when the "
+                    "lease runs out and the user's next job can run. Start servers with --workers external so they "
+                    "only queue jobs. Without --adapter-store, workers and servers must share the data "
+                    "dir (the same --data-dir path, e.g. a network mount).")
+    config_flag(w, WorkerConfig, "device", metavar="auto|cpu|cuda|cuda:N")
+    config_flag(w, model.ModelConfig, "quant", choices=model.QUANTS)
+    config_flag(w, model.ModelConfig, "dtype", choices=model.DTYPES)
+    config_flag(w, model.ModelConfig, "threads", metavar="N")
+    w.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field for the jobs (personalize/config.py), e.g. --set epochs=2")
+    config_flag(w, WorkerConfig, "lease_seconds", metavar="SECONDS")
+    config_flag(w, WorkerConfig, "poll_seconds", metavar="SECONDS")
+    config_flag(w, WorkerConfig, "name")
+    config_flag(w, WorkerConfig, "job_module", metavar="MODULE")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -174,6 +203,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    ).add_argument("dir", type=Path)
     sub.add_parser("restore", parents=[quiet], help="restore a backup into an empty data dir").add_argument(
         "dir", type=Path)
+    _worker_parser(sub, common)
     return p, {"users": u, "memory": m}
 
 
@@ -268,6 +298,19 @@ def train(store, args: argparse.Namespace) -> None:
                                    on_progress=progress)))
 
 
+def worker(store, args: argparse.Namespace) -> None:
+    import logging
+
+    from assistant.model import ModelConfig
+    from personalize.worker import WorkerConfig, run_worker
+
+    config = config_from(args, WorkerConfig)
+    model_cfg = config_from(args, ModelConfig, device=config.model_device)
+    train_cfg = train_config(args.set)  # a bad --set fails here, before any job is claimed
+    logging.basicConfig(level=logging.INFO, format="attune worker: %(message)s")
+    run_worker(store, config, model_cfg, train_cfg)
+
+
 def adapters(store, args: argparse.Namespace) -> None:
     from personalize import api
     from storage.errors import CLI
@@ -343,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(export_user(store, store.users.by_name(args.name).id), ensure_ascii=False, indent=1))
     elif args.command == "forget":
         return forget(store, args)
+    elif args.command == "worker":
+        worker(store, args)
     elif args.command == "backup":
         from storage.backup import backup
 

@@ -1,7 +1,10 @@
 """One training job end to end, normally in its own process:
 
     python -m personalize.job --data-dir D [--db URL] [--adapter-store URL] --job-id J [--model M] [--threads T]
-        [--config JSON]
+        [--config JSON] [--worker-id W]
+
+``--worker-id``: a ``launch.py worker`` (``personalize.worker``) claimed the job and started this process for it;
+the process takes the job over instead of claiming it, and the worker holds its lease meanwhile.
 
 The job row names the user. Steps: build the user's examples, load a fresh base model, answer
 the anchor prompts once (cached), continue from the active adapter (same base model) or start a
@@ -280,9 +283,10 @@ def _to_gguf(staging: Path, base_dir: Path, phases: _Phases) -> None:
 
 
 def execute(store: Store, job_id: int, model_cfg: ModelConfig, cfg: TrainConfig,
-            on_progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Claim the job for this process, run it, and mark it failed (then re-raise) on any error."""
-    job = store.jobs.claim(job_id, os.getpid())
+            on_progress: Callable[[int, int, float], None] | None = None, worker_id: str | None = None) -> dict:
+    """Claim the job for this process (take it over from ``worker_id``, the worker that claimed it), run it, and
+    mark it failed (then re-raise) on any error."""
+    job = store.jobs.hand_over(job_id, worker_id, os.getpid()) if worker_id else store.jobs.claim(job_id, os.getpid())
     try:
         return run_job(store, job_id, model_cfg, cfg, on_progress)
     except BaseException as e:
@@ -322,6 +326,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="the serving --dtype (training on CPU always keeps float32)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", default="{}", help="TrainConfig fields as a JSON object")
+    p.add_argument("--worker-id", default=None, help="the worker that claimed the job and holds its lease")
     return p.parse_args(argv)
 
 
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = Store(args.data_dir, args.db, objects)
     try:
-        result = execute(store, args.job_id, model_cfg, cfg)
+        result = execute(store, args.job_id, model_cfg, cfg, worker_id=args.worker_id)
     except AttuneError as e:
         print(f"attune job {args.job_id}: {e}", file=sys.stderr)
         if e.__cause__ is not None:  # an unexpected error: its traceback is for the server log

@@ -78,3 +78,12 @@ class Store(StoreBase):
 
     def close(self) -> None:
         self.database.close()
+
+    def wait(self, channel: str, timeout: float) -> bool:
+        return self.database.wait(channel, timeout)
+
+    def hold_lock(self, name: str) -> bool:
+        return self.database.hold_lock(name)
+
+    def release_lock(self, name: str) -> None:
+        self.database.release_lock(name)

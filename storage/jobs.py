@@ -3,18 +3,27 @@
 A job row is the only state a training run has outside its process: progress and the loss curve
 are appended while it runs, the result (gate metrics, version) or the error when it ends.
 
+The jobs table is also the queue that ``launch.py worker`` processes share: a job queued without a pid waits for a
+worker; :meth:`Jobs.claim_next` takes the oldest one (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so claimers never
+queue behind each other; SQLite's single writer elsewhere) with a lease (``worker_id``, ``lease_until``) that
+:meth:`Jobs.renew` extends and :meth:`Jobs.fail_lapsed` ends; on PostgreSQL a trigger (p003) NOTIFYs
+:data:`QUEUE_CHANNEL` whenever a job becomes queued and :meth:`Jobs.wait_queued` wakes on it (SQLite: it sleeps).
+
 Rows and files only. Must not know processes or the scheduler's rules: whether a job's worker is
-still alive, when an open job counts as stale and when a user is due for training are decided in
-``personalize`` (``personalize.runner.fail_stale``, ``personalize.scheduler``), which read the plain
-queries here (:meth:`Jobs.open_jobs`, :meth:`Jobs.events_since`) and write back with :meth:`Jobs.fail_open`.
+still alive, when an open job counts as stale, how long a lease lasts and when a user is due for training are
+decided in ``personalize`` (``personalize.runner.fail_stale``, ``personalize.worker``, ``personalize.scheduler``),
+which read the plain queries here (:meth:`Jobs.open_jobs`, :meth:`Jobs.due_users`) and write back with
+:meth:`Jobs.fail_open` and :meth:`Jobs.fail_lapsed`.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Any
 
 from storage.common import as_int, row_or_not_found, utcnow
+from storage.config import POSTGRESQL
 from storage.errors import InputError
 from storage.paths import remove_tree
 from storage.store import StoreBase
@@ -22,6 +31,8 @@ from storage.store import StoreBase
 OPEN = ("queued", "running")
 DONE = ("published", "rejected", "failed")
 TRIGGERS = ("manual", "scheduler", "ui", "cli", "api")
+QUEUE_CHANNEL = "attune_jobs"
+"""The channel PostgreSQL's trigger (migration p003) notifies, with the job's id, when a job becomes queued."""
 
 
 def _job(row: dict) -> dict:
@@ -40,7 +51,9 @@ class Jobs:
     def create(self, user_id: int, trigger: str = "manual", pid: int | None = None) -> int:
         """Queue a job; refused while the user has another open job (check and insert in one transaction).
 
-        Open jobs whose process died are failed first by the caller (``personalize.runner.queue_job``).
+        ``pid``: the process that will run it (it then claims it with :meth:`claim`); None queues it for a worker
+        (:meth:`claim_next`). Open jobs whose process died are failed first by the caller
+        (``personalize.runner.queue_job``).
         """
         if trigger not in TRIGGERS:
             raise InputError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}.")
@@ -87,12 +100,15 @@ class Jobs:
             db.execute("UPDATE jobs SET progress = json_set(progress, '$.phase', ?) "
                        "WHERE id = ? AND status = 'running'", [phase, job_id])
 
-    def finish(self, job_id: int, status: str, result: dict | None = None, error: str | None = None) -> None:
+    def finish(self, job_id: int, status: str, result: dict | None = None, error: str | None = None) -> bool:
+        """Record how an open job ended; False, and nothing written, if it had ended already (e.g. failed when its
+        worker's lease lapsed: a late verdict must not overwrite that)."""
         if status not in DONE:
             raise InputError(f"status must be one of {', '.join(DONE)}, got {status!r}.")
         with self.store.write() as db:
-            db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
-                       [status, json.dumps(result or {}), error, utcnow(), job_id])
+            return db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? "
+                              "WHERE id = ? AND status IN ('queued', 'running')",
+                              [status, json.dumps(result or {}), error, utcnow(), job_id]).rowcount == 1
 
     def get(self, user_id: int, job_id: Any) -> dict:
         return _job(row_or_not_found(self.store.db, "SELECT * FROM jobs WHERE id = ? AND user_id = ?",
@@ -146,3 +162,74 @@ class Jobs:
             "SELECT COUNT(*) FROM feedback WHERE user_id = ? AND created_at > ?", [user_id, since]).fetchone()[0]
         return int(answers) + int(feedback)
 
+
+    # the queue that workers share ---------------------------------------------------------------------------
+    def claim_next(self, worker_id: str, lease_until: str) -> dict | None:
+        """Take the oldest job queued for a worker (no pid): running, held by ``worker_id`` until ``lease_until``;
+        the job, or None when none is queued. On PostgreSQL one statement whose ``FOR UPDATE SKIP LOCKED`` lets
+        concurrent claimers each take another row without waiting for a lock; on SQLite inside ``write()``."""
+        postgres = self.store.kind == POSTGRESQL
+        pick = "SELECT id FROM jobs WHERE status = 'queued' AND pid IS NULL ORDER BY id LIMIT 1"
+        sql = ("UPDATE jobs SET status = 'running', worker_id = ?, lease_until = ?, started_at = ? "
+               f"WHERE id = ({pick}{' FOR UPDATE SKIP LOCKED' if postgres else ''}) AND status = 'queued' "
+               "RETURNING *")
+        with nullcontext(self.store.db) if postgres else self.store.write() as db:
+            rows = list(db.query(sql, [worker_id, lease_until, utcnow()]))
+        return _job(rows[0]) if rows else None
+
+    def hand_over(self, job_id: int, worker_id: str, pid: int) -> dict:
+        """The process a worker started for its claimed job takes it over (its pid noted); InputError if the job is
+        no longer running under that worker (its lease lapsed, or its user was forgotten)."""
+        with self.store.write() as db:
+            cur = db.execute("UPDATE jobs SET pid = ? WHERE id = ? AND status = 'running' AND worker_id = ?",
+                             [pid, job_id, worker_id])
+            if cur.rowcount != 1:
+                raise InputError(f"Job {job_id} is no longer held by worker {worker_id} (its lease ran out, or its "
+                                 "user was deleted); nothing to run.")
+        return self.load(job_id)
+
+    def renew(self, job_id: int, worker_id: str, lease_until: str) -> bool:
+        """Extend the lease of a job ``worker_id`` holds; False if it no longer holds it (the job ended or failed,
+        e.g. because the lease had lapsed, or the row is gone)."""
+        with self.store.write() as db:
+            return db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running' AND worker_id = ?",
+                              [lease_until, job_id, worker_id]).rowcount == 1
+
+    def fail_lapsed(self, now: str, error: str, job_id: int | None = None, user_id: int | None = None) -> list[int]:
+        """Fail, with ``error``, every running job whose lease ended before ``now`` (of one job or one user if
+        given): one statement, so a lease renewed meanwhile is kept. Their ids; their staging folders are removed."""
+        where, params = "status = 'running' AND lease_until IS NOT NULL AND lease_until < ?", [now]
+        for column, value in (("id", job_id), ("user_id", user_id)):
+            if value is not None:
+                where, params = f"{where} AND {column} = ?", [*params, value]
+        if not list(self.store.db.query(f"SELECT id FROM jobs WHERE {where} LIMIT 1", params)):
+            return []  # the usual case, and always without workers: no write lock taken
+        with self.store.write() as db:
+            rows = list(db.query(f"UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE {where} "
+                                 "RETURNING id, user_id", [utcnow(), error, *params]))
+        for row in rows:
+            remove_tree(self.store.data_dir.staging(row["user_id"], row["id"]))
+        return sorted(row["id"] for row in rows)
+
+    def wait_queued(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a job to be queued; True when PostgreSQL said one was (LISTEN on
+        :data:`QUEUE_CHANNEL`, from the first call on). SQLite cannot say: it sleeps and returns False."""
+        return self.store.wait(QUEUE_CHANNEL, timeout)
+
+    def due_users(self, created_before: str, min_events: int) -> list[int]:
+        """Users with personalization on, no open job, no job created after ``created_before``, and at least
+        ``min_events`` assistant answers plus feedback events since their last job (ever, without one): one query,
+        the most new events first. The thresholds are the caller's rule."""
+        since = "COALESCE(prev.at, '')"
+        sql = f"""
+            SELECT id FROM (
+                SELECT u.id,
+                    (SELECT COUNT(*) FROM messages m WHERE m.user_id = u.id AND m.role = 'assistant'
+                        AND m.created_at > {since})
+                    + (SELECT COUNT(*) FROM feedback f WHERE f.user_id = u.id AND f.created_at > {since}) AS events
+                FROM users u LEFT JOIN (SELECT user_id, MAX(created_at) AS at FROM jobs GROUP BY user_id) prev
+                    ON prev.user_id = u.id
+                WHERE u.personalization != 0 AND (prev.at IS NULL OR prev.at <= ?)
+                    AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.user_id = u.id AND o.status IN ('queued', 'running'))
+            ) due WHERE events >= ? ORDER BY events DESC, id"""
+        return [row["id"] for row in self.store.db.query(sql, [created_before, min_events])]

@@ -343,3 +343,18 @@ def m012_adapter_objects(db: Database) -> None:
     whose data dir lacks it downloads and checks it on first use. NULL on versions kept only in the data dir."""
     _run(db, "ALTER TABLE adapter_versions ADD COLUMN location TEXT; "
              "ALTER TABLE adapter_versions ADD COLUMN files TEXT")
+
+
+@migrations()
+def m013_job_leases(db: Database) -> None:
+    """Jobs that ``launch.py worker`` processes claim from the queue: which worker holds one (``worker_id``) and until
+    when (``lease_until``, ISO time, renewed while the job runs; a lapsed lease fails the job). Jobs the in-process
+    runner starts leave both NULL. The index serves the claim (the oldest queued job) and the open-job checks."""
+    _run(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until TEXT;
+        CREATE INDEX idx_jobs_open ON jobs(status, id) WHERE status IN ('queued', 'running')
+        """,
+    )

@@ -1,5 +1,6 @@
 """The connection the repositories share. :class:`StoreBase` is what a repository may use (the data dir, ``db``: this
-thread's connection with the sqlite-utils calls the repositories make, ``write()``: one atomic write);
+thread's connection with the sqlite-utils calls the repositories make, ``write()``: one atomic write, ``wait()``: a
+notification, ``hold_lock()``: a lock held while the process lives);
 :class:`SQLiteStore` is it on a SQLite file: one connection per thread (WAL, durable commits, foreign keys), the
 write lock (:meth:`SQLiteStore.write`) and the migrations applied on open. The PostgreSQL one is
 ``storage.postgres.store.PostgresStore``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -53,6 +55,22 @@ class StoreBase:
     def close(self) -> None:
         """Close this thread's connection (the next use opens a new one)."""
         raise NotImplementedError
+
+    def wait(self, channel: str, timeout: float) -> bool:
+        """Block until something is announced on ``channel`` (PostgreSQL's LISTEN/NOTIFY), at most ``timeout``
+        seconds; True if it was. The first call starts listening. SQLite announces nothing: it sleeps ``timeout`` and
+        returns False, and the caller looks again (polling)."""
+        time.sleep(max(0.0, timeout))
+        return False
+
+    def hold_lock(self, name: str) -> bool:
+        """Take, or keep, the lock ``name`` for as long as this process lives (True while it is this process's).
+        One holder across every process on the database; it passes on when its holder exits or dies. On SQLite,
+        whose processes share one machine and one file, every process holds it (nothing is shared out)."""
+        return True
+
+    def release_lock(self, name: str) -> None:
+        """Give the lock ``name`` up, if this process holds it."""
 
 
 class SQLiteStore(StoreBase):

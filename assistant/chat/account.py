@@ -30,9 +30,10 @@ def stop_training(store: Store, user_id: int, timeout: float = STOP_TIMEOUT_S) -
     """SIGTERM the user's open training job processes, wait for them, SIGKILL what is left.
 
     Returns the pids that were signalled. This process is never signalled (a foreground ``train``
-    records its own pid).
+    records its own pid). A job a ``launch.py worker`` holds runs on that worker's machine, where its pid means
+    nothing here: it is left to the worker, which stops it at its next lease renewal once the row is gone.
     """
-    pids = [job["pid"] for job in store.jobs.open_jobs(user_id)]
+    pids = [job["pid"] for job in store.jobs.open_jobs(user_id) if not job.get("worker_id")]
     pids = [pid for pid in pids if pid and pid != os.getpid() and pid_alive(pid)]
     for pid in pids:
         _signal(pid, signal.SIGTERM)

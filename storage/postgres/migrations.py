@@ -12,8 +12,10 @@ PostgreSQL differs it says so here, and only here:
 - SQLite's JSON functions the repositories call (``json``, ``json_patch``, ``json_set``, ``json_insert``; the
   paths ``$.key`` and ``$[#]``) are defined as functions, and the trigger that keeps a memory's text is PL/pgSQL.
 
-Each migration runs in its own transaction under an advisory lock (two processes opening one new database at
-once apply it once); ``_attune_migrations`` records what ran.
+Later migrations follow SQLite's (``p003_adapter_objects`` is ``m012_adapter_objects``, ``p004_job_leases`` is
+``m013_job_leases`` plus the NOTIFY trigger that only PostgreSQL has). Each migration runs in its own transaction
+under an advisory lock (two processes opening one new database at once apply it once); ``_attune_migrations``
+records what ran.
 """
 
 from __future__ import annotations
@@ -199,3 +201,21 @@ def p002_one_open_job_per_user() -> str:
 def p003_adapter_objects() -> str:
     """SQLite's m012: where a version's objects are in the adapter store and what they hold (``storage.objects``)."""
     return f"ALTER TABLE adapter_versions ADD COLUMN location {TEXT}, ADD COLUMN files {TEXT}"
+
+
+@migration
+def p004_job_leases() -> str:
+    """As SQLite's m013: ``worker_id`` and ``lease_until`` for jobs ``launch.py worker`` claims, the index of open
+    jobs; and a trigger that notifies channel ``attune_jobs`` (the job's id) whenever a job becomes queued, whoever
+    writes it, so waiting workers (``LISTEN attune_jobs``) wake at once instead of polling."""
+    return f"""
+    ALTER TABLE jobs ADD COLUMN worker_id {TEXT}, ADD COLUMN lease_until {TEXT};
+    CREATE INDEX idx_jobs_open ON jobs(status, id) WHERE status IN ('queued', 'running');
+    CREATE FUNCTION attune_job_queued() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('attune_jobs', NEW.id::text);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_queued_notify AFTER INSERT OR UPDATE OF status ON jobs
+        FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION attune_job_queued();
+    """

@@ -6,10 +6,16 @@ The write lock: SQLite's ``BEGIN IMMEDIATE`` lets one writer in at a time, and t
 then insert: a user name, the next version number, the one open job). Here every outermost ``write()`` takes one
 transaction-scoped advisory lock first, so writers from every process on the database queue the same way and reads
 inside the block see everything committed before it. Reads take no lock.
+
+Two more things only a server database gives: :meth:`PostgresStore.wait` listens on a channel (LISTEN/NOTIFY, on a
+connection of its own per thread) and :meth:`PostgresStore.hold_lock` holds a named session-level advisory lock on a
+connection of its own, which PostgreSQL releases when that connection ends, so a lock whose process died passes on.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +29,11 @@ from storage.postgres import migrations
 from storage.postgres.sql import PGDatabase
 from storage.store import StoreBase
 
+log = logging.getLogger("attune.storage")
 WRITE_LOCK = 0x41747475_6E65_02  # pg_advisory_xact_lock key of write() ("Attune", 2)
+LOCK_SPACE = 0x41747475  # hold_lock(name): pg_try_advisory_lock(LOCK_SPACE, hashtext(name)) ("Attu")
 CONNECT_TIMEOUT_S = 10
+_CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
 USER_TABLES = ("users", "api_keys", "sessions", "conversations", "messages", "feedback", "memories",
                "memory_exclusions", "memory_text_exclusions", "adapter_versions", "active_adapters", "jobs",
                "replay_examples")
@@ -62,6 +71,8 @@ class PostgresStore(StoreBase):
         self.data_dir.ensure()
         self.url = url
         self._local = threading.local()
+        self._locks: dict[str, Any] = {}
+        self._locks_guard = threading.Lock()
         psycopg = _psycopg()
         try:
             migrations.apply(self.db.conn)
@@ -114,7 +125,58 @@ class PostgresStore(StoreBase):
         self.db.conn.execute(f"VACUUM {', '.join(USER_TABLES)}")
 
     def close(self) -> None:
+        """Close this thread's connections (its listening ones too); locks held with :meth:`hold_lock` stay held."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.conn.close()
             self._local.db = None
+        for conn in self._local.__dict__.pop("listeners", {}).values():
+            conn.close()
+
+    def wait(self, channel: str, timeout: float) -> bool:
+        """LISTEN on ``channel`` (from the first call, on this thread's listening connection) and wait for one
+        NOTIFY, at most ``timeout`` seconds. A lost connection is a StorageError; the next call listens anew."""
+        if not _CHANNEL.match(channel):
+            raise ValueError(f"{channel!r} is not a channel name")
+        psycopg = _psycopg()
+        listeners = self._local.__dict__.setdefault("listeners", {})
+        conn = listeners.get(channel)
+        try:
+            if conn is None or conn.closed:
+                conn = listeners[channel] = self._connect()
+                conn.execute(f"LISTEN {channel}")
+            for _ in conn.notifies(timeout=max(0.0, timeout), stop_after=1):
+                return True
+            return False
+        except psycopg.Error as e:
+            listeners.pop(channel, None)
+            conn.close()
+            raise StorageError(f"Lost the PostgreSQL connection listening for {channel} ({e}); it is opened again on "
+                               "the next wait.") from e
+
+    def hold_lock(self, name: str) -> bool:
+        """Hold the advisory lock ``name`` on a connection kept for it: True while this process has it. A holder's
+        connection is checked on each call, and the lock taken again if the server lost it (e.g. a restart)."""
+        psycopg = _psycopg()
+        with self._locks_guard:
+            conn = self._locks.get(name)
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error as e:
+                    log.warning("lost the database lock %r (%s); trying to take it again", name, e)
+                    self._locks.pop(name).close()
+            conn = self._connect()
+            got = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", [LOCK_SPACE, name]).fetchone()[0]
+            if got:
+                self._locks[name] = conn
+            else:
+                conn.close()
+            return bool(got)
+
+    def release_lock(self, name: str) -> None:
+        with self._locks_guard:
+            conn = self._locks.pop(name, None)
+        if conn is not None:
+            conn.close()  # the session ends: PostgreSQL releases its advisory locks
