@@ -83,13 +83,14 @@ serve: $(STAMP) $(LLAMA_STAMP)
 test: $(STAMP) $(LLAMA_STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Beyond one machine (issue 27), loopback only: the PostgreSQL job queue with worker processes, leases and the
-# scheduler's lock (tests/test_workers.py, about 1.5 minutes here; object storage and several servers join it later).
+# Beyond one machine (issue 27), loopback only: the Store API on PostgreSQL, the job queue with worker processes,
+# leases and the scheduler's lock, adapters in object storage (moto_server) served by a second data dir
+# (tests/test_store_api.py, test_workers.py, test_adapter_store.py: about 3 minutes here). `make test` runs them too.
 # Needs Debian's PostgreSQL server binaries, and fails rather than skipping without them.
 test-scale: $(STAMP)
 	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || { \
 	  echo "attune: make test-scale needs PostgreSQL's server binaries: apt-get install postgresql" >&2; exit 1; }
-	$(PY) -m pytest tests/test_workers.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/test_store_api.py tests/test_workers.py tests/test_adapter_store.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
