@@ -4,8 +4,9 @@ up to date with SQLite.
 SQLite (``storage.memories``) is the source of truth. Each user has their own FAISS index
 (``assistant.memory.index``) in ``<data-dir>/memory/u<id>.faiss`` with a JSON sidecar (fingerprint,
 embedder, checksum); an index that is missing, corrupt, from another embedder or stale is rebuilt or
-brought up to date from SQLite when it is loaded. An index is only a cache: a failed save is logged and
-made good on the next load.
+brought up to date from SQLite when it is loaded, and a loaded one whenever the user's rows changed behind it
+(several serving processes on one PostgreSQL, each with its own data dir: :meth:`IndexCache.slot`). An index is
+only a cache: a failed save is logged and made good on the next load.
 
 Must not know what becomes a memory or what is retrieved (``assistant.memory.policy``), nor the service's
 use cases (``assistant.memory.service``): it reads memory rows and texts, embeds them and keeps vectors.
@@ -63,7 +64,10 @@ class IndexCache:
             return self._loaded.get(user_id)
 
     def slot(self, user_id: int) -> Slot:
-        """The user's index, loaded if needed, up to date with SQLite."""
+        """The user's index, loaded if needed, up to date with the database: on every call the rows' fingerprint
+        (count, max id, sum of ids of the current memories: one aggregate over the user's index entries, 0.1 ms
+        at 100 memories and 1.3 ms at 10k on PostgreSQL) is compared with the vectors held, so memories another
+        process added, deleted, replaced or brought back are found or dropped on this process's next retrieval."""
         with self._guard:
             slot = self._loaded.get(user_id)
             if slot is not None:
@@ -72,8 +76,8 @@ class IndexCache:
             slot = self._open(user_id)
             with self._guard:
                 self._loaded[user_id] = slot
-        elif self.store.memories.max_id(user_id) != slot.index.max_id:  # added elsewhere (another process)
-            self._bring_up_to_date(user_id, slot)
+        elif self.store.memories.fingerprint(user_id).to_list() != slot.index.fingerprint():
+            self._bring_up_to_date(user_id, slot)  # changed elsewhere: another serving process, a job, the CLI
         return slot
 
     def add(self, user_id: int, slot: Slot, ids: list[int], vectors: np.ndarray) -> None:

@@ -86,6 +86,7 @@ class VectorIndex:
         self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.ids: set[int] = set()
         self._max_id = 0
+        self._id_sum = 0
         self._sample: dict[int, np.ndarray] = {}  # id -> vector: a uniform sample of at most SPREAD_SAMPLE
         self._sample_seen = 0  # vectors offered to the reservoir since it was last filled
         self._sample_matrix: np.ndarray | None = None
@@ -106,7 +107,12 @@ class VectorIndex:
         return self._max_id
 
     def id_sum(self) -> int:
-        return sum(self.ids)
+        return self._id_sum
+
+    def fingerprint(self) -> list[int]:
+        """(count, max id, sum of ids) of the vectors held, kept as they change: what
+        ``storage.memories.Memories.fingerprint`` gives for the same set of rows."""
+        return [self.ntotal, self._max_id, self._id_sum]
 
     # changes -----------------------------------------------------------------------------------
     def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
@@ -122,6 +128,7 @@ class VectorIndex:
         self.index.add_with_ids(vectors, ids)
         self.ids.update(ids.tolist())
         self._max_id = max(self._max_id, int(ids.max()))
+        self._id_sum += sum(ids.tolist())
         self._offer(ids.tolist(), vectors)
         self._reshape()
 
@@ -132,6 +139,7 @@ class VectorIndex:
             return 0
         self.index.remove_ids(np.asarray(present, dtype=np.int64))
         self.ids.difference_update(present)
+        self._id_sum -= sum(present)
         for i in present:
             if self._sample.pop(i, None) is not None:
                 self._sample_matrix = None
@@ -196,7 +204,7 @@ class VectorIndex:
         out.index, out.ids, out._sample_stale = index, set(ids), True
         if len(out.ids) != index.ntotal:
             raise ValueError("index holds duplicate ids")
-        out._max_id = max(out.ids, default=0)
+        out._max_id, out._id_sum = max(out.ids, default=0), sum(out.ids)
         return out
 
     # internals ---------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def save(index: VectorIndex, index_path: Path, embedder: str) -> None:
     """Write the index, then its sidecar, each atomically (OSError if the disk refuses)."""
     data = index.to_bytes()
     meta = {"format": FORMAT, "embedder": embedder, "dim": index.dim, "kind": index.kind,
-            "fingerprint": [index.ntotal, index.max_id, index.id_sum()], "checksum": _checksum(data)}
+            "fingerprint": index.fingerprint(), "checksum": _checksum(data)}
     atomic_write_bytes(index_path, data)
     atomic_write_bytes(sidecar(index_path), json.dumps(meta).encode())
 
