@@ -129,6 +129,7 @@ def _serve_parser(sub, common) -> None:
                    help="override a TrainConfig field for background jobs, e.g. --train-set epochs=2")
     config_flag(s, SchedulerConfig, "min_new_events", flag="--train-after", metavar="N")
     config_flag(s, SchedulerConfig, "min_interval_minutes", flag="--train-interval", metavar="MINUTES")
+    config_flag(s, SchedulerConfig, "poll_seconds", flag="--train-poll-seconds", metavar="SECONDS")
     config_flag(s, SchedulerConfig, "workers", choices=WORKERS)
     s.add_argument("--engine", default="auto", choices=ENGINES,
                    help="who generates: auto (llama.cpp on a CPU when installed and the model is GGUF, else "
@@ -281,9 +282,22 @@ def serve(store, args: argparse.Namespace) -> None:
     train_cfg = train_config(args.train_set)  # a bad --train-set fails here, before the model loads
     serve(store, model_cfg, config_from(args, ChatConfig, defaults=config_from(args, GenerationSettings)),
           config_from(args, ServerConfig), None if args.no_memory else MemoryConfig(),
-          start_personalizer=lambda: start_background(store, model_cfg, train_cfg, schedule_cfg),
+          start_personalizer=lambda: _personalizer_log() or start_background(store, model_cfg, train_cfg, schedule_cfg),
           vllm_cfg=config_from(args, VLLMConfig) if args.engine == "vllm" else None, engine=args.engine,
           llamacpp_cfg=config_from(args, LlamaCppConfig), api_cfg=config_from(args, APIConfig))
+
+
+def _personalizer_log() -> None:
+    """serve prints what its personalizer does (jobs started or queued; whether this process runs the scheduler, which
+    with several servers on one database moves to another when its holder stops) on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("attune: %(message)s"))
+    logger = logging.getLogger("attune.personalize")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def train(store, args: argparse.Namespace) -> None:

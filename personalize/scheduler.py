@@ -38,7 +38,8 @@ class SchedulerConfig:
     """When the background personalizer trains whom, and who runs the jobs."""
 
     poll_seconds: float = 30.0
-    """Seconds between two looks at the database."""
+    """Seconds between two looks at the database for due users (with several servers on one PostgreSQL, also about
+    how long the scheduler takes to move to another server when the one running it dies)."""
     min_new_events: int = 8
     """New answers + feedback events since a user's last job needed to train again."""
     min_interval_minutes: float = 30.0
