@@ -85,12 +85,13 @@ test: $(STAMP) $(LLAMA_STAMP) browser
 
 # Beyond one machine (issue 27), loopback only: the Store API on PostgreSQL, the job queue with worker processes,
 # leases and the scheduler's lock, adapters in object storage (moto_server) served by a second data dir
-# (tests/test_store_api.py, test_workers.py, test_adapter_store.py: about 3 minutes here). `make test` runs them too.
+# and two servers with two workers on one database (tests/test_store_api.py, test_workers.py, test_adapter_store.py,
+# test_scale.py: about 4-5 minutes here). `make test` runs them too.
 # Needs Debian's PostgreSQL server binaries, and fails rather than skipping without them.
 test-scale: $(STAMP)
 	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || { \
 	  echo "attune: make test-scale needs PostgreSQL's server binaries: apt-get install postgresql" >&2; exit 1; }
-	$(PY) -m pytest tests/test_store_api.py tests/test_workers.py tests/test_adapter_store.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/test_store_api.py tests/test_workers.py tests/test_adapter_store.py tests/test_scale.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)

@@ -4,7 +4,8 @@ Same arguments as the real job, the same hand-over of the job its worker claimed
 reports and a verdict in the row, but no model: it sleeps instead of training (no torch import, so a job costs a
 fraction of a second), and appends ``JOB_ID WORKER_ID PID`` to ``$FAKE_JOB_LOG`` first, so a test counts how often
 each job ran. ``$FAKE_JOB_PLAN`` (JSON) says how long each user's jobs take: ``{"alice": [30, 0.1]}`` is 30 s for
-alice's first job and 0.1 s for her later ones; users not named take ``$FAKE_JOB_SECONDS`` (default 0.2).
+alice's first job and 0.1 s for her later ones; users not named take ``$FAKE_JOB_SECONDS`` (default 0.2). The first job
+of each user named in ``$FAKE_JOB_REAL`` (comma-separated) is the real ``personalize.job``, with the same arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def main() -> int:
     p.add_argument("--worker-id", required=True)
     args, _ = p.parse_known_args()
     store = Store(args.data_dir, args.db)
+    user = store.users.by_id(store.jobs.load(args.job_id)["user_id"])
+    first = min(j["id"] for j in store.jobs.list(user.id, limit=1000)) == args.job_id
+    if first and user.name in os.environ.get("FAKE_JOB_REAL", "").split(","):
+        store.close()
+        from personalize.job import main as real_job
+
+        with open(os.environ["FAKE_JOB_LOG"], "a", encoding="utf-8") as f:
+            f.write(f"{args.job_id} {args.worker_id} {os.getpid()}\n")
+        return real_job()
     job = store.jobs.hand_over(args.job_id, args.worker_id, os.getpid())
     with open(os.environ["FAKE_JOB_LOG"], "a", encoding="utf-8") as f:
         f.write(f"{args.job_id} {args.worker_id} {os.getpid()}\n")
