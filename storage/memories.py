@@ -323,6 +323,12 @@ class Memories:
             "SELECT COALESCE(MAX(id), 0) FROM memories WHERE user_id = ? AND replaced_by IS NULL",
             [user_id]).fetchone()[0]
 
+    def epoch(self, user_id: int) -> int:
+        """A number that changes whenever any of the user's memory rows is added, changed or deleted, by any
+        process (a trigger counts them, migration m014): one primary-key read, cheap enough for every request."""
+        row = self.store.db.execute("SELECT epoch FROM memory_epochs WHERE user_id = ?", [user_id]).fetchone()
+        return int(row[0]) if row else 0
+
     def fingerprint(self, user_id: int) -> Fingerprint:
         """Count, max id and sum of ids of the user's current rows: changes whenever the set changes."""
         row = self.store.db.execute(

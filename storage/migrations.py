@@ -358,3 +358,17 @@ def m013_job_leases(db: Database) -> None:
         CREATE INDEX idx_jobs_open ON jobs(status, id) WHERE status IN ('queued', 'running')
         """,
     )
+
+
+@migrations()
+def m014_memory_epochs(db: Database) -> None:
+    """A counter per user that every insert, update or delete of one of their memory rows raises (triggers), so a
+    serving process holding the user's memory index in RAM learns with one primary-key read per retrieval whether
+    any other process (another server on the same database, a job, the CLI) changed the rows behind it. Counters
+    start when the user's memories next change; a missing row reads as 0."""
+    bump = ("INSERT INTO memory_epochs (user_id, epoch) VALUES ({who}.user_id, 1) "
+            "ON CONFLICT(user_id) DO UPDATE SET epoch = epoch + 1")
+    db.execute("CREATE TABLE memory_epochs (user_id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL DEFAULT 0)")
+    for event, who in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):  # one statement each: BEGIN ...; END
+        db.execute(f"CREATE TRIGGER memories_epoch_{event.lower()} AFTER {event} ON memories "
+                   f"BEGIN {bump.format(who=who)}; END")

@@ -139,6 +139,7 @@ def delete_user(store: Store, user_id: int) -> None:
                            "answers.") from e
     with store.write() as db:
         db.execute("DELETE FROM users WHERE id = ?", [user_id])
+        db.execute("DELETE FROM memory_epochs WHERE user_id = ?", [user_id])  # re-raised as the cascade deleted
     for path in store.data_dir.user_files(user_id):
         remove_tree(path)
     store.compact()

@@ -727,3 +727,28 @@ def test_e5_passes_over_a_memory_about_another_relative(e5_memory):
     for never in ["What's my wife's name?", "What's my brother called?"]:
         served = " ".join(h.text for h in unchecked.retrieve(user.id, never))
         assert "Arjun" not in served and "Wren" not in served, (never, served)
+
+
+def test_a_loaded_index_follows_changes_made_by_another_process_at_one_read_per_retrieval(tmp_path):
+    """Two serving processes' worth (two Stores and memory services, their own index caches) on one database: a
+    memory one adds, deletes or brings back is found or dropped by the other's next retrieval; between changes,
+    a retrieval reads only the epoch (the fingerprint aggregate is not run)."""
+    from storage.db import Store as RawStore
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a_store, b_store = RawStore(tmp_path / "a", url), RawStore(tmp_path / "b", url)
+    a, b = MemoryService(a_store), MemoryService(b_store)
+    user = a_store.users.create("eve", "long enough")
+    first = a.remember_fact(user.id, "My sister is called Ada.")
+    assert [h.id for h in b.retrieve(user.id, "sister Ada")] == [first]
+    calls = []
+    fingerprint = b_store.memories.fingerprint
+    b_store.memories.fingerprint = lambda uid: calls.append(uid) or fingerprint(uid)
+    for _ in range(3):
+        b.retrieve(user.id, "sister Ada")
+    assert calls == []  # nothing changed: one epoch read each
+    second = a.remember_fact(user.id, "My brother is called Ben.")
+    assert any(h.id == second for h in b.retrieve(user.id, "brother Ben")) and calls == [user.id]
+    a.delete(user.id, second)
+    assert all(h.id != second for h in b.retrieve(user.id, "brother Ben"))
+    a_store.close(), b_store.close()

@@ -248,7 +248,7 @@ def test_the_sqlite_default_is_untouched(tmp_path):
     assert done.returncode == 0, done.stderr
     path, kind, migrations, other_path, other_users, psycopg, pg_module = json.loads(done.stdout)
     assert (path, kind) == (str(tmp_path / "d1" / "attune.db"), "sqlite")
-    assert migrations[0] == "m001_initial" and migrations[-1] == "m013_job_leases" and len(migrations) == 12
+    assert migrations[0] == "m001_initial" and migrations[-1] == "m014_memory_epochs" and len(migrations) == 13
     assert (other_path, other_users) == (str(other), 0) and other.is_file()
     assert not (tmp_path / "d2" / "attune.db").exists()
     assert psycopg is False and pg_module is False

@@ -219,3 +219,20 @@ def p004_job_leases() -> str:
     CREATE TRIGGER jobs_queued_notify AFTER INSERT OR UPDATE OF status ON jobs
         FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION attune_job_queued();
     """
+
+
+@migration
+def p005_memory_epochs() -> str:
+    """As SQLite's m014: a per-user counter that every change to the user's memory rows raises (a trigger)."""
+    return """
+    CREATE TABLE memory_epochs (user_id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL DEFAULT 0);
+    CREATE FUNCTION attune_memory_epoch() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE who BIGINT := CASE WHEN TG_OP = 'DELETE' THEN OLD.user_id ELSE NEW.user_id END;
+    BEGIN
+        INSERT INTO memory_epochs (user_id, epoch) VALUES (who, 1)
+            ON CONFLICT (user_id) DO UPDATE SET epoch = memory_epochs.epoch + 1;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER memories_epoch AFTER INSERT OR UPDATE OR DELETE ON memories
+        FOR EACH ROW EXECUTE FUNCTION attune_memory_epoch();
+    """
