@@ -65,8 +65,9 @@ def publish_to_first_token(url: str, s3_url: str, endpoint: str, repeats: int) -
         backend.close()
         out["engines"][label] = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]} | {
             "first_adapter_ever": runs[0], "runs": runs[1:]}
-    a.close()
-    b.close()
+    for store in (a, b):
+        store.close()
+        shutil.rmtree(store.data_dir.root, ignore_errors=True)  # its models/ is a link to the bench's: kept
     return out
 
 
