@@ -24,6 +24,7 @@ from bench import (
     quality,
     quant,
     reliability,
+    scale,
     serving,
     training,
     vllm_engine,
@@ -56,6 +57,8 @@ SECTIONS = {
                     reliability.render),
     "vllm_engine": ("Engines side by side: Attune's transformers backend vs vLLM, 1/4/8 users with their own adapters",
                     vllm_engine.render),
+    "scale": ("Beyond one machine: PostgreSQL job queue and workers, adapters in S3, the shared database",
+              scale.render),
 }
 """name -> (section title, renderer), in the order of the page; ``python -m bench --only`` takes these names.
 The runner imports each module's ``run()`` by name."""
