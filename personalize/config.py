@@ -111,9 +111,11 @@ class TrainConfig:
     """Question/answer examples made from each statement the user made about themselves (0 disables). Measured
     with min_steps 60 and patience 3 against 3 / 40 / 2 (bench quality, 3 users): adapter-only recall 13/25 vs
     at most 8/25, adapter + memory 22/25 vs at most 21/25, general QA unchanged, jobs ~1.6x longer."""
-    never_told: int = 0
+    never_told: int = 8
     """Questions about things the user never mentioned (a sister, a car; personalize.facts.untold_questions),
-    answered "You haven't told me about your ...", added to each run (0 disables)."""
+    answered "You haven't told me about your ...", added to each run (0 disables). Chosen on the dev users of
+    bench adapter_passing: with 8, never-told questions got "you haven't told me" 7/15 with the adapter alone and
+    8/15 with memory (0/15 and 0/15 with none; base model 3/15), fact recall with memory 17/40 (20/40 with none)."""
     fact_weight: float = 1.0
     """Loss weight of a fact question/answer example."""
     max_facts: int = 64

@@ -394,7 +394,9 @@ def test_questions_about_things_never_told_are_answered_you_have_not_told_me(sto
     # held out ones see the user's unrelated facts, as serving would show them
     assert all("Facts the user told you earlier" in e.context[-1]["content"] for e in data.heldout
                if e.origin == "untold")
-    assert not [e for e in build_examples(store, alice.id, TrainConfig()).train if e.origin == "untold"]
+    assert not [e for e in build_examples(store, alice.id, TrainConfig(never_told=0)).train if e.origin == "untold"]
+    default = build_examples(store, alice.id, TrainConfig())
+    assert len([e for e in default.train + default.heldout if e.origin == "untold"]) == TrainConfig().never_told == 8
 
 
 def test_checkpoints_are_picked_on_their_own_half_of_the_held_out_answers():
