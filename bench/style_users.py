@@ -116,7 +116,7 @@ TEST = [
                 "keeping backyard chickens as a beginner, where to start?", "how can I cut down on sugar",
                 "what should I bring to a music festival", "how do I train for my first 10k",
                 "tips for a cosier flat?", "ways to meet people in a new city?"]),
-    StyleUser("鹏", "test", "chinese", [
+    StyleUser("peng", "test", "chinese", [
         ("手机总是发烫咋办", "别边充电边玩，把后台的应用关掉，手机壳太厚的话也摘掉。"),
         ("我家的绿萝叶子发黄了，是不是浇水太多了？", "有可能，绿萝怕积水，等土干了再浇，放在散光的地方。"),
         ("请问一下，怎样煮出好喝的绿豆汤呀", "绿豆先泡两个小时，大火煮开后转小火煮到开花，最后放冰糖。"),
