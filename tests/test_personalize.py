@@ -254,7 +254,7 @@ def test_dataset_follows_feedback_semantics_and_stays_with_its_user(store, alice
     c.add_message(bob.id, bcid, "user", "Bob's secret question")
     c.add_message(bob.id, bcid, "assistant", "Bob's secret answer")
 
-    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01))
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01, never_told=0))
     every = data.train + data.heldout
     sft = {e.message_id: e for e in every if e.kind == "sft"}
     assert set(sft) == {liked, wrong, new}  # not the disliked, retried, stopped or bob's answers
@@ -268,7 +268,7 @@ def test_dataset_follows_feedback_semantics_and_stays_with_its_user(store, alice
     assert {"role": "assistant", "content": "Tea."} in later and later[0]["role"] == "system"
     assert "Bob" not in json.dumps([e.to_dict() for e in every])
     assert len(data.heldout) >= 1 and data.train  # with 2+ answers, one is always held out
-    again = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01))
+    again = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.01, never_told=0))
     assert [e.message_id for e in again.heldout] == [e.message_id for e in data.heldout]  # deterministic
 
 
@@ -318,7 +318,8 @@ def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, 
     path = tmp_path / "h.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in convs))
     import_history(store, alice.id, path)
-    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.3, max_target_repeats=3, fact_questions=3))
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.3, max_target_repeats=3, fact_questions=3,
+                                                       never_told=0))
     every = data.train + data.heldout
     assert not [e for e in every if e.target == "Noted!"] and data.dropped["filler"] == 4
     assert sum(e.target == "Your dog is called Pixel!" for e in every) == 3 and data.dropped["repeats"] == 3
@@ -336,7 +337,7 @@ def test_filler_is_dropped_repeats_capped_and_facts_rendered_with_memory(store, 
         assert f"- {e.target.rstrip('!')}".rstrip(".") in question.split("\n\n")[0]
     assert all("Facts the user" in e.context[-1]["content"] for e in data.heldout if e.origin == "fact")
     off = build_examples(store, alice.id, TrainConfig(fact_questions=0, filler_weight=0.5, memory_fraction=0.0,
-                                                      max_target_repeats=10))
+                                                      never_told=0, max_target_repeats=10))
     assert not [e for e in off.train + off.heldout if e.origin == "fact"]
     assert [e.weight for e in off.train + off.heldout if e.target == "Noted!"] == [0.5] * 4
 
@@ -364,7 +365,8 @@ def test_a_held_out_answer_the_training_set_also_has_is_trained_on_instead(store
     path = tmp_path / "h.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in convs))
     import_history(store, alice.id, path)
-    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.5, fact_questions=0, max_target_repeats=9))
+    data = build_examples(store, alice.id, TrainConfig(heldout_fraction=0.5, fact_questions=0, max_target_repeats=9,
+                                                       never_told=0))
     held = [e.target for e in data.of("sft", heldout=True)]
     trained = {e.target for e in data.of("sft")}
     assert held and not set(held) & trained and data.dropped["heldout_duplicates"] >= 1
