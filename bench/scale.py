@@ -97,19 +97,10 @@ def services():
     """``(pg, s3)``: a PostgreSQL server and a moto S3 endpoint on loopback, with the test credentials in this
     process's environment (so workers and spawned measurements inherit them), all stopped by PID at the end."""
     from postgres import PostgresServer, find_bin
-    from s3server import CREDENTIALS, S3Server, find_moto
+    from s3server import S3Server, credentials_in_env, find_moto
 
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with PostgresServer(find_bin()) as pg, S3Server(find_moto()) as s3:
-            yield pg, s3
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with credentials_in_env(), PostgresServer(find_bin()) as pg, S3Server(find_moto()) as s3:
+        yield pg, s3
 
 
 def render(r: dict) -> str:

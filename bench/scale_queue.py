@@ -71,15 +71,11 @@ class Workers:
         return self
 
     def __exit__(self, *exc) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if str(TESTS) not in sys.path:
+            sys.path.insert(0, str(TESTS))
+        from helpers import stop_all
+
+        stop_all(self.procs, 20)
 
 
 def _seconds(a: str, b: str) -> float:
@@ -90,14 +86,6 @@ def _p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
 
 
 # jobs per hour -----------------------------------------------------------------------------------------------------
@@ -248,7 +236,7 @@ def _feeding(store, users: list[int]):
 def _kill_one(store, workers: Workers, replacement: str) -> tuple[subprocess.Popen, dict]:
     """Kill the worker of a job in progress, start ``replacement`` without waiting for it; the new process and the
     cycle's times (from the rows' timestamps and the kill's)."""
-    from helpers import wait_for
+    from helpers import alive, wait_for
     from storage.common import utcnow
 
     def victim() -> dict | None:
@@ -272,12 +260,12 @@ def _kill_one(store, workers: Workers, replacement: str) -> tuple[subprocess.Pop
 
     row, nxt = wait_for(next_claimed, timeout=120, interval=0.05, what="the killed job to fail and the next to run")
     deadline = time.monotonic() + 10
-    while _alive(job["pid"]) and time.monotonic() < deadline:
+    while alive(job["pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return new, {"job": job["id"], "status": row["status"], "error": row["error"],
                  "lapse_s": _seconds(killed_at, row["finished_at"]),
                  "next_s": _seconds(row["finished_at"], nxt["started_at"]),
-                 "total_s": _seconds(killed_at, nxt["started_at"]), "orphan": _alive(job["pid"])}
+                 "total_s": _seconds(killed_at, nxt["started_at"]), "orphan": alive(job["pid"])}
 
 
 def _tally(store, ran: Path, cycles: list[dict]) -> dict:

@@ -124,22 +124,13 @@ def pg_url(postgres_server) -> str:
 def s3_server():
     """An S3 endpoint for the whole test session (tests/s3server.py: moto_server on a free loopback port), stopped by
     PID at the end; boto3 finds its test credentials in the environment. ``make setup`` installs moto[s3]."""
-    from s3server import CREDENTIALS, S3Server, find_moto
+    from s3server import S3Server, credentials_in_env, find_moto
 
     moto = find_moto()
     if moto is None:
         pytest.fail("moto_server is not installed: run `make setup` (dev extra: moto[s3], flask, flask-cors).")
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with S3Server(moto) as server:
-            yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with credentials_in_env(), S3Server(moto) as server:
+        yield server
 
 
 @pytest.fixture

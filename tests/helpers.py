@@ -67,6 +67,30 @@ class Server:
         self.stop()
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (exists and is not a zombie waiting for its parent)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def stop_all(procs, wait: float = 15) -> None:
+    """Ask every process still running to stop (SIGTERM), then wait for each; one that does not end within
+    ``wait`` seconds is killed (SIGKILL)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

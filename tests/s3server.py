@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
@@ -19,6 +21,21 @@ from postgres import _free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "attune-test", "AWS_SECRET_ACCESS_KEY": "attune-test",
                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def credentials_in_env() -> Iterator[None]:
+    """``CREDENTIALS`` in this process's environment (so boto3 and spawned processes find them), restored after."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 _buckets = count(1)
 
 

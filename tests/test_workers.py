@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli, wait_for
+from helpers import alive, cli, stop_all, wait_for
 from personalize.runner import LEASE_ERROR, QueueRunner
 from personalize.scheduler import Scheduler, SchedulerConfig
 from storage import InputError, Store
@@ -166,28 +166,12 @@ class Procs:
         return proc
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs, 15)
 
 
 def _text(proc: subprocess.Popen) -> str:
     return proc.log.read_text(errors="replace")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
 
 
 @pytest.fixture
@@ -254,7 +238,7 @@ def test_a_killed_worker_lapses_its_job_and_the_other_carries_on(pg_store, pg_ur
     workers[holder].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     workers[holder].wait(10)
-    wait_for(lambda: not _alive(job["pid"]), timeout=10, what="the dead worker's job process to die with it")
+    wait_for(lambda: not alive(job["pid"]), timeout=10, what="the dead worker's job process to die with it")
     bobs = QueueRunner(pg_store).start(bob.id, "api")  # the other worker carries on
     wait_for(lambda: pg_store.jobs.load(bobs)["status"] == "rejected", timeout=30, what="bob's job to run")
     assert pg_store.jobs.load(bobs)["worker_id"].startswith(other + ":")
