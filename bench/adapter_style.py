@@ -218,6 +218,11 @@ def run(quick: bool = False, names: tuple[str, ...] | None = None) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _count(cond: dict, key: str) -> str:
+    """``n/probes``, or — for a run that did not count it (results from before the column existed)."""
+    return f"{cond[key]}/{cond['probes']}" if key in cond else "—"
+
+
 def render(r: dict) -> str:
     rows = ["| user | split | taught | published | style found | median words base → adapter | lists base → "
             "adapter | in Chinese base → adapter | general QA base → adapter | anchor rise | job min |",
@@ -233,7 +238,7 @@ def render(r: dict) -> str:
         rows.append(f"| {name} | {u['split']} | {u['style']} ({u['corrections']} corrections) | "
                     f"{'yes' if j['published'] else 'no'} | {found} | {b['median_words']:.0f} → "
                     f"{a['median_words']:.0f} | {b['lists']}/{b['probes']} → {a['lists']}/{a['probes']} | "
-                    f"{b.get('chinese', 0)}/{b['probes']} → {a.get('chinese', 0)}/{a['probes']} | "
+                    f"{_count(b, 'chinese')} → {_count(a, 'chinese')} | "
                     f"{b['qa_right']}/{b['qa_total']} → {a['qa_right']}/{a['qa_total']} | {rise} | {j['minutes']} |")
     sampled = ["| user | split | base right per seed | adapter right per seed | adapter - base (mean, 95% interval) |",
                "|---|---|---|---|---|"]

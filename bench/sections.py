@@ -74,13 +74,17 @@ def render(results: dict) -> str:
         if name not in results:
             continue
         r = results[name]
-        m = r["machine"]
-        out += [f"## {title}", "",
-                f"_Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory']}"
-                f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}), torch {m['packages'].get('torch')}, "
-                f"transformers {m['packages'].get('transformers')}, commit {m.get('commit')}._", "",
-                renderer(r), ""]
+        out += [f"## {title}", "", measured(r["machine"]), "", renderer(r), ""]
+        for extra in r.get("also", []):  # a run of part of the section on its own (kept until the next full run)
+            out += [f"### Also: {extra['label']}", "", measured(extra["machine"]), "", renderer(extra), ""]
     return "\n".join(out)
+
+
+def measured(m: dict) -> str:
+    """The line saying where and when a run was measured."""
+    return (f"_Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory']}"
+            f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}), torch {m['packages'].get('torch')}, "
+            f"transformers {m['packages'].get('transformers')}, commit {m.get('commit')}._")
 
 
 def write(results: dict) -> None:
