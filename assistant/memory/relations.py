@@ -96,5 +96,12 @@ def _compatible(a: tuple[str, str | None], b: tuple[str, str | None]) -> bool:
 def other_relatives(question: str, memory: str) -> bool:
     """Whether the question asks about relatives and the memory names relatives, none of them those asked about
     ("my wife" asked, "my daughter" told). False when either names none."""
-    asked, told = roles(question), roles(memory)
-    return bool(asked and told) and not any(_compatible(a, t) for a in asked for t in told)
+    return names_others(roles(question), memory)
+
+
+def names_others(asked: set[tuple[str, str | None]], memory: str) -> bool:
+    """:func:`other_relatives` with the question's roles read once (``roles(question)``) for many memories."""
+    if not asked:
+        return False
+    told = roles(memory)
+    return bool(told) and not any(_compatible(a, t) for a in asked for t in told)

@@ -45,7 +45,7 @@ from assistant.memory.policy import (
     superseded,
     topic_update,
 )
-from assistant.memory.relations import other_relatives
+from assistant.memory.relations import names_others, roles
 from assistant.memory.text import NEUTRAL_STATEMENTS, facts_block, overlap, personal, topic
 from storage.chats import clean_text
 from storage.db import Store
@@ -253,8 +253,9 @@ class MemoryService:
             origin = self.store.memories.conversations_of(user_id, [i for i, _ in found if i in rows])
             found = [(i, s) for i, s in found if origin.get(i, (None,))[0] != exclude_conversation]
         found = [(i, s) for i, s in found if i in rows]
+        asked = roles(query)  # read once; most questions name no relative, and then no memory is read for it
         facts = [(i, s) for i, s in found if rows[i].cue is None and s >= rel.min_score
-                 and not other_relatives(query, rows[i].text)]
+                 and not names_others(asked, rows[i].text)]
         if facts and not relevant(facts[0][1], self._baseline(vector), personal(query), rel, spread):
             facts = []
         answers = [(i, s) for i, s in found if rows[i].cue is not None and s >= rel.answer_min_score]
