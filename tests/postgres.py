@@ -40,7 +40,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class PostgresServer:
+class Service:
+    """A server a test starts: ``with X(...) as server`` starts it, and stops it (by PID) on the way out, also when
+    starting failed half-way. Subclasses give ``start()`` (returning self) and ``stop()``."""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PostgresServer(Service):
     """``with PostgresServer(bin_dir) as pg: url = pg.new_database()``."""
 
     def __init__(self, bin_dir: Path):
@@ -111,15 +126,6 @@ class PostgresServer:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _alive(pid: int) -> bool:

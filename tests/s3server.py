@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
-from postgres import _free_port
+from postgres import Service, _free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "attune-test", "AWS_SECRET_ACCESS_KEY": "attune-test",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -45,7 +45,7 @@ def find_moto() -> str | None:
     return str(here) if here.is_file() else shutil.which("moto_server")
 
 
-class S3Server:
+class S3Server(Service):
     """``with S3Server(moto) as s3: url = s3.new_bucket()`` (``s3://BUCKET/adapters``); ``s3.endpoint``."""
 
     def __init__(self, moto: str):
@@ -95,13 +95,3 @@ class S3Server:
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-
-    def __enter__(self) -> S3Server:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
