@@ -19,6 +19,8 @@ import time
 from itertools import count
 from pathlib import Path
 
+from helpers import alive
+
 USER = "attune"
 _numbers = count(1)
 
@@ -119,18 +121,10 @@ class PostgresServer(Service):
                 subprocess.run([*self._as, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
                                 "-w", "stop"], capture_output=True, timeout=60)
                 deadline = time.monotonic() + 10
-                while _alive(self.pid) and time.monotonic() < deadline:
+                while alive(self.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if _alive(self.pid):
+                if alive(self.pid):
                     os.kill(self.pid, signal.SIGKILL)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

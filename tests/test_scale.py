@@ -21,9 +21,9 @@ import httpx
 import openai
 import pytest
 from test_memory import make_service
-from test_workers import FAKE, Procs, _alive, _answers
+from test_workers import FAKE, Procs, _answers
 
-from helpers import Server, cli, wait_for
+from helpers import Server, alive, cli, wait_for
 from personalize.runner import LEASE_ERROR, QueueRunner
 from storage import InputError, Store
 
@@ -139,7 +139,7 @@ def cluster(tmp_path_factory, postgres_server, s3_server, tiny_model_dir):
     finally:
         pids = c.pids()
         c.stop()
-        assert not [pid for pid in pids if _alive(pid)]  # every process stopped by its PID
+        assert not [pid for pid in pids if alive(pid)]  # every process stopped by its PID
 
 
 def _ran(cluster: Cluster) -> list[int]:
