@@ -89,10 +89,33 @@ def build_app(chat: ChatService, allow_signup: bool = True, runner=None, train_a
 
     ui = ChatUI(chat, auth, UIConfig(train_after=train_after if runner is not None else None), runner=runner)
     app.state.ui = ui
+    blocks = build_layout(ui)
+    quiet_queue(blocks)
     # Routes must be registered before Gradio is mounted at "/".
-    return gr.mount_gradio_app(app, build_layout(ui), path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
+    return gr.mount_gradio_app(app, blocks, path="/", theme=theme(), css=CSS, js=JS, i18n=ui.i18n,
                                ssr_mode=False, footer_links=[], show_error=True, auth_dependency=auth.dependency,
                                max_file_size=1)
+
+
+QUEUE_POLL_S = 0.02
+"""How often Gradio's event queue looks for new UI events, and for progress to send, while it has none."""
+
+
+def quiet_queue(blocks) -> None:
+    """Gradio's event queue polls every 1 ms for new events and every 10 ms for progress (its Linux defaults): over a
+    thousand wake-ups a second of the event loop, even with nobody in the UI. On a small CPU each one takes a core
+    from the engine's decode threads, which run in lockstep on every core (llama.cpp): an answer through the API
+    decoded measurably slower for it (BENCHMARKS.md, "Speed through the API"). Polling every ``QUEUE_POLL_S``
+    instead starts a UI event at most that much later. A Gradio without these settings is served as it is, with a
+    warning (tests/test_api.py checks they are set)."""
+    queue = getattr(blocks, "_queue", None)
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        value = getattr(queue, name, None)
+        if not isinstance(value, int | float):
+            log.warning("Gradio's queue has no %s setting: it polls at its own rate (update assistant.server."
+                        "quiet_queue for this Gradio version)", name)
+            continue
+        setattr(queue, name, max(value, QUEUE_POLL_S))
 
 
 class _Guard:

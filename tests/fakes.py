@@ -70,9 +70,11 @@ class FakeBackend(ChatBackend):
     with nothing queued, it answers ``DEFAULT_ANSWER``. ``fail`` scripts an error instead of an answer.
     Adapters come as references resolved by ChatService: give a user one with :func:`activate_version`."""
 
-    def __init__(self, name: str = "fake-model", context_tokens: int = 4096):
+    def __init__(self, name: str = "fake-model", context_tokens: int = 4096, piece_seconds: float = 0.0):
         self.name = name
         self.context_tokens = context_tokens
+        self.piece_seconds = piece_seconds
+        """Time each piece takes to "decode" (0: instant), for tests of what happens while an answer streams."""
         self.tokenizer = CharTokenizer()
         self.calls: list[FakeCall] = []
         self._script: deque[list[str] | BaseException] = deque()
@@ -116,6 +118,7 @@ class FakeBackend(ChatBackend):
                 if stats.ttft_ms is None:
                     stats.ttft_ms = (time.monotonic() - started) * 1000
                 stats.completion_tokens += 1
+                time.sleep(self.piece_seconds)
                 yield piece
             if stop.is_set():
                 stats.finish_reason = "cancelled"

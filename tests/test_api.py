@@ -133,6 +133,58 @@ def test_length_limit_is_reported(fapi):
         "index": 0, "message": {"role": "assistant", "content": "ab"}, "finish_reason": "length"}
 
 
+def test_a_streamed_answer_arrives_as_decoded_and_a_client_that_leaves_stops_it(store, tmp_path):
+    """Through a real uvicorn: the first words reach the client while the rest is still being decoded, and closing
+    the connection mid-answer stops the engine; the answer so far is stored as stopped."""
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from assistant.api.routes import build_router
+    from assistant.chat.service import ChatConfig, ChatService
+    from assistant.engines.base import GenerationSettings
+    from fakes import FakeBackend
+    from helpers import free_port, wait_for
+
+    fake = FakeBackend(piece_seconds=0.02).enqueue([f"w{i} " for i in range(300)])  # 6 s in all
+    chat = ChatService(store, fake, ChatConfig(defaults=GenerationSettings(max_new_tokens=400, temperature=0)))
+    app = FastAPI()
+    app.include_router(build_router(chat))
+    key = store.users.new_api_key(store.users.create("alice", "correct horse").id)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30)
+    try:
+        started, seen = time.monotonic(), ""
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"messages": [{"role": "user", "content": "Count"}], "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    seen += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                if len(seen.split()) >= 5:
+                    break
+        first_words = time.monotonic() - started
+        assert seen.startswith("w0 w1 w2 w3 w4") and first_words < 3, first_words  # not held until the end
+
+        def stored():
+            return store.db.execute("SELECT status, content, completion_tokens FROM messages "
+                                    "WHERE role = 'assistant'").fetchall()
+
+        wait_for(lambda: stored(), 10)
+        (status, content, tokens), = stored()
+        assert status == "stopped" and content.startswith(seen) and tokens < 200
+        assert time.monotonic() - started < 5  # stopped, not decoded to the end (6 s)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        chat.shutdown()
+
+
 def test_a_failed_generation_is_500_and_logged(fapi):
     fapi.fake.fail(RuntimeError("CUDA out of memory"))
     r = post(fapi, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
@@ -367,3 +419,16 @@ def test_models_lists_the_base_model(fapi):
 def test_models_lists_the_live_model(api):
     models = client(api).models.list()
     assert [m.id for m in models.data]
+
+
+def test_the_ui_queue_does_not_wake_the_server_every_millisecond(store):
+    """Gradio's queue polls every 1 ms by default, which slows every answer on a small CPU (assistant.server
+    .quiet_queue); a Gradio upgrade that renames its settings must fail here, not slow answers unnoticed."""
+    from assistant.chat.service import ChatService
+    from assistant.server import QUEUE_POLL_S, build_app
+    from fakes import FakeBackend
+
+    app = build_app(ChatService(store, FakeBackend()))
+    blocks = next(r.app.get_blocks() for r in app.routes if hasattr(getattr(r, "app", None), "get_blocks"))
+    assert blocks._queue.sleep_when_free >= QUEUE_POLL_S
+    assert blocks._queue.progress_update_sleep_when_free >= QUEUE_POLL_S

@@ -6,11 +6,12 @@ This module holds the handlers; the wire shapes (parsing, bodies, errors) are in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -96,11 +97,12 @@ class ChatAPI:
         created, model = int(time.time()), self.chat.backend.name
         if not req.stream:
             return await self._complete(user_id, req, created, model)
+        stop = threading.Event()
         try:
-            stream = await _in_thread(lambda: _primed(self._generate(user_id, req)))
+            stream = await _in_thread(lambda: _primed(self._generate(user_id, req, stop)))
         except AttuneError as e:
             return error_for(e)
-        return StreamingResponse(_events(stream, created, model), media_type="text/event-stream",
+        return StreamingResponse(_pumped(_events(stream, created, model), stop), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def feedback(self, request: Request):
@@ -146,10 +148,10 @@ class ChatAPI:
             return error(500, turn.error or "Generation failed.", "server_error")
         return protocol.completion(turn, created, model)
 
-    def _generate(self, user_id: int, req: ChatRequest) -> Iterator[Turn]:
+    def _generate(self, user_id: int, req: ChatRequest, stop: threading.Event | None = None) -> Iterator[Turn]:
         cid = self.chat.post_messages(user_id, req.conversation_id, req.messages, source="api")
-        return self.chat.answer(user_id, cid, TurnOptions(req.settings, source="api", use_adapter=req.use_adapter,
-                                                          use_memory=req.use_memory))
+        return self.chat.answer(user_id, cid, TurnOptions(req.settings, stop, source="api",
+                                                          use_adapter=req.use_adapter, use_memory=req.use_memory))
 
 
 def build_router(chat: ChatService, config: APIConfig | None = None) -> APIRouter:
@@ -199,6 +201,50 @@ def _events(stream: Iterator[Turn], created: int, model: str) -> Iterator[str]:
         yield protocol.chunk(chunk_id, created, model, fp, {}, protocol.finish_reason(turn),
                              {"attune": protocol.attune_info(turn), "usage": protocol.usage(turn)})
     yield protocol.SSE_DONE
+
+
+async def _pumped(events: Iterator[str], stop: threading.Event) -> AsyncIterator[str]:
+    """The events of a streamed answer, produced on a thread of their own and handed to the event loop as they
+    come: one hand-off per event, not a thread-pool round trip per ``next()`` (what a plain iterator given to
+    StreamingResponse costs), and whatever piled up while the client was being written to goes out as one write.
+    A client that goes away sets ``stop``: the engine ends the answer, stored as stopped with what it has."""
+    loop, ready = asyncio.get_running_loop(), asyncio.Queue()
+    gone = threading.Event()
+
+    def hand(item) -> None:
+        if gone.is_set():
+            return  # the answer ends (stop is set) and is stored by the stream itself
+        try:
+            loop.call_soon_threadsafe(ready.put_nowait, item)
+        except RuntimeError:  # the event loop closed under us (the server is going away): end the answer
+            gone.set()
+            stop.set()
+
+    def pump():
+        try:
+            for event in events:
+                hand(event)
+        except Exception as e:  # raised in the response (logged, the connection closed) as any handler error is
+            hand(e)
+        hand(None)
+
+    threading.Thread(target=pump, name="attune-sse", daemon=True).start()
+    try:
+        while True:
+            parts = [await ready.get()]
+            while not ready.empty() and parts[-1] is not None and not isinstance(parts[-1], Exception):
+                parts.append(ready.get_nowait())
+            end = parts[-1] is None or isinstance(parts[-1], Exception)
+            text = "".join(parts[:-1] if end else parts)
+            if text:
+                yield text
+            if isinstance(parts[-1], Exception):
+                raise parts[-1]
+            if end:
+                return
+    finally:
+        gone.set()
+        stop.set()
 
 
 def _primed(stream: Iterator[Turn]) -> Iterator[Turn]:
