@@ -125,7 +125,7 @@ class Adapters:
         renamed: Path | None = None
         try:
             with self.store.write() as db:
-                version = self._check_user_and_number(db, user_id)
+                version = self._check_user_and_number(db, user_id, record["job_id"])
                 final = self.store.data_dir.adapters(user_id) / f"v{version}"
                 if final.exists():  # left by a crash between rename and COMMIT: no row points at it
                     remove_tree(final)
@@ -154,7 +154,7 @@ class Adapters:
             atomic_write_bytes(staging / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
             files = remote.upload(staging)
             with self.store.write() as db:
-                if self._check_user_and_number(db, user_id) != version:
+                if self._check_user_and_number(db, user_id, record["job_id"]) != version:
                     raise StorageError(f"Another process recorded version {version} of this user while it was "
                                        "uploaded; nothing was published. Train again.")
                 publish_dir(staging, final)
@@ -167,11 +167,24 @@ class Adapters:
             raise
         return version
 
-    def _check_user_and_number(self, db, user_id: int) -> int:
-        """Inside a write: the user still exists (NotFound if forgotten meanwhile); the next version number."""
+    def _check_user_and_number(self, db, user_id: int, job_id: int | None) -> int:
+        """Inside a write: the user still exists (NotFound if forgotten meanwhile) and the job publishing is still
+        theirs to finish (:meth:`_check_job`); the next version number."""
         if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
             raise NotFound(f"User {user_id} no longer exists (forgotten while training); nothing was published.")
+        if job_id is not None:
+            self._check_job(db, job_id)
         return self.next_version(user_id)
+
+    @staticmethod
+    def _check_job(db, job_id: int) -> None:
+        """The job is still running and, when a worker holds it, its lease has not run out. A job failed meanwhile
+        (its worker's lease lapsed, so another job of the user may run now; or it was stopped) publishes nothing."""
+        lost = db.execute("SELECT 1 FROM jobs WHERE id = ? AND (status <> 'running' OR lease_until < ?)",
+                          [job_id, utcnow()]).fetchone()
+        if lost:
+            raise StorageError(f"Job {job_id} is no longer running (its worker's lease ran out, or it was stopped), so "
+                               "its adapter was not published; the user's active version is unchanged. Train again.")
 
     def _insert_active(self, db, record: dict, final: Path) -> None:
         db["adapter_versions"].insert({**record, "metrics": json.dumps(record["metrics"]),

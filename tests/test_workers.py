@@ -27,7 +27,7 @@ import pytest
 from helpers import alive, cli, stop_all, wait_for
 from personalize.runner import LEASE_ERROR, QueueRunner
 from personalize.scheduler import Scheduler, SchedulerConfig
-from storage import InputError, Store
+from storage import InputError, StorageError, Store
 from storage.common import utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,34 @@ def test_the_queue_claims_once_renews_and_lapses(any_store):
     assert jobs.load(mine)["status"] == "failed"
     assert jobs.claim_next("w1", _at(30)) is None and jobs.create(alice.id) > mine  # the user is free again
     assert jobs.wait_queued(0) in (True, False)  # listening (PostgreSQL) or a no-op sleep (SQLite)
+
+
+def test_a_job_whose_lease_ran_out_publishes_nothing(any_store):
+    """A worker cut off from the database past its lease may still reach publish: its job has been (or is about to
+    be) failed and another job of the user may run, so that adapter must not become the user's version."""
+    from fakes import write_stand_in_adapter
+
+    jobs, alice = any_store.jobs, any_store.users.create("alice", "correct horse")
+
+    def publish(job_id: int) -> int:
+        staging = any_store.data_dir.staging(alice.id, job_id)
+        write_stand_in_adapter(staging)
+        return any_store.adapters.publish(alice.id, staging, base_model="fake", metrics={}, gate_reason="ok",
+                                          parent_version=None, job_id=job_id)
+
+    first = jobs.create(alice.id, "api")
+    jobs.claim_next("w1", _at(30))
+    assert publish(first) == 1 and jobs.finish(first, "published")  # a live lease publishes
+    lapsed = jobs.create(alice.id, "api")
+    jobs.claim_next("w1", _at(-1))  # its lease ended a second ago; nobody has failed the job yet
+    with pytest.raises(StorageError, match=f"Job {lapsed} is no longer running .* not published"):
+        publish(lapsed)
+    assert jobs.fail_lapsed(utcnow(), "gone") == [lapsed]
+    with pytest.raises(StorageError, match="no longer running"):
+        publish(lapsed)  # failed by the lease: still nothing
+    assert [v["version"] for v in any_store.adapters.list(alice.id)] == [1]
+    assert any_store.adapters.active_version(alice.id) == 1
+    assert not [p for p in any_store.data_dir.adapters(alice.id).iterdir() if p.name.startswith("v2")]
 
 
 def test_concurrent_claimers_take_each_job_once(any_store):
