@@ -248,6 +248,49 @@ def test_a_request_arriving_mid_turn_is_let_in_before_the_turn_ends(world):
     assert len(backend.slots) == len(busy) + 1
 
 
+def test_a_long_newcomer_prompt_is_prefilled_in_chunks_between_the_others_tokens(world):
+    """A 1,500-token prompt arriving while another answer decodes is prefilled ``prefill_chunk`` tokens at a time,
+    the other answer getting its next token between chunks, instead of waiting out the whole prefill; the newcomer's
+    answer is the one it gets alone."""
+    from assistant.model import embedded_gguf
+
+    tok = world["tok"]
+    notes = " ".join(f"Note {i}: the {c} box holds {i * 7} marbles." for i, c in
+                     enumerate(["red", "green", "blue", "yellow", "white", "black"] * 20))
+    long_ids = _ids(tok, notes + " How many marbles are in the blue boxes?")
+    assert 1400 < len(long_ids) < 1900
+    quick = GenerationSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    story = _ids(tok, "Write a long story about a lighthouse.")
+    busy_settings = GenerationSettings(max_new_tokens=400, temperature=0, repetition_penalty=1.0)
+
+    def others_tokens_during_prefill(chunk: int) -> tuple[int, str]:
+        backend = LlamaCppBackend(embedded_gguf(), world["model_dir"], "smol",
+                                  LlamaCppConfig(parallel=1, prefill_chunk=chunk))
+        log, token = [], backend._token
+        backend._token = lambda req, t: (log.append((req, time.monotonic())), token(req, t))
+        busy = threading.Thread(target=_answer, args=(backend, story, None, busy_settings))
+        busy.start()
+        deadline = time.monotonic() + 60
+        while len(log) < 5 and time.monotonic() < deadline:  # the story is decoding
+            time.sleep(0.01)
+        decoding = {id(r) for r, _ in log}
+        arrived = time.monotonic()
+        text = _answer(backend, long_ids, None, quick)[0]
+        first = next(t for r, t in log if id(r) not in decoding and t >= arrived)
+        during = sum(1 for r, t in log if id(r) in decoding and arrived <= t < first)
+        for slot in backend.slots:
+            if slot.req is not None:
+                slot.req.stop.set()
+        busy.join()
+        backend.close()
+        return during, text
+
+    chunked, text = others_tokens_during_prefill(128)
+    whole, alone = others_tokens_during_prefill(4096)  # one pass of prefill_tokens after another: not interleaved
+    assert chunked >= 6 and whole <= 2, (chunked, whole)
+    assert text == alone and text.strip()
+
+
 def test_an_adapter_published_without_gguf_is_converted_on_first_use(world):
     served, tok = world["served"], world["tok"]
     path = _adapter(world["model_dir"], world["tmp"] / "u3" / "v1", seed=3)

@@ -54,6 +54,10 @@ class LlamaCppConfig:
     """Adapters kept loaded (the least recently used unpinned ones are freed first)."""
     prefill_tokens: int = 512
     """Prompt tokens per ``llama_decode`` call while prefilling."""
+    prefill_chunk: int = 256
+    """Prompt tokens a newcomer prefills per round while other answers decode (each of them gets its next token
+    between two chunks): a long prompt delays the others by one chunk's time at a time, not by its whole prefill
+    (BENCHMARKS.md, "A long newcomer prompt"). Alone, a prompt is prefilled ``prefill_tokens`` at a time."""
     admit_every: int = 4
     """Busy slots decoded between two looks at the queue: a request that arrives during a turn is prefilled after
     at most this many other tokens, not after the whole turn (16 busy slots are ~130 ms a turn here)."""
@@ -70,7 +74,7 @@ class LlamaCppConfig:
     def __post_init__(self):
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
-        counts = ("slots", "max_loaded", "prefill_tokens", "admit_every")
+        counts = ("slots", "max_loaded", "prefill_tokens", "prefill_chunk", "admit_every")
         for name in counts + (("parallel",) if self.parallel is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -115,6 +119,8 @@ class _Slot:
     req: Request | None = None
     pending: int | None = None
     """The last sampled token, decoded at this slot's next turn."""
+    prompt: list[int] = field(default_factory=list)
+    """Prompt tokens still to prefill (a chunk per round while others decode); the first token is sampled after."""
     seen: object = None
     """Which tokens the slot has seen (prompt and answer): a bool tensor [1, vocab] for the repetition penalty."""
     rng: object = None
@@ -212,16 +218,18 @@ class LlamaCppBackend(QueuedBackend):
         llama.cpp's OpenMP build gives each calling thread its own thread team, and once libgomp manages more
         threads than cores it stops spin-waiting, which slowed a lone user from 104 to 80 tok/s after the first
         parallel turn when this worker also decoded."""
+        chunk = self._chunk(len(busy) > 1)
         if self.parallel == 1 or len(busy) < 2:
             for slot in busy:
                 self._threads(slot, self.threads)
-            self._lanes[0].submit(lambda: [self._step(slot) for slot in busy]).result()
+            self._lanes[0].submit(lambda: [self._step(slot, chunk) for slot in busy]).result()
             return
         groups = [busy[i::self.parallel] for i in range(min(self.parallel, len(busy)))]
         for group in groups:
             for slot in group:
                 self._threads(slot, max(1, self.threads // len(groups)))
-        for job in [lane.submit(lambda g=g: [self._step(slot) for slot in g]) for lane, g in zip(self._lanes, groups)]:
+        for job in [lane.submit(lambda g=g: [self._step(slot, chunk) for slot in g])
+                    for lane, g in zip(self._lanes, groups)]:
             job.result()
 
     def _threads(self, slot: _Slot, n: int) -> None:
@@ -289,8 +297,10 @@ class LlamaCppBackend(QueuedBackend):
         return LlamaContext(model=self.model, params=params, verbose=False)
 
     def _start(self, slot: _Slot, req: Request) -> bool | None:
-        """Set the request's adapter on the slot, prefill what its KV cache lacks, sample the first token. False:
-        the adapter's GGUF was damaged and is being written again from the peft files (the request waits)."""
+        """Set the request's adapter on the slot, keep what its KV cache shares with the prompt and prefill the
+        rest, its first chunk now (``_step`` prefills the next ones between the others' tokens), sampling the
+        first token once it is all in. False: the adapter's GGUF was damaged and is being written again from the
+        peft files (the request waits)."""
         try:
             name = self._acquire(req.adapter)
         except _StaleGGUF:
@@ -316,17 +326,17 @@ class LlamaCppBackend(QueuedBackend):
             if not self._llama.llama_memory_seq_rm(slot.ctx.memory, 0, keep, -1):
                 self._llama.llama_memory_clear(slot.ctx.memory, True)
                 keep = 0
-            slot.tokens = list(req.prompt_ids[:keep])
-            rest = req.prompt_ids[keep:]
-            for i in range(0, len(rest), self.config.prefill_tokens):
-                self._decode(slot, rest[i:i + self.config.prefill_tokens])
-            self._emit(slot, self._sample(slot))
+            slot.tokens, slot.prompt = list(req.prompt_ids[:keep]), list(req.prompt_ids[keep:])
+            token = self._prefill(slot, self._chunk(any(s.req for s in self.slots if s is not slot)))
+            if token is not None:  # the whole prompt in this first chunk: its first token now, as it arrived
+                self._emit(slot, token)
         except BaseException as e:  # that request learns why; the slot starts clean next time
             self._fail(slot, e)
 
-    def _step(self, slot: _Slot) -> None:
-        """Decode the slot's last token and sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping
-        under the lock)."""
+    def _step(self, slot: _Slot, chunk: int) -> None:
+        """Prefill the next ``chunk`` tokens of the slot's prompt (sampling the first token after the last chunk), or
+        decode its last token and sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping under the
+        lock)."""
         req = slot.req
         if req.stop.is_set() or req.finished or len(slot.tokens) + 1 >= self.context_tokens:
             with self._lock:
@@ -335,14 +345,32 @@ class LlamaCppBackend(QueuedBackend):
                 self._release(slot)
             return
         try:
-            self._decode(slot, [slot.pending])
-            token = self._sample(slot)
+            if slot.prompt:
+                token = self._prefill(slot, chunk)
+                if token is None:
+                    return
+            else:
+                self._decode(slot, [slot.pending])
+                token = self._sample(slot)
         except BaseException as e:
             with self._lock:
                 self._fail(slot, e)
             return
         with self._lock:
             self._emit(slot, token)
+
+    def _chunk(self, others_busy: bool) -> int:
+        """Prompt tokens to prefill this round: ``prefill_chunk`` while other answers decode, else all of it."""
+        return self.config.prefill_chunk if others_busy else self.context_tokens
+
+    def _prefill(self, slot: _Slot, chunk: int) -> int | None:
+        """Prefill up to ``chunk`` more prompt tokens (``prefill_tokens`` per llama.cpp call); the first token of
+        the answer once the prompt is all in, else None."""
+        while slot.prompt and chunk > 0:
+            n = min(chunk, self.config.prefill_tokens)
+            self._decode(slot, slot.prompt[:n])
+            slot.prompt, chunk = slot.prompt[n:], chunk - n
+        return None if slot.prompt else self._sample(slot)
 
     def _emit(self, slot: _Slot, token: int) -> None:
         slot.seen[0, token] = True
@@ -352,7 +380,7 @@ class LlamaCppBackend(QueuedBackend):
             self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
-        req, slot.req, slot.pending = slot.req, None, None
+        req, slot.req, slot.pending, slot.prompt = slot.req, None, None, []
         self._finish(req)
         self._unpin(req.adapter.name if req.adapter else None)
 
