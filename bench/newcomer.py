@@ -1,8 +1,8 @@
 """A long newcomer prompt on the llama.cpp engine: how long the answers already decoding wait for their next token.
 
 Four answers decode (the embedded model, greedy); a fifth request arrives with a prompt of about 2,000 tokens. Its
-prefill either runs in one go (the engine before chunked prefill; ``prefill_chunk`` larger than the prompt) or
-``LlamaCppConfig.prefill_chunk`` tokens at a time, the others getting a token between chunks (the default). Measured:
+prefill either runs in one go (the engine before: all its ``prefill_tokens`` calls in a row) or one call per round
+(the engine now), the others getting a token between calls. Measured:
 the longest wait of a decoding answer for its next token while the newcomer prefills, against their usual gap
 between tokens, and the newcomer's time to first token."""
 
@@ -24,10 +24,9 @@ def run(quick: bool = False) -> dict:
 
     if not available():
         return {"skipped": "llama-cpp-python is not installed (make setup builds it)"}
-    default = LlamaCppConfig().prefill_chunk
-    out = {"busy": BUSY, "newcomers": 1 if quick else NEWCOMERS, "chunk": default}
-    for name, chunk in (("whole", 1 << 16), ("chunked", default)):
-        out[name] = _measure(chunk, out["newcomers"])
+    out = {"busy": BUSY, "newcomers": 1 if quick else NEWCOMERS, "call_tokens": LlamaCppConfig().prefill_tokens}
+    for name in ("whole", "chunked"):
+        out[name] = _measure(name == "whole", out["newcomers"])
     return out
 
 
@@ -48,15 +47,19 @@ def _prompt(tok, target: int, k: int) -> list[int]:
             return ids
 
 
-def _measure(chunk: int, newcomers: int) -> dict:
+def _measure(whole: bool, newcomers: int) -> dict:
     from assistant.engines.base import GenerationSettings, StreamStats
     from assistant.engines.llamacpp.backend import LlamaCppBackend, LlamaCppConfig
     from assistant.model import embedded_gguf, resolve_model_dir
     from bench.common import fresh_data_dir
 
+    class Whole(LlamaCppBackend):  # the engine before: a newcomer's whole prompt prefilled at once
+        def _chunk(self, slot, others_busy):
+            return len(slot.prompt)
+
     data = fresh_data_dir("attune-newcomer-")
-    backend = LlamaCppBackend(embedded_gguf(), resolve_model_dir("embedded", data), "smol",
-                              LlamaCppConfig(prefill_chunk=chunk), context_tokens=2048)
+    backend = (Whole if whole else LlamaCppBackend)(embedded_gguf(), resolve_model_dir("embedded", data), "smol",
+                                                    LlamaCppConfig(), context_tokens=2048)
     tok = backend.tokenizer
     log: list[tuple[object, float]] = []
     token = backend._token
@@ -117,8 +120,8 @@ def render(r: dict) -> str:
     rows = [[label, r[k]["prompt_tokens"], r[k]["usual_gap_ms"], r[k]["worst_wait_ms"],
              r[k]["worst_wait_ms"] - r[k]["usual_gap_ms"], r[k]["newcomer_ttft_ms"]]
             for k, label in (("whole", "prefilled in one go (before)"),
-                             ("chunked", f"prefilled {r['chunk']} tokens at a time between the others' tokens "
-                                         "(default)"))]
+                             ("chunked", f"prefilled {r['call_tokens']} tokens per round between the others' tokens "
+                                         "(now)"))]
     delay = r["chunked"]["worst_wait_ms"] - r["chunked"]["usual_gap_ms"]
     return "\n".join([
         f"The llama.cpp engine on the embedded model (Q4_1, 2 threads), {r['busy']} answers decoding (greedy), "

@@ -249,8 +249,8 @@ def test_a_request_arriving_mid_turn_is_let_in_before_the_turn_ends(world):
 
 
 def test_a_long_newcomer_prompt_is_prefilled_in_chunks_between_the_others_tokens(world):
-    """A 1,500-token prompt arriving while another answer decodes is prefilled ``prefill_chunk`` tokens at a time,
-    the other answer getting its next token between chunks, instead of waiting out the whole prefill; the newcomer's
+    """A 1,500-token prompt arriving while another answer decodes is prefilled one ``prefill_tokens`` call per round,
+    the other answer getting its next token between calls, instead of waiting out the whole prefill; the newcomer's
     answer is the one it gets alone."""
     from assistant.model import embedded_gguf
 
@@ -263,9 +263,12 @@ def test_a_long_newcomer_prompt_is_prefilled_in_chunks_between_the_others_tokens
     story = _ids(tok, "Write a long story about a lighthouse.")
     busy_settings = GenerationSettings(max_new_tokens=400, temperature=0, repetition_penalty=1.0)
 
-    def others_tokens_during_prefill(chunk: int) -> tuple[int, str]:
-        backend = LlamaCppBackend(embedded_gguf(), world["model_dir"], "smol",
-                                  LlamaCppConfig(parallel=1, prefill_chunk=chunk))
+    class Whole(LlamaCppBackend):  # as before: a newcomer's whole prompt prefilled at once
+        def _chunk(self, slot, others_busy):
+            return len(slot.prompt)
+
+    def others_tokens_during_prefill(engine) -> tuple[int, str]:
+        backend = engine(embedded_gguf(), world["model_dir"], "smol", LlamaCppConfig(parallel=1, prefill_tokens=128))
         log, token = [], backend._token
         backend._token = lambda req, t: (log.append((req, time.monotonic())), token(req, t))
         busy = threading.Thread(target=_answer, args=(backend, story, None, busy_settings))
@@ -285,8 +288,8 @@ def test_a_long_newcomer_prompt_is_prefilled_in_chunks_between_the_others_tokens
         backend.close()
         return during, text
 
-    chunked, text = others_tokens_during_prefill(128)
-    whole, alone = others_tokens_during_prefill(4096)  # one pass of prefill_tokens after another: not interleaved
+    chunked, text = others_tokens_during_prefill(LlamaCppBackend)
+    whole, alone = others_tokens_during_prefill(Whole)
     assert chunked >= 6 and whole <= 2, (chunked, whole)
     assert text == alone and text.strip()
 

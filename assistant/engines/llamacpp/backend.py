@@ -53,11 +53,10 @@ class LlamaCppConfig:
     max_loaded: int = 16
     """Adapters kept loaded (the least recently used unpinned ones are freed first)."""
     prefill_tokens: int = 512
-    """Prompt tokens per ``llama_decode`` call while prefilling."""
-    prefill_chunk: int = 256
-    """Prompt tokens a newcomer prefills per round while other answers decode (each of them gets its next token
-    between two chunks): a long prompt delays the others by one chunk's time at a time, not by its whole prefill
-    (BENCHMARKS.md, "A long newcomer prompt"). Alone, a prompt is prefilled ``prefill_tokens`` at a time."""
+    """Prompt tokens per ``llama_decode`` call while prefilling. While other answers decode, a newcomer's prompt is
+    prefilled one such call per round, each of them getting its next token between two calls, instead of all of
+    them waiting out its whole prefill (BENCHMARKS.md, "A long newcomer prompt": smaller calls would bound their
+    wait further but prefill several times slower on this CPU)."""
     admit_every: int = 4
     """Busy slots decoded between two looks at the queue: a request that arrives during a turn is prefilled after
     at most this many other tokens, not after the whole turn (16 busy slots are ~130 ms a turn here)."""
@@ -74,7 +73,7 @@ class LlamaCppConfig:
     def __post_init__(self):
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
-        counts = ("slots", "max_loaded", "prefill_tokens", "prefill_chunk", "admit_every")
+        counts = ("slots", "max_loaded", "prefill_tokens", "admit_every")
         for name in counts + (("parallel",) if self.parallel is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -120,7 +119,7 @@ class _Slot:
     pending: int | None = None
     """The last sampled token, decoded at this slot's next turn."""
     prompt: list[int] = field(default_factory=list)
-    """Prompt tokens still to prefill (a chunk per round while others decode); the first token is sampled after."""
+    """Prompt tokens still to prefill (a slice per round while others decode); the first token is sampled after."""
     seen: object = None
     """Which tokens the slot has seen (prompt and answer): a bool tensor [1, vocab] for the repetition penalty."""
     rng: object = None
@@ -187,11 +186,11 @@ class LlamaCppBackend(QueuedBackend):
             busy = [s for s in self.slots if s.req is not None]
             if not busy and waiting:  # every waiting request needs an adapter still being converted
                 time.sleep(0.02)
-            step = self.config.admit_every
+            step, shared = self.config.admit_every, len(busy) > 1
             for i in range(0, len(busy), step):  # one token each; newcomers are let in between the groups
                 if i:
                     closing = self._let_in(waiting, block=False) or closing
-                self._step_all(busy[i:i + step])
+                self._step_all(busy[i:i + step], shared)
             if busy and len(self.slots) < self.config.slots and all(s.req for s in self.slots):
                 self.slots.append(_Slot(self._new_context()))  # the next arrival finds a context ready
 
@@ -212,23 +211,22 @@ class LlamaCppBackend(QueuedBackend):
         self._admit(waiting)
         return closing
 
-    def _step_all(self, busy: list[_Slot]) -> None:
+    def _step_all(self, busy: list[_Slot], shared: bool) -> None:
         """One token for every busy slot: one after another with every thread, or ``parallel`` at a time (GIL
         released inside llama.cpp) with the threads split between them. Always on the lanes, never on this thread:
         llama.cpp's OpenMP build gives each calling thread its own thread team, and once libgomp manages more
         threads than cores it stops spin-waiting, which slowed a lone user from 104 to 80 tok/s after the first
         parallel turn when this worker also decoded."""
-        chunk = self._chunk(len(busy) > 1)
         if self.parallel == 1 or len(busy) < 2:
             for slot in busy:
                 self._threads(slot, self.threads)
-            self._lanes[0].submit(lambda: [self._step(slot, chunk) for slot in busy]).result()
+            self._lanes[0].submit(lambda: [self._step(slot, shared) for slot in busy]).result()
             return
         groups = [busy[i::self.parallel] for i in range(min(self.parallel, len(busy)))]
         for group in groups:
             for slot in group:
                 self._threads(slot, max(1, self.threads // len(groups)))
-        for job in [lane.submit(lambda g=g: [self._step(slot, chunk) for slot in g])
+        for job in [lane.submit(lambda g=g: [self._step(slot, shared) for slot in g])
                     for lane, g in zip(self._lanes, groups)]:
             job.result()
 
@@ -298,7 +296,7 @@ class LlamaCppBackend(QueuedBackend):
 
     def _start(self, slot: _Slot, req: Request) -> bool | None:
         """Set the request's adapter on the slot, keep what its KV cache shares with the prompt and prefill the
-        rest, its first chunk now (``_step`` prefills the next ones between the others' tokens), sampling the
+        rest, its first slice now (``_step`` prefills the next ones between the others' tokens), sampling the
         first token once it is all in. False: the adapter's GGUF was damaged and is being written again from the
         peft files (the request waits)."""
         try:
@@ -327,14 +325,15 @@ class LlamaCppBackend(QueuedBackend):
                 self._llama.llama_memory_clear(slot.ctx.memory, True)
                 keep = 0
             slot.tokens, slot.prompt = list(req.prompt_ids[:keep]), list(req.prompt_ids[keep:])
-            token = self._prefill(slot, self._chunk(any(s.req for s in self.slots if s is not slot)))
-            if token is not None:  # the whole prompt in this first chunk: its first token now, as it arrived
+            token = self._prefill(slot, any(s.req for s in self.slots if s is not slot))
+            if token is not None:  # the whole prompt in this first slice: its first token now, as it arrived
                 self._emit(slot, token)
         except BaseException as e:  # that request learns why; the slot starts clean next time
             self._fail(slot, e)
 
-    def _step(self, slot: _Slot, chunk: int) -> None:
-        """Prefill the next ``chunk`` tokens of the slot's prompt (sampling the first token after the last chunk), or
+    def _step(self, slot: _Slot, shared: bool) -> None:
+        """Prefill the next slice of the slot's prompt (``shared``: other answers decode too; the first token is
+        sampled after the last slice), or
         decode its last token and sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping under the
         lock)."""
         req = slot.req
@@ -346,7 +345,7 @@ class LlamaCppBackend(QueuedBackend):
             return
         try:
             if slot.prompt:
-                token = self._prefill(slot, chunk)
+                token = self._prefill(slot, shared)
                 if token is None:
                     return
             else:
@@ -359,13 +358,15 @@ class LlamaCppBackend(QueuedBackend):
         with self._lock:
             self._emit(slot, token)
 
-    def _chunk(self, others_busy: bool) -> int:
-        """Prompt tokens to prefill this round: ``prefill_chunk`` while other answers decode, else all of it."""
-        return self.config.prefill_chunk if others_busy else self.context_tokens
+    def _chunk(self, slot: _Slot, others_busy: bool) -> int:
+        """Prompt tokens to prefill in the slot's next round: all of them alone, one call's worth while others
+        decode."""
+        return self.config.prefill_tokens if others_busy else len(slot.prompt)
 
-    def _prefill(self, slot: _Slot, chunk: int) -> int | None:
-        """Prefill up to ``chunk`` more prompt tokens (``prefill_tokens`` per llama.cpp call); the first token of
+    def _prefill(self, slot: _Slot, others_busy: bool) -> int | None:
+        """Prefill the slot's next slice of its prompt (``prefill_tokens`` per llama.cpp call); the first token of
         the answer once the prompt is all in, else None."""
+        chunk = self._chunk(slot, others_busy)
         while slot.prompt and chunk > 0:
             n = min(chunk, self.config.prefill_tokens)
             self._decode(slot, slot.prompt[:n])
