@@ -177,13 +177,10 @@ def render(r: dict) -> str:
              f"{row['style']}/{n}", f"{row['same_as_reference']}/{n}"] for name, row in rows.items()]
     served = rows["served: shipped Q4_1 + the adapter at run time"]
     q41 = rows["merged, re-quantized to Q4_1"]
-    finer = [rows[f"merged, re-quantized to {q.upper()}"] for q in QUANTS if q != "q4_1"]
-    kept = [f for f in finer if f["style"] >= served["style"] - 1]
-    faster = [f for f in kept if f["decode_tok_s"] and f["decode_tok_s"] > 1.1 * served["decode_tok_s"]]
-    verdict = ("A finer type keeps the style and decodes more than 10% faster than the served path: worth serving."
-               if faster else f"The finer types that keep the style decode no more than 10% faster than the served "
-               f"path ({served['decode_tok_s']:.0f} tok/s, style {served['style']}/{n}): the llama.cpp engine keeps "
-               "applying adapters at run time.")
+    finer = [(q.upper(), rows[f"merged, re-quantized to {q.upper()}"]) for q in QUANTS if q != "q4_1"]
+    others = "; ".join(f"{q}: {f['decode_tok_s']:.0f} tok/s ({f['decode_tok_s'] / served['decode_tok_s']:.2f}× the "
+                       f"served path), style {f['style']}/{n}, {f['same_as_reference']}/{n} answers as the reference"
+                       for q, f in finer)
     return "\n".join([
         f"An adapter trained with the personalizer's LoRA settings for {r['steps']} steps on {len(TRAIN)} answers "
         f"that open with \"{OPENING}\" and close with \"{CLOSING}\"; {n} held-out questions, greedy, plain "
@@ -193,4 +190,6 @@ def render(r: dict) -> str:
               body), "",
         f"Folded into the weights and re-quantized to the shipped type (Q4_1), the adapter decodes at "
         f"{q41['decode_tok_s']:.0f} tok/s and its style shows in {q41['style']}/{n} answers (served path: "
-        f"{served['style']}/{n}; its changes to each weight are mostly smaller than a 4-bit step). {verdict}"])
+        f"{served['style']}/{n}; its changes to each weight are mostly smaller than a 4-bit step). Finer types: "
+        f"{others}; the served path gives {served['same_as_reference']}/{n}. The engine keeps applying adapters at "
+        "run time: a merged model per user costs its whole size on disk and in memory, for at most that gain."])

@@ -125,9 +125,11 @@ def render(r: dict) -> str:
     delay = r["chunked"]["worst_wait_ms"] - r["chunked"]["usual_gap_ms"]
     return "\n".join([
         f"The llama.cpp engine on the embedded model (Q4_1, 2 threads), {r['busy']} answers decoding (greedy), "
-        f"{r['newcomers']} newcomer(s) one after another each with the same long prompt (a new slot, nothing cached); "
-        "the others' worst wait for a token while a newcomer prefills, and their usual gap between tokens.", "",
+        f"{r['newcomers']} newcomer(s) one after another, each with a prompt of its own (nothing of it cached); the "
+        "others' worst wait for a token while a newcomer prefills, and their usual gap between tokens.", "",
         table(["newcomer's prompt", "tokens", "others' usual gap ms", "others' worst wait ms", "delay ms",
                "newcomer TTFT ms"], rows), "",
         f"A long newcomer delays the others' next token by **{delay:.0f} ms** at worst (target ≤ 250 ms: "
-        f"{'met' if delay <= 250 else 'not met'})."])
+        f"{'met' if delay <= 250 else 'not met'}). The wait is one prefill call at the end of a long prompt; "
+        "llama.cpp cannot put the newcomer's prompt and the others' tokens in one call here (each slot is a context "
+        "of its own, for its own adapter), and smaller calls prefill no faster than decoding on this CPU."])
