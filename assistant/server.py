@@ -104,8 +104,9 @@ QUEUE_POLL_S = 0.02
 def quiet_queue(blocks) -> None:
     """Gradio's event queue polls every 1 ms for new events and every 10 ms for progress (its Linux defaults): over a
     thousand wake-ups a second of the event loop, even with nobody in the UI. On a small CPU each one takes a core
-    from the engine's decode threads, which run in lockstep on every core (llama.cpp): an answer through the API
-    decoded measurably slower for it (BENCHMARKS.md, "Speed through the API"). Polling every ``QUEUE_POLL_S``
+    from the engine's decode threads, which run in lockstep on every core (llama.cpp): on a 2-core VM one answer
+    through the API decoded at 74 tok/s with it and 80-83 without (a scratch A/B, commit 5a1b21a; the bench's API
+    rows: BENCHMARKS.md, "Speed through the API"). Polling every ``QUEUE_POLL_S``
     instead starts a UI event at most that much later. A Gradio without these settings is served as it is, with a
     warning (tests/test_api.py checks they are set)."""
     queue = getattr(blocks, "_queue", None)
