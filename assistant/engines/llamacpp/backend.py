@@ -53,10 +53,8 @@ class LlamaCppConfig:
     max_loaded: int = 16
     """Adapters kept loaded (the least recently used unpinned ones are freed first)."""
     prefill_tokens: int = 512
-    """Prompt tokens per ``llama_decode`` call while prefilling. While other answers decode, a newcomer's prompt is
-    prefilled one such call per round, each of them getting its next token between two calls, instead of all of
-    them waiting out its whole prefill (BENCHMARKS.md, "A long newcomer prompt": smaller calls would bound their
-    wait further but prefill several times slower on this CPU)."""
+    """Prompt tokens per ``llama_decode`` call while prefilling; while others decode, a newcomer gets one call per
+    round, they a token between two (BENCHMARKS.md, "A long newcomer prompt": smaller calls prefill slower here)."""
     admit_every: int = 4
     """Busy slots decoded between two looks at the queue: a request that arrives during a turn is prefilled after
     at most this many other tokens, not after the whole turn (16 busy slots are ~130 ms a turn here)."""
@@ -295,10 +293,9 @@ class LlamaCppBackend(QueuedBackend):
         return LlamaContext(model=self.model, params=params, verbose=False)
 
     def _start(self, slot: _Slot, req: Request) -> bool | None:
-        """Set the request's adapter on the slot, keep what its KV cache shares with the prompt and prefill the
-        rest, its first slice now (``_step`` prefills the next ones between the others' tokens), sampling the
-        first token once it is all in. False: the adapter's GGUF was damaged and is being written again from the
-        peft files (the request waits)."""
+        """Set the request's adapter on the slot, keep what its KV cache shares with the prompt, prefill the first
+        slice of the rest now (``_step`` the next ones) and sample the first token once all is in. False: the
+        adapter's GGUF was damaged and is being written again from the peft files (the request waits)."""
         try:
             name = self._acquire(req.adapter)
         except _StaleGGUF:
@@ -332,10 +329,8 @@ class LlamaCppBackend(QueuedBackend):
             self._fail(slot, e)
 
     def _step(self, slot: _Slot, shared: bool) -> None:
-        """Prefill the next slice of the slot's prompt (``shared``: other answers decode too; the first token is
-        sampled after the last slice), or
-        decode its last token and sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping under the
-        lock)."""
+        """Prefill the next slice of the slot's prompt (``shared``: others decode too), or decode its last token; then
+        sample the next (llama.cpp, then ``engines.sampling``; the bookkeeping under the lock)."""
         req = slot.req
         if req.stop.is_set() or req.finished or len(slot.tokens) + 1 >= self.context_tokens:
             with self._lock:
@@ -359,8 +354,7 @@ class LlamaCppBackend(QueuedBackend):
             self._emit(slot, token)
 
     def _chunk(self, slot: _Slot, others_busy: bool) -> int:
-        """Prompt tokens to prefill in the slot's next round: all of them alone, one call's worth while others
-        decode."""
+        """Prompt tokens to prefill in the slot's next round: all alone, one call's worth while others decode."""
         return self.config.prefill_tokens if others_busy else len(slot.prompt)
 
     def _prefill(self, slot: _Slot, others_busy: bool) -> int | None:
