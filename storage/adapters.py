@@ -28,7 +28,7 @@ from typing import Any
 from storage.common import row_or_not_found, utcnow
 from storage.errors import CLI, InputError, NotFound, StorageError
 from storage.jobs import Jobs
-from storage.objects import AdapterStoreConfig, ObjectStore, open_store
+from storage.objects import AdapterStoreConfig, ObjectStore, ObjectStoreUnavailable, open_store
 from storage.paths import STAGING_PREFIX, atomic_write_bytes, publish_dir, remove_tree
 from storage.replay import Replay
 from storage.store import StoreBase
@@ -296,11 +296,12 @@ class Adapters:
         return doomed
 
     def sweep(self, user_id: int, keep_staging: set[int] | None = None) -> list[str]:
-        """Remove what a crash can leave: staging folders (except jobs in ``keep_staging``) and
-        ``v<N>`` folders that no published row points at. Returns the names removed."""
+        """Remove what a crash can leave: staging folders (except jobs in ``keep_staging``), ``v<N>`` folders that
+        no published row points at and, in the adapter store, uploads no row points at (:meth:`_sweep_remote`).
+        Returns the names (and URLs) removed."""
         user_dir = self.store.data_dir.adapters(user_id)
         if not user_dir.is_dir():
-            return []
+            return self._sweep_remote(user_id)
         published = {Path(r["path"]).name for r in self.store.db.query(
             "SELECT path FROM adapter_versions WHERE user_id = ? AND status = 'published' AND path IS NOT NULL",
             [user_id])}
@@ -314,7 +315,33 @@ class Adapters:
                 continue
             remove_tree(child)
             removed.append(child.name)
-        return removed
+        return removed + self._sweep_remote(user_id)
+
+    def _sweep_remote(self, user_id: int) -> list[str]:
+        """Delete the uploads under ``u<id>/`` of this process's adapter store that no version's row points at (a
+        process killed mid-upload, or between upload and its transaction, before it could delete them) and the
+        pruned versions whose delete failed. Called as the user's one running job starts, so no upload of theirs is
+        in flight (a worker whose lease lapsed may still upload, but cannot publish: :meth:`_check_job`). A store
+        that cannot be reached is logged and left for the next job. Returns the URLs deleted."""
+        if self.objects is None:
+            return []
+        root = self.objects.child(f"u{int(user_id)}")
+        kept = {r["location"] for r in self.store.db.query(
+            "SELECT location FROM adapter_versions WHERE user_id = ? AND location IS NOT NULL AND status <> 'pruned'",
+            [user_id])}
+        try:
+            names = sorted({n.split("/", 1)[0] for n in root._names() if "/" in n})
+            orphans = [root.child(n) for n in names if root.child(n).url not in kept]
+            for orphan in orphans:
+                orphan.delete()
+        except ObjectStoreUnavailable as e:
+            log.warning("adapter store: orphan uploads of user %s not swept this time (%s); the next job tries "
+                        "again", user_id, e)
+            return []
+        if orphans:
+            log.info("adapter store: deleted %d upload(s) no version points at: %s", len(orphans),
+                     ", ".join(o.url for o in orphans))
+        return [o.url for o in orphans]
 
     # the adapter store ------------------------------------------------------------------------
     def _remote(self, row: dict) -> ObjectStore:

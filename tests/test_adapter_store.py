@@ -195,6 +195,45 @@ def test_forget_deletes_the_users_objects_and_prune_the_pruned_ones(tmp_path, s3
         b.users.by_id(alice.id)
 
 
+def test_a_crash_mid_upload_leaves_orphans_the_users_next_job_deletes(tmp_path, s3_server, s3_url, tiny_model_dir,
+                                                                      caplog):
+    """A worker killed mid-upload (objects, no marker, no row), one killed between its upload and the transaction
+    (a whole upload, no row) and a prune whose delete failed (a pruned row) leave objects nobody serves: the
+    user's next job deletes them as it starts (``Adapters.sweep``), and nothing a row still points at."""
+    from helpers import free_port
+
+    a, _ = stores(tmp_path, s3_server, s3_url)
+    alice, bob = a.users.create("alice", "password1"), a.users.create("bob", "password1")
+    for job in (1, 2):
+        publish_stand_in(a, alice.id, job)
+    publish_stand_in(a, bob.id, 3)
+    with a.write() as db:  # as if prune's delete had failed after marking the row
+        db.execute("UPDATE adapter_versions SET status = 'pruned' WHERE user_id = ? AND version = 1", [alice.id])
+    mine = a.adapters.objects.child(f"u{alice.id}")
+    half, whole = mine.child("v3-dead0001"), mine.child("v3-dead0002")
+    write_stand_in_adapter(tmp_path / "v3")
+    half._put("adapter_config.json", tmp_path / "v3" / "adapter_config.json")
+    whole.upload(tmp_path / "v3")
+    before = s3_server.keys(s3_url)
+
+    def under(url: str) -> list[str]:
+        return [k for k in s3_server.keys(s3_url) if k.startswith(url.split("/", 3)[3] + "/")]
+
+    cut_off = Store(a.data_dir.root, a.config, AdapterStoreConfig(s3_url, f"http://127.0.0.1:{free_port()}"))
+    with caplog.at_level("WARNING", logger="attune.storage"):
+        swept = cut_off.adapters.sweep(alice.id)  # the pruned v1's local folder goes; the objects are left
+    assert not [name for name in swept if "://" in name]  # unreachable: logged, left for the next job
+    assert "not swept this time" in caplog.text and s3_server.keys(s3_url) == before
+
+    result = train_now(a, alice.id, ModelConfig(model=str(tiny_model_dir)), tiny_cfg(max_steps=1))
+    assert not result["published"] and "Not enough examples" in result["reason"]  # the job started, then stopped
+    for url in (a.adapters.get(alice.id, 1)["location"], half.url, whole.url):
+        assert not under(url), url
+    for row in (a.adapters.get(alice.id, 2), a.adapters.get(bob.id, 1)):
+        assert under(row["location"])
+    assert a.adapters.sweep(alice.id) == [] and a.adapters.active_version(alice.id) == 2
+
+
 # the default and the wiring ----------------------------------------------------------------------
 def test_without_an_adapter_store_nothing_changes_and_boto3_is_never_imported(tmp_path):
     code = f"""
