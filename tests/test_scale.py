@@ -168,6 +168,45 @@ def test_api_keys_sessions_and_throttling_hold_on_either_server(cluster):
         assert locked.status_code == 429  # five wrong passwords on A lock the name on B
 
 
+def test_a_browser_signed_in_on_one_server_chats_on_the_other(cluster, browser):
+    """Item 4 in the browser: each page is served and answered by one server (the sticky routing README asks for),
+    and the next page load may land on the other. Both servers are on 127.0.0.1, and a host's cookies are sent to
+    all its ports, as a load balancer's one address would: the session made on A holds on B."""
+    from playwright.sync_api import expect
+
+    from helpers import bot, open_page, send, sign_in
+
+    frank = cluster.user("frank")
+
+    def answers() -> list[dict]:
+        return list(cluster.store.db.query(
+            "SELECT conversation_id, status FROM messages WHERE user_id = ? AND role = 'assistant' ORDER BY id",
+            [frank]))
+
+    a, b = cluster.servers["A"], cluster.servers["B"]
+    page = open_page(browser, a)
+    sign_in(page, "frank", "correct horse")
+    send(page, "Hello from the first server")
+    wait_for(lambda: len(answers()) == 1, timeout=60, what="A to store frank's answer")
+    expect(page.locator("#send-btn")).to_be_visible(timeout=30_000)
+
+    page.goto(b.base + "/")  # the next page load lands on B: signed in, the conversation resumed from the database
+    expect(page.locator("#who")).to_contain_text("frank", timeout=30_000)
+    expect(page.locator("#chatbot")).to_contain_text("Hello from the first server", timeout=15_000)
+    send(page, "And now from the second one")
+    wait_for(lambda: len(answers()) == 2, timeout=60, what="B to store frank's second answer")
+    expect(bot(page)).to_have_count(2, timeout=30_000)
+    first, second = answers()
+    assert first["conversation_id"] == second["conversation_id"] and second["status"] == "complete"
+
+    page.get_by_role("button", name="Sign out").click()  # signed out on B: A's next page asks to sign in
+    page.get_by_label("User name").wait_for(timeout=15_000)
+    page.goto(a.base + "/")
+    expect(page.get_by_label("User name")).to_be_visible(timeout=15_000)
+    expect(page.locator("#who")).to_have_count(0)
+    page.context.close()
+
+
 def test_a_version_a_worker_publishes_answers_the_next_turn_on_either_server(cluster):
     from test_personalize import write_history
 
