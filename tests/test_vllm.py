@@ -160,6 +160,35 @@ def test_new_version_answers_the_next_turn(vstore, vllm_url, hf_loaded):
     vllm.backend.close()
 
 
+def test_a_version_from_the_adapter_store_is_downloaded_and_served(vllm_dd, vllm_url, hf_loaded, tmp_path, s3_server,
+                                                                   s3_url):
+    """Issue 27, item 3 on vLLM: a worker's machine (A) publishes to S3; a vLLM serving machine (B: its own data
+    dir, the same database) has never held the version, downloads it on the user's next turn, and vLLM answers
+    with it exactly as transformers does with A's copy."""
+    from storage import Store
+    from storage.objects import AdapterStoreConfig
+
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    for name in ("a", "b"):
+        seed_models(tmp_path / name, vllm_dd.models)
+    a = Store(tmp_path / "a", db, AdapterStoreConfig(s3_url, s3_server.endpoint))
+    b = Store(tmp_path / "b", db, AdapterStoreConfig("", s3_server.endpoint))
+    alice = a.users.create("alice", "correct horse").id
+    assert publish(a, alice, seed=7) == 1
+    row = b.adapters.get(alice, 1)
+    assert row["location"].startswith("s3://") and not b.data_dir.adapters(alice).exists()
+    vllm, _ = engines(b, vllm_url, hf_loaded)
+    unused, hf = engines(a, vllm_url, hf_loaded)  # A's transformers engine, on A's own copy
+    unused.backend.close()
+    turn = ask(vllm, alice, PROMPTS[2])
+    assert (turn.status, turn.adapter_version, turn.notice) == ("complete", 1, None), turn.error
+    assert (b.data_dir.adapters(alice) / row["location"].rsplit("/", 1)[1] / "adapter_config.json").is_file()
+    assert turn.text == ask(hf, alice, PROMPTS[2]).text != ask(hf, alice, PROMPTS[2], use_adapter=False).text
+    vllm.backend.close()
+    a.close()
+    b.close()
+
+
 def test_base_request_in_a_mixed_batch_is_correct(vstore, vllm_url, hf_loaded):
     users = [vstore.users.create(f"mixed{i}", "correct horse").id for i in range(3)]
     publish(vstore, users[1], seed=5)
