@@ -99,6 +99,37 @@ def retrieval(store, memory, users: list[dict], ids: list[int], general: list[st
             "latency_ms_p50": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None}
 
 
+NEW_USER_CONVERSATIONS = 2
+"""A new user, for ``new_users``: only the first conversations of each user's history."""
+
+
+def new_users(users: list[dict], general: list[str]) -> dict:
+    """The same users when they are new (only their first ``NEW_USER_CONVERSATIONS`` conversations: fewer memories
+    than ``memory_policy.STAND_OUT_FROM``, so nothing stands out or not): the facts they told by then served, and
+    what questions about things never told and general questions get (embeddings only, defaults)."""
+    from bench.quality import _remove
+
+    young = [{**u, "conversations": u["conversations"][:NEW_USER_CONVERSATIONS]} for u in users]
+    data, store, memory, ids = setup(young)
+    told, never, gen, counts = [0, 0], [0, 0], [0, 0], []
+    for user, uid in zip(young, ids, strict=True):
+        rows = memory.list(uid, limit=500)
+        counts.append(len(rows))
+        for p in user["probes"]:
+            if p["kind"] in ("fact", "updated") and any(_has(m.text, p["keywords"]) for m in rows):
+                told[0] += _right(p, [h.text for h in memory.retrieve(uid, p["question"])])
+                told[1] += 1
+        never[0] += sum(bool(memory.retrieve(uid, q)) for q in user["never_told"])
+        never[1] += len(user["never_told"])
+        gen[0] += sum(bool(memory.retrieve(uid, q)) for q in general)
+        gen[1] += len(general)
+    memory.close()
+    store.close()
+    _remove(data.root)
+    return {"conversations": NEW_USER_CONVERSATIONS, "memories": [min(counts), max(counts)], "told_served_right": told,
+            "never_told_served": never, "general_served": gen}
+
+
 def answers(engine, users: list[dict], ids: list[int]) -> dict:
     """Recall in the answers with memory off and on (adapter off), per probe kind."""
     from bench.quality import _ask_all
@@ -159,7 +190,7 @@ def run(quick: bool = False) -> dict:
                             "stand_out": rel.stand_out}
         r = {"users": len(users), "languages": sorted({u["lang"] for u in users}),
              "probes": sum(len(u["probes"]) for u in users), "general": len(general),
-             "retrieval": retrieval(store, memory, users, ids, general)}
+             "retrieval": retrieval(store, memory, users, ids, general), "new_users": new_users(users, general)}
         loaded = load_model(ModelConfig(model="embedded", quant="auto", device=device), data)
         backend = TransformersBackend(loaded, 2048, AdapterRegistry(loaded.model),
                                       BatchConfig(max_batch=BATCH, window_ms=50))
@@ -211,9 +242,25 @@ def render(r: dict) -> str:
         table(["split", "probe kind", "right memory served", "answer recall, memory off", "memory on"], rows), "",
         table(["split", "fact's statement kept", "never-told questions with a memory", "general questions with a "
                "memory", "correction served to another question", "memories", "retrieve p50 ms"], other), "",
+        *_new_user_lines(r),
         *_general_lines(r),
         f"Time: {r['seconds'] / 60:.1f} min.",
     ])
+
+
+def _new_user_lines(r: dict) -> list[str]:
+    if "new_users" not in r.get("test", {}):
+        return []
+    rows = [[split, f"{n['memories'][0]}-{n['memories'][1]}", _pct(n["told_served_right"]),
+             _pct(n["never_told_served"]), _pct(n["general_served"])]
+            for split in ("dev", "test") for n in [r[split]["new_users"]]]
+    n = r["test"]["new_users"]["conversations"]
+    from bench.report import table
+
+    return [f"The same users when new (only their first {n} conversations, so fewer memories than the stand-out "
+            "check needs):", "", table(["split", "memories per user", "told facts: right memory served",
+                                        "never-told questions with a memory", "general questions with a memory"],
+                                       rows), ""]
 
 
 def _general_lines(r: dict) -> list[str]:
