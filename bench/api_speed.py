@@ -122,8 +122,61 @@ def _api(data, key: str, tokens: int, repeats: int, engine: str = "llamacpp") ->
                 rows.append((n - 1) / ((latency - ttft) / 1000))
                 seen.append((usage.completion_tokens - 1) / (last - first))
             out[name] = {"row_tok_s": statistics.median(rows), "client_tok_s": statistics.median(seen)}
+        if engine == "llamacpp":
+            out["ui"] = _ui(server, store, tokens, repeats)
         store.close()
     return out
+
+
+def _ui(server, store, tokens: int, repeats: int) -> dict:
+    """The same answer asked in the browser UI (headless Debian Chromium, a new chat each time, greedy, ``tokens``
+    new tokens): decode speed from the answer's row, which the Gradio handler's pace sets."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from helpers import CHROMIUM, CHROMIUM_ARGS, long_answers, open_page, send, sign_in
+
+    if not Path(CHROMIUM).exists():
+        return {"skipped": "Debian chromium is not installed (make test installs it)"}
+    out = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = open_page(browser, server)
+        sign_in(page, "alice", "correct horse")
+        long_answers(page, tokens)
+        temperature = page.locator("#settings input[type=number]").first
+        temperature.fill("0")
+        temperature.press("Tab")
+        for name, use_adapter in (("base", False), ("adapter", True)):
+            page.locator("#use-adapter input").set_checked(use_adapter)
+            rows = []
+            for i in range(repeats + 1):
+                page.locator("#new-btn").click()
+                before = _answers(store)
+                send(page, PROMPT)
+                _wait(lambda: _answers(store) > before, 300)
+                expect(page.locator("#send-btn")).to_be_visible(timeout=300_000)
+                n, latency, ttft, version = store.db.execute(
+                    "SELECT completion_tokens, latency_ms, ttft_ms, adapter_version FROM messages "
+                    "WHERE role = 'assistant' ORDER BY id DESC LIMIT 1").fetchone()
+                if (version is not None) != use_adapter or n < tokens // 2:
+                    raise RuntimeError(f"the UI answer was not what was asked (adapter v{version}, {n} tokens)")
+                if i:  # the first is a warm-up
+                    rows.append((n - 1) / ((latency - ttft) / 1000))
+            out[name] = {"row_tok_s": statistics.median(rows)}
+        browser.close()
+    return out
+
+
+def _answers(store) -> int:
+    return store.db.execute("SELECT count(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("no answer stored in time")
+        time.sleep(0.2)
 
 
 def render(r: dict) -> str:

@@ -191,3 +191,32 @@ def test_a_step_chained_after_a_correction_does_not_answer_a_later_send_twice(fa
     answers = [m for m in store.chats.messages(alice.id, cid, include_replaced=True) if m["role"] == "assistant"]
     assert [m["content"] for m in answers] == ["Rome."]
     assert ui._claim(alice.id) is not None  # the claim ends with the send's answer
+
+
+@pytest.mark.parametrize("frame_seconds", [0.0, 0.1])
+def test_the_page_gets_a_streaming_answer_at_most_once_a_frame_and_whole_at_the_end(fake_engine, fake, alice,
+                                                                                    frame_seconds):
+    """One page update per token held the answer to a fraction of the engine's speed (Gradio's queue round trip
+    and the browser's render, each time): tokens are gathered for ``UIConfig.frame_seconds``, and the last update
+    is the whole stored answer."""
+    from types import SimpleNamespace
+
+    from assistant.ui.app import ChatUI, UIConfig
+
+    ui = ChatUI(fake_engine, SimpleNamespace(require=lambda request: alice), UIConfig(frame_seconds=frame_seconds))
+    req = SimpleNamespace(headers={})
+    fake.piece_seconds = 0.01
+    pieces = [f" w{i}" for i in range(40)]  # 40 tokens over about 0.4 s
+    fake.enqueue(pieces)
+    out = ui.post(None, "Tell me a story.", req)
+    updates = list(ui.respond(out[2], out[6], 0, 64, 1, False, False, req))
+    streamed = [u[0][-1]["content"] for u in updates[:-1]]
+    whole = "".join(pieces)
+    assert updates[-1][0]["value"][-1]["content"].startswith(whole + "\n")  # the end: the whole stored answer
+    assert all(s == "…" or whole.startswith(s) for s in streamed)  # each frame: the answer so far
+    if frame_seconds:
+        assert 2 <= len(streamed) <= 8, len(streamed)  # about 0.4 s / 0.1 s, and the first at once
+    else:
+        assert len(streamed) >= 40, len(streamed)  # every token
+    with pytest.raises(ValueError, match="frame_seconds"):
+        UIConfig(frame_seconds=2)

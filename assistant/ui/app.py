@@ -34,10 +34,17 @@ class UIConfig:
     """Browser tab title."""
     train_after: int | None = None
     """New answers/ratings that start a background training job (None: the personalizer is not running)."""
+    frame_seconds: float = 0.1
+    """Shortest time between two updates of a streaming answer on the page (the whole answer so far each time;
+    tokens that arrive in between go out with the next one). Every update costs the server a round trip through
+    Gradio's queue and the browser a render: one per token held the answer to a fraction of the engine's speed
+    (BENCHMARKS.md, "Speed through the API"). 0: every token."""
 
     def __post_init__(self):
         if not self.title.strip():
             raise ValueError("title: must not be empty")
+        if not isinstance(self.frame_seconds, int | float) or not 0 <= self.frame_seconds <= 1:
+            raise ValueError(f"frame_seconds: must be a number of seconds from 0 to 1, got {self.frame_seconds!r}")
         if self.train_after is not None and (not isinstance(self.train_after, int) or self.train_after < 1):
             raise ValueError(f"train_after: must be a positive integer or None, got {self.train_after!r}")
 
@@ -251,9 +258,13 @@ class ChatUI:
             stream = start(uid, cid, TurnOptions(settings, stop, **switches))
             chat.append({"role": "assistant", "content": "…"})
             turn: Turn | None = None
+            shown = 0.0
             for turn in stream:
+                if time.monotonic() - shown < self.config.frame_seconds:
+                    continue  # shown with the next frame, or with the finished answer below
                 chat[-1] = {"role": "assistant", "content": turn.text or "…"}
                 yield chat, r.ids, ""
+                shown = time.monotonic()
         except AttuneError as e:
             chatbot, ids, _ = self._chatbot(uid, lang, cid)
             yield chatbot, ids, "⚠️ " + tr_error(lang, e)
