@@ -5,7 +5,7 @@ llama-cpp-python on the same GGUF, all in one run: the gap between the engine an
 Decode speed is completion tokens after the first over the time after it: from the answer's own row (what the
 server logged) and as the client saw the chunks arrive. Greedy, the serving defaults otherwise. The llama.cpp
 engine (what ``--engine auto`` serves on a CPU; it needs ``make setup``), and the transformers engine at its seam
-and through the API beside it."""
+and through the API beside it; the browser UI on the llama.cpp server (headless Chromium), from the answers' rows."""
 
 from __future__ import annotations
 
@@ -191,6 +191,9 @@ def render(r: dict) -> str:
         rows += [[f"llama.cpp engine at its seam: {label}", seam[name], None, seam[name] / plain],
                  [f"**through the API: {label}** (the answer's row / as the client saw it)", api[name]["row_tok_s"],
                   api[name]["client_tok_s"], api[name]["row_tok_s"] / plain]]
+    ui = api.get("ui") or {}
+    for name, label in (("base", "base model"), ("adapter", "with the user's LoRA adapter")) if "base" in ui else ():
+        rows += [[f"through the browser UI: {label}", ui[name]["row_tok_s"], None, ui[name]["row_tok_s"] / plain]]
     hf = r.get("transformers")
     for name, label in (("base", "base model"), ("adapter", "with the user's LoRA adapter")) if hf else ():
         rows += [[f"transformers engine at its seam: {label}", hf["seam"][name], None, hf["seam"][name] / plain],
@@ -206,7 +209,17 @@ def render(r: dict) -> str:
         f"{'met' if base >= 0.9 else 'not met'}), "
         f"with the adapter **{adapter:.2f}×** (target ≥ 0.8×: {'met' if adapter >= 0.8 else 'not met'}); the API rows "
         f"are {gaps[0]:.2f}× and {gaps[1]:.2f}× the engine-seam rows (target within 10%: "
-        f"{'met' if min(gaps) >= 0.9 else 'not met'}).", *_transformers_line(hf)])
+        f"{'met' if min(gaps) >= 0.9 else 'not met'}).", *_ui_line(ui, seam), *_transformers_line(hf)])
+
+
+def _ui_line(ui: dict, seam: dict) -> list[str]:
+    if "base" not in ui:
+        return ["", f"The browser UI: not measured ({ui.get('skipped', 'no UI leg in this run')})."]
+    gaps = [ui[n]["row_tok_s"] / seam[n] for n in ("base", "adapter")]
+    return ["", f"Through the browser UI (headless Chromium signed in as the user, a new chat per answer, greedy, "
+                f"the same server): {gaps[0]:.2f}× (base) and {gaps[1]:.2f}× (adapter) the engine-seam rows. "
+                "Chromium runs on the same 2 cores here and renders every page update, so this row is a floor: a "
+                "browser on the user's own device takes nothing from the server."]
 
 
 def _transformers_line(hf: dict | None) -> list[str]:
