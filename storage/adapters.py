@@ -330,8 +330,7 @@ class Adapters:
             "SELECT location FROM adapter_versions WHERE user_id = ? AND location IS NOT NULL AND status <> 'pruned'",
             [user_id])}
         try:
-            names = sorted({n.split("/", 1)[0] for n in root._names() if "/" in n})
-            orphans = [root.child(n) for n in names if root.child(n).url not in kept]
+            orphans = [root.child(key) for key in root.children() if root.child(key).url not in kept]
             for orphan in orphans:
                 orphan.delete()
         except ObjectStoreUnavailable as e:

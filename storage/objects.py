@@ -190,6 +190,10 @@ class ObjectStore:
             remove_tree(tmp)
         return files
 
+    def children(self) -> list[str]:
+        """The keys directly under this root that hold objects (``child(key)`` for each), sorted."""
+        return sorted({name.split("/", 1)[0] for name in self._names() if "/" in name})
+
     def delete(self) -> int:
         """Delete every object under this root (the marker first, so a half-deleted version is never whole);
         returns how many there were."""
