@@ -133,7 +133,7 @@ def _ui(server, store, tokens: int, repeats: int) -> dict:
     new tokens): decode speed from the answer's row, which the Gradio handler's pace sets."""
     from playwright.sync_api import expect, sync_playwright
 
-    from helpers import CHROMIUM, CHROMIUM_ARGS, long_answers, open_page, send, sign_in
+    from helpers import CHROMIUM, CHROMIUM_ARGS, long_answers, open_page, send, sign_in, wait_for
 
     if not Path(CHROMIUM).exists():
         return {"skipped": "Debian chromium is not installed (make test installs it)"}
@@ -153,7 +153,7 @@ def _ui(server, store, tokens: int, repeats: int) -> dict:
                 page.locator("#new-btn").click()
                 before = _answers(store)
                 send(page, PROMPT)
-                _wait(lambda: _answers(store) > before, 300)
+                wait_for(lambda: _answers(store) > before, 300, what="the UI's answer")
                 expect(page.locator("#send-btn")).to_be_visible(timeout=300_000)
                 n, latency, ttft, version = store.db.execute(
                     "SELECT completion_tokens, latency_ms, ttft_ms, adapter_version FROM messages "
@@ -169,14 +169,6 @@ def _ui(server, store, tokens: int, repeats: int) -> dict:
 
 def _answers(store) -> int:
     return store.db.execute("SELECT count(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
-
-
-def _wait(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("no answer stored in time")
-        time.sleep(0.2)
 
 
 def render(r: dict) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -209,13 +210,15 @@ def test_the_page_gets_a_streaming_answer_at_most_once_a_frame_and_whole_at_the_
     pieces = [f" w{i}" for i in range(40)]  # 40 tokens over about 0.4 s
     fake.enqueue(pieces)
     out = ui.post(None, "Tell me a story.", req)
+    started = time.monotonic()
     updates = list(ui.respond(out[2], out[6], 0, 64, 1, False, False, req))
+    took = time.monotonic() - started  # about 0.4 s; more on a loaded machine
     streamed = [u[0][-1]["content"] for u in updates[:-1]]
     whole = "".join(pieces)
     assert updates[-1][0]["value"][-1]["content"].startswith(whole + "\n")  # the end: the whole stored answer
     assert all(s == "…" or whole.startswith(s) for s in streamed)  # each frame: the answer so far
     if frame_seconds:
-        assert 2 <= len(streamed) <= 8, len(streamed)  # about 0.4 s / 0.1 s, and the first at once
+        assert 2 <= len(streamed) <= took / frame_seconds + 1, (len(streamed), took)  # one a frame, first at once
     else:
         assert len(streamed) >= 40, len(streamed)  # every token
     with pytest.raises(ValueError, match="frame_seconds"):
